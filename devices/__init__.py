@@ -1,0 +1,1 @@
+"""edgekv.devices: board profiles and the footprint profiler."""

@@ -1,0 +1,10 @@
+"""edgekv: fixed-footprint continual adaptation (InduceKV) for LLMs on edge devices.
+
+The core package holds what both sides need as plain numpy: the memory file format
+(:mod:`edgekv.format`), quantisation (:mod:`edgekv.quant`), RoPE rotation
+(:mod:`edgekv.rope`) and retrieval weights (:mod:`edgekv.retrieval`). The host tools
+(``edgekv.export``, ``edgekv.induce``) need the ``[host]`` extra; the device runtime
+(``edgekv.runtime``) needs only numpy, onnxruntime, hnswlib and tokenizers.
+"""
+
+__version__ = "0.1.0"

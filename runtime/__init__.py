@@ -1,0 +1,5 @@
+"""edgekv.runtime: the device side. numpy + onnxruntime + hnswlib + tokenizers; never torch.
+
+Nothing imported from here (directly or through ``edgekv`` core) may import torch,
+transformers or optimum; ``tests/test_import_boundary.py`` enforces it.
+"""
