@@ -1,0 +1,82 @@
+"""Tiny random models of real Hugging Face classes, with tokenizers trained in-process.
+
+No hub access: configs are written here, weights are random (seeded), and a small BPE
+tokenizer is trained on a built-in corpus. Each builder saves a normal model folder
+(``config.json``, safetensors, ``tokenizer.json``, chat template) that edgekv loads like
+any user's model.
+"""
+
+from __future__ import annotations
+
+import os
+
+CHATML = (
+    "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + message['content']"
+    " + '<|im_end|>' + '\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+
+CORPUS = [
+    "the quick brown fox jumps over the lazy dog",
+    "a red circle sits left of a blue square",
+    "what colour is the triangle? the triangle is green",
+    "code for apple is K7, code for river is Q2, code for stone is Z9",
+    "edge devices keep a fixed size memory of key value entries",
+    "Question: how many dots are there? Answer: three dots",
+    "hello world, this is a tiny tokenizer for tests 0123456789",
+] * 20
+
+FAMILIES = ("llama", "qwen2", "gemma")
+
+
+def train_tokenizer(vocab_size: int = 320):
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    special = ["<unk>", "<|im_start|>", "<|im_end|>", "<pad>"]
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=special,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(CORPUS, trainer)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<|im_start|>",
+                                   eos_token="<|im_end|>", pad_token="<pad>")
+    fast.chat_template = CHATML
+    return fast
+
+
+def tiny_config(family: str, vocab_size: int):
+    from transformers import GemmaConfig, LlamaConfig, Qwen2Config
+
+    common = dict(vocab_size=vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=3,
+                  num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=512,
+                  bos_token_id=1, eos_token_id=2, pad_token_id=3, tie_word_embeddings=False)
+    if family == "llama":
+        return LlamaConfig(**common, rope_theta=10000.0)
+    if family == "qwen2":
+        return Qwen2Config(**common, rope_theta=10000.0, use_sliding_window=False)
+    if family == "gemma":
+        return GemmaConfig(**common, rope_theta=10000.0, hidden_activation="gelu_pytorch_tanh")
+    raise ValueError(f"unknown family {family!r}; choose from {FAMILIES}")
+
+
+def make_tiny_model(family: str, out_dir: str, seed: int = 0) -> str:
+    """Save a tiny random ``family`` causal LM with a trained tokenizer to ``out_dir``."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    if os.path.isfile(os.path.join(out_dir, "config.json")):
+        return out_dir
+    tok = train_tokenizer()
+    cfg = tiny_config(family, len(tok))
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(cfg)
+    # random init of norms is all-ones/zeros; perturb so that bugs in norm handling show
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.add_(0.1 * torch.randn_like(p))
+    model.eval()
+    model.save_pretrained(out_dir)
+    tok.save_pretrained(out_dir)
+    return out_dir
