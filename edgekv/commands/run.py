@@ -1,0 +1,51 @@
+"""``edgekv run ARTIFACTS``: generate on the device runtime, with retrieved memory injected."""
+
+from __future__ import annotations
+
+import sys
+
+import typer
+
+from edgekv.cli import command, emit
+
+
+@command("run")
+def run_cmd(
+    artifacts: str = typer.Argument(..., help="Folder written by `edgekv export`."),
+    prompt: str = typer.Option(..., "--prompt", "-p", help="The user prompt ('-' reads stdin)."),
+    memory: str = typer.Option(None, "--memory", "-m", help="Memory file (.ekv) to retrieve from."),
+    k: int = typer.Option(4, "-k", "--top-k", help="Entries retrieved per query."),
+    max_new_tokens: int = typer.Option(64, "--max-new-tokens", "-n", help="Most tokens to generate."),
+    temperature: float = typer.Option(0.0, "--temperature", help="0 = greedy."),
+    top_p: float = typer.Option(1.0, "--top-p", help="Nucleus sampling mass."),
+    seed: int = typer.Option(None, "--seed", help="Sampling seed."),
+    threads: int = typer.Option(None, "--threads", help="onnxruntime threads (default: all cores)."),
+    retrieval: str = typer.Option(None, "--retrieval", help="Force 'exact' or 'hnsw' search."),
+    no_chat: bool = typer.Option(False, "--no-chat", help="Do not apply the chat template."),
+    json_out: bool = typer.Option(False, "--json", help="Print one JSON object at the end."),
+) -> None:
+    """Generate text for a prompt; streams as it goes (or JSON with --json)."""
+    from edgekv.runtime import Runtime
+    from edgekv.runtime.runtime import GenerationResult
+
+    if prompt == "-":
+        prompt = sys.stdin.read()
+    with Runtime.load(artifacts, memory=memory, k=k, threads=threads, retrieval=retrieval,
+                      chat=not no_chat) as rt:
+        res = GenerationResult()
+        pieces = rt.stream(prompt, max_new_tokens, temperature, top_p, seed, result=res)
+        if json_out:
+            for _ in pieces:
+                pass
+            data = res.to_dict()
+            data["retrieval_mode"] = rt.retriever.mode if rt.retriever else None
+            emit(data, True, str)
+            return
+        for piece in pieces:
+            sys.stdout.write(piece)
+            sys.stdout.flush()
+        sys.stdout.write("\n")
+        if res.retrieved:
+            used = ", ".join(f"{r.entry_id}:{r.alpha:.2f}" for r in reversed(res.retrieved))
+            typer.echo(f"[memory: {len(res.retrieved)} entries (id:alpha) {used}; {rt.retriever.mode} search; "
+                       f"ttft {res.ttft_ms:.0f} ms; {res.tokens_per_s:.1f} tok/s]", err=True)

@@ -1,0 +1,177 @@
+"""The HNSW index over a memory's effective retrieval keys, and the retriever that uses it.
+
+``build_index`` writes ``index.hnsw`` (hnswlib, inner-product space, labels = slot
+numbers) and ``index.json`` binding it to one memory state: the sha256 of the slot
+numbers and effective keys it was built from, and of the index file itself. The
+:class:`Retriever` uses the index only when it exists, matches the memory, and the memory
+is large enough for it to pay off; otherwise (or when hnswlib cannot be imported on this
+CPU) it falls back to exact numpy search and says so in ``Retriever.mode``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass
+
+import numpy as np
+
+from edgekv.errors import CorruptFileError, MismatchError
+from edgekv.format import Memory
+from edgekv.retrieval import effective_keys, topk_exact
+
+INDEX_FILE = "index.hnsw"
+INDEX_META = "index.json"
+_MAX_META_BYTES = 1 << 20
+
+
+@dataclass(frozen=True)
+class IndexConfig:
+    """hnswlib parameters. Larger M / ef give higher recall for more memory and time."""
+
+    M: int = 16  # graph degree
+    ef_construction: int = 200  # build-time candidate list
+    ef_search: int = 64  # query-time candidate list (raised to >= k)
+    exact_below: int = 2048  # fewer occupied slots than this: exact search is as fast
+
+
+def keys_digest(slots: np.ndarray, keys: np.ndarray) -> str:
+    """sha256 of slot numbers [n] and effective keys [n, R]: identifies one memory state."""
+    h = hashlib.sha256()
+    h.update(np.ascontiguousarray(slots, "<i8").tobytes())
+    h.update(np.ascontiguousarray(keys, "<f4").tobytes())
+    return h.hexdigest()
+
+
+def file_sha256(path: str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def memory_keys(memory: Memory) -> tuple[np.ndarray, np.ndarray]:
+    """Occupied slots [n] and their effective (projected, unit) keys [n, R]."""
+    slots = memory.occupied()
+    raw = memory.read_keys(slots) if len(slots) else np.zeros((0, memory.spec.key_dim), np.float32)
+    return slots, effective_keys(raw, memory.projection) if len(slots) else raw
+
+
+def build_index(memory_path: str, out_dir: str, config: IndexConfig = IndexConfig()) -> dict:
+    """Build ``out_dir/index.hnsw`` + ``index.json`` for the memory; return the metadata."""
+    import hnswlib
+
+    with Memory(memory_path) as mem:
+        slots, keys = memory_keys(mem)
+        fingerprint = mem.spec.model_fingerprint
+        generation = mem.generation
+    os.makedirs(out_dir, exist_ok=True)
+    index = hnswlib.Index(space="ip", dim=keys.shape[1])
+    index.init_index(max_elements=max(len(slots), 1), ef_construction=config.ef_construction,
+                     M=config.M, random_seed=0)
+    if len(slots):
+        index.add_items(keys, slots, num_threads=1)
+    path = os.path.join(out_dir, INDEX_FILE)
+    index.save_index(path)
+    meta = {
+        "file": INDEX_FILE,
+        "file_sha256": file_sha256(path),
+        "keys_sha256": keys_digest(slots, keys),
+        "num_items": int(len(slots)),
+        "dim": int(keys.shape[1]),
+        "M": config.M,
+        "ef_construction": config.ef_construction,
+        "memory_fingerprint": fingerprint,
+        "memory_generation": int(generation),
+    }
+    with open(os.path.join(out_dir, INDEX_META), "w", encoding="utf-8") as f:
+        json.dump(meta, f, indent=2, sort_keys=True)
+    return meta
+
+
+def read_index_meta(index_dir: str) -> dict | None:
+    """index.json from ``index_dir``, or None when there is no index."""
+    path = os.path.join(index_dir, INDEX_META)
+    if not os.path.isfile(path):
+        return None
+    if os.path.getsize(path) > _MAX_META_BYTES:
+        raise CorruptFileError(f"{path}: too large to be an index description")
+    try:
+        with open(path, encoding="utf-8") as f:
+            meta = json.load(f)
+        for key, typ in (("file", str), ("file_sha256", str), ("keys_sha256", str), ("num_items", int),
+                         ("dim", int)):
+            if not isinstance(meta.get(key), typ):
+                raise ValueError(f"field {key!r} missing or not {typ.__name__}")
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, ValueError, AttributeError) as e:
+        raise CorruptFileError(f"{path}: not a valid index description ({e})") from None
+    return meta
+
+
+def hnswlib_available() -> bool:
+    try:
+        import hnswlib  # noqa: F401
+    except Exception:  # ImportError, or a wheel that does not load on this CPU
+        return False
+    return True
+
+
+class Retriever:
+    """Top-k by inner product over a memory's effective keys (HNSW or exact numpy)."""
+
+    def __init__(self, memory: Memory, index_dir: str | None = None, config: IndexConfig = IndexConfig(),
+                 force: str | None = None):
+        self.slots, self.keys = memory_keys(memory)
+        self.config = config
+        self.index = None
+        self.mode = "exact"
+        self.reason = "no index"
+        meta = read_index_meta(index_dir) if index_dir else None
+        if meta is not None:
+            if meta["keys_sha256"] != keys_digest(self.slots, self.keys):
+                raise MismatchError(
+                    f"the HNSW index in {index_dir} was built for another memory state; rebuild it: "
+                    f"edgekv export MODEL --out DIR --memory MEM.ekv (or run without the index)")
+            use = force == "hnsw" or (force is None and len(self.slots) >= config.exact_below)
+            if not use:
+                self.reason = f"{len(self.slots)} entries < {config.exact_below}: exact search is as fast"
+            elif not hnswlib_available():
+                self.reason = "hnswlib cannot be imported on this machine"
+            else:
+                self._load(os.path.join(index_dir, meta["file"]), meta)
+        if force == "hnsw" and self.index is None and meta is not None:
+            self.reason = f"hnsw requested but unavailable ({self.reason})"
+
+    def _load(self, path: str, meta: dict) -> None:
+        import hnswlib
+
+        if file_sha256(path) != meta["file_sha256"]:
+            raise MismatchError(f"{path} does not match its index.json (hash differs); rebuild the index")
+        if meta["dim"] != self.keys.shape[1] or meta["num_items"] != len(self.slots):
+            raise MismatchError(f"{path}: index shape does not match the memory; rebuild the index")
+        index = hnswlib.Index(space="ip", dim=meta["dim"])
+        index.load_index(path, max_elements=max(meta["num_items"], 1))
+        self.index = index
+        self.mode = "hnsw"
+        self.reason = "index matches memory"
+        self._row_of = {int(s): i for i, s in enumerate(self.slots)}
+
+    def __len__(self) -> int:
+        return len(self.slots)
+
+    def search(self, query: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """query: [R] effective key -> (slots [k'], sims [k']) best first, k' = min(k, n)."""
+        k = min(k, len(self.slots))
+        if k == 0:
+            return np.zeros(0, np.int64), np.zeros(0, np.float32)
+        if self.index is None:
+            rows, sims = topk_exact(query, self.keys, k)
+            return self.slots[rows], sims
+        self.index.set_ef(max(self.config.ef_search, k))
+        labels, _ = self.index.knn_query(query[None, :].astype(np.float32), k=k, num_threads=1)
+        slots = labels[0].astype(np.int64)
+        sims = self.keys[[self._row_of[int(s)] for s in slots]] @ query  # exact sims for weights
+        order = np.argsort(-sims, kind="stable")
+        return slots[order], sims[order].astype(np.float32)

@@ -1,0 +1,259 @@
+"""The on-device runtime: retrieve, inject, generate. numpy + onnxruntime + hnswlib + tokenizers.
+
+Per query (see ``docs/runtime.md``):
+1. retrieval key: ``key.onnx`` pools the prompt's hidden state at the key layer; the
+   memory's key projection and unit normalisation are applied in numpy;
+2. top-k entries by inner product (HNSW when an index matches the memory, else exact);
+3. alpha = softmax(sim / tau); entries laid out best-last, dequantised with sqrt(alpha)
+   and the per-layer value gate folded into the scales, keys rotated to positions
+   0..k*m-1 (:func:`edgekv.induction.assemble_memory_kv`);
+4. the chat-templated prompt is fed after them as one prefill with that past; decoding
+   then continues with the growing cache.
+The memory file is memory-mapped: only the retrieved slots (and the keys) are read.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from edgekv.errors import InputError, MismatchError
+from edgekv.format import Memory
+from edgekv.index import IndexConfig, Retriever
+from edgekv.induction import assemble_memory_kv, select_and_weigh
+from edgekv.manifest import read_manifest
+from edgekv.retrieval import effective_keys
+from edgekv.rope import RopeSpec
+from edgekv.runtime.decoder import DecoderSession, Past, open_session, past_from_memory
+from edgekv.runtime.sampling import SamplingConfig, next_token
+from edgekv.runtime.tokenizer import DeviceTokenizer
+
+
+@dataclass(frozen=True)
+class RuntimeConfig:
+    k: int = 4  # entries retrieved per query
+    threads: int | None = None  # onnxruntime intra-op threads (None: onnxruntime decides)
+    retrieval: str | None = None  # None: automatic; "exact" or "hnsw" to force
+    chat: bool = True  # apply the chat template to prompts when the model has one
+    verify_hashes: bool = True  # check artifact files against manifest.json at load
+
+    def __post_init__(self) -> None:
+        if self.k < 0:
+            raise InputError(f"k must be >= 0, got {self.k}")
+        if self.threads is not None and self.threads < 1:
+            raise InputError(f"threads must be >= 1, got {self.threads}")
+        if self.retrieval not in (None, "exact", "hnsw"):
+            raise InputError(f"retrieval must be 'exact' or 'hnsw', got {self.retrieval!r}")
+
+
+@dataclass
+class Retrieved:
+    slot: int
+    entry_id: int
+    task: str
+    source_id: str
+    sim: float
+    alpha: float
+
+
+@dataclass
+class GenerationResult:
+    text: str = ""
+    token_ids: list[int] = field(default_factory=list)
+    retrieved: list[Retrieved] = field(default_factory=list)
+    num_prompt_tokens: int = 0
+    num_memory_tokens: int = 0
+    ttft_ms: float = 0.0  # retrieval key + retrieval + injection + prefill, to the first token
+    tokens_per_s: float = 0.0  # decode rate after the first token
+    stop_reason: str = ""
+
+    def to_dict(self) -> dict:
+        return {
+            "text": self.text, "token_ids": self.token_ids,
+            "retrieved": [r.__dict__ for r in self.retrieved],
+            "num_prompt_tokens": self.num_prompt_tokens, "num_memory_tokens": self.num_memory_tokens,
+            "ttft_ms": self.ttft_ms, "tokens_per_s": self.tokens_per_s, "stop_reason": self.stop_reason,
+        }
+
+
+class Runtime:
+    """Load with :meth:`load`; then :meth:`generate` (or :meth:`stream`)."""
+
+    def __init__(self, artifacts: str, manifest: dict, config: RuntimeConfig, memory: Memory | None,
+                 index_dir: str | None):
+        self.artifacts = artifacts
+        self.manifest = manifest
+        self.config = config
+        m = manifest
+        self.num_layers = int(m["num_layers"])
+        self.max_positions = int(m.get("max_positions") or 0)
+        self.rope = RopeSpec(tuple(m["rope"]["inv_freq"]), float(m["rope"]["attention_scaling"])) \
+            if m.get("rope") else None
+        tk = m["tokenizer"]
+        self.tokenizer = DeviceTokenizer.load(os.path.join(artifacts, tk["file"]), tk.get("chat_template"),
+                                              {"bos_token": tk.get("bos_token"), "eos_token": tk.get("eos_token")})
+        self.eos_ids = set(int(i) for i in tk.get("eos_token_ids") or [])
+        self.decoder = DecoderSession(os.path.join(artifacts, m["decoder"]["file"]), self.num_layers,
+                                      int(m["num_kv_heads"]), int(m["head_dim"]), config.threads)
+        self.key_session = None
+        self.memory = memory
+        self.retriever = None
+        if memory is not None:
+            self._check_memory(memory)
+            self.key_session = open_session(os.path.join(artifacts, m["key"]["file"]), config.threads)
+            self.retriever = Retriever(memory, index_dir, IndexConfig(), force=config.retrieval)
+            if config.k > len(self.retriever):
+                raise InputError(f"-k {config.k} is larger than the memory's {len(self.retriever)} entries; "
+                                 f"use -k {len(self.retriever)} or fewer")
+
+    # --- loading ------------------------------------------------------------------
+    @classmethod
+    def load(cls, artifacts: str, memory: str | None = None, k: int = 4, threads: int | None = None,
+             retrieval: str | None = None, chat: bool = True, verify_hashes: bool = True) -> Runtime:
+        """Open exported ``artifacts`` (and a memory file) for generation."""
+        config = RuntimeConfig(k=k, threads=threads, retrieval=retrieval, chat=chat, verify_hashes=verify_hashes)
+        if not os.path.isdir(artifacts):
+            raise InputError(f"{artifacts}: not a folder; pass the folder `edgekv export` wrote")
+        manifest = read_manifest(artifacts, verify_hashes=verify_hashes)
+        mem = Memory(memory) if memory else None
+        try:
+            return cls(artifacts, manifest, config, mem, artifacts if mem is not None else None)
+        except BaseException:
+            if mem is not None:
+                mem.close()
+            raise
+
+    def _check_memory(self, mem: Memory) -> None:
+        m, s = self.manifest, mem.spec
+        if s.model_fingerprint != m["model_fingerprint"]:
+            raise MismatchError(
+                f"{mem.path} was built for another model (fingerprint {s.model_fingerprint[:12]}, artifacts "
+                f"{m['model_fingerprint'][:12]}): adapt a memory with this model or export the model it was built for")
+        got = (s.num_layers, s.num_kv_heads, s.head_dim)
+        want = (int(m["num_layers"]), int(m["num_kv_heads"]), int(m["head_dim"]))
+        if got != want:
+            raise MismatchError(f"{mem.path} holds KV of shape (layers, heads, head dim) {got}, the model has {want}")
+        key = m["key"]
+        if (s.key_layer, s.key_pooling) != (int(key["layer"]), key["pooling"]) or s.key_dim != int(m["hidden_size"]):
+            raise MismatchError(
+                f"{mem.path} keys pool layer {s.key_layer} ({s.key_pooling}); the artifacts' key graph pools layer "
+                f"{key['layer']} ({key['pooling']}): re-export with `edgekv export MODEL --memory {mem.path}`")
+        if (self.rope is None) != (s.rope is None):
+            raise MismatchError(f"{mem.path}: RoPE settings differ from the model's; rebuild the memory")
+
+    def close(self) -> None:
+        if self.memory is not None:
+            self.memory.close()
+
+    def __enter__(self) -> Runtime:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    # --- pieces -------------------------------------------------------------------
+    def prompt_ids(self, prompt: str) -> list[int]:
+        """Token ids of the prompt as the decoder sees it (chat template when available)."""
+        if not prompt or not prompt.strip():
+            raise InputError("the prompt is empty")
+        if self.config.chat and self.tokenizer.chat_template:
+            return self.tokenizer.encode_chat([{"role": "user", "content": prompt}])
+        return self.tokenizer.encode(prompt)
+
+    def query_key(self, prompt: str) -> np.ndarray:
+        """Effective retrieval key of ``prompt``: [R] float32 unit vector."""
+        ids = np.asarray([self.tokenizer.encode(prompt)], np.int64)
+        (pooled,) = self.key_session.run(["pooled"], {"input_ids": ids, "attention_mask": np.ones_like(ids)})
+        return effective_keys(pooled[0], self.memory.projection)
+
+    def retrieve(self, prompt: str, k: int | None = None) -> list[Retrieved]:
+        """Top-k entries for ``prompt`` in layout order (best last), with their alpha."""
+        if self.retriever is None:
+            return []
+        k = self.config.k if k is None else k
+        slots, sims = self.retriever.search(self.query_key(prompt), k)
+        order, alpha = select_and_weigh(sims, self.memory.calibration.tau)
+        out = []
+        for i, a in zip(order, alpha, strict=True):
+            info = self.memory.slot_info(int(slots[i]))
+            out.append(Retrieved(int(slots[i]), info["entry_id"], info["task"], info["source_id"],
+                                 float(sims[i]), float(a)))
+        return out
+
+    def memory_kv(self, retrieved: list[Retrieved]) -> tuple[np.ndarray, np.ndarray] | None:
+        """K, V [L, H, k*m, D] for the retrieved entries (read from their slots only)."""
+        if not retrieved:
+            return None
+        entries = [self.memory.read_entry(r.slot) for r in retrieved]
+        return assemble_memory_kv(entries, np.array([r.alpha for r in retrieved]),
+                                  self.memory.calibration.gates, self.rope)
+
+    def logits(self, input_ids: np.ndarray, past_k: np.ndarray | None = None,
+               past_v: np.ndarray | None = None) -> np.ndarray:
+        """Logits [S, V] of ``input_ids`` [S] after an injected past K, V [L, H, T, D] (rotated)."""
+        past = self.decoder.empty_past() if past_k is None else past_from_memory(past_k, past_v)
+        logits, _ = self.decoder.forward(np.asarray(input_ids, np.int64)[None, :], past)
+        return logits[0]
+
+    # --- generation ---------------------------------------------------------------
+    def stream(self, prompt: str, max_new_tokens: int = 64, temperature: float = 0.0, top_p: float = 1.0,
+               seed: int | None = None, use_memory: bool = True,
+               result: GenerationResult | None = None) -> Iterator[str]:
+        """Yield text pieces as they are generated; fills ``result`` (if given) as it goes."""
+        if max_new_tokens < 1:
+            raise InputError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+        sampling = SamplingConfig(temperature, top_p, seed)
+        res = result if result is not None else GenerationResult()
+        ids = self.prompt_ids(prompt)
+        t0 = time.perf_counter()
+        retrieved = self.retrieve(prompt) if use_memory and self.retriever is not None else []
+        mem = self.memory_kv(retrieved)
+        past: Past = self.decoder.empty_past() if mem is None else past_from_memory(*mem)
+        num_mem = 0 if mem is None else mem[0].shape[2]
+        total = num_mem + len(ids) + max_new_tokens
+        if self.max_positions and num_mem + len(ids) > self.max_positions:
+            raise InputError(f"prompt of {len(ids)} tokens plus {num_mem} memory tokens exceeds the model's "
+                             f"context of {self.max_positions}; shorten the prompt or lower -k")
+        if self.max_positions and total > self.max_positions:
+            max_new_tokens = self.max_positions - num_mem - len(ids)
+        res.retrieved, res.num_prompt_tokens, res.num_memory_tokens = retrieved, len(ids), num_mem
+        rng = np.random.default_rng(sampling.seed)
+        logits, past = self.decoder.forward(np.asarray([ids], np.int64), past)
+        out_ids: list[int] = []
+        text = ""
+        t_first = None
+        res.stop_reason = "length"
+        for _ in range(max_new_tokens):
+            tok = next_token(logits[0, -1], sampling, rng)
+            if t_first is None:
+                t_first = time.perf_counter()
+                res.ttft_ms = (t_first - t0) * 1000
+            if tok in self.eos_ids:
+                res.stop_reason = "eos"
+                break
+            out_ids.append(tok)
+            new_text = self.tokenizer.decode(out_ids)
+            if len(new_text) > len(text) and not new_text.endswith("\ufffd"):
+                piece, text = new_text[len(text):], new_text
+                res.text, res.token_ids = text, list(out_ids)
+                yield piece
+            if len(out_ids) == max_new_tokens:
+                break
+            logits, past = self.decoder.forward(np.asarray([[tok]], np.int64), past)
+        res.text, res.token_ids = self.tokenizer.decode(out_ids), out_ids
+        if len(res.text) > len(text):
+            yield res.text[len(text):]
+        if t_first is not None and len(out_ids) > 1:
+            res.tokens_per_s = (len(out_ids) - 1) / max(time.perf_counter() - t_first, 1e-9)
+
+    def generate(self, prompt: str, max_new_tokens: int = 64, temperature: float = 0.0, top_p: float = 1.0,
+                 seed: int | None = None, use_memory: bool = True) -> GenerationResult:
+        """Generate a full answer; greedy by default; stops at EOS."""
+        res = GenerationResult()
+        for _ in self.stream(prompt, max_new_tokens, temperature, top_p, seed, use_memory, res):
+            pass
+        return res
