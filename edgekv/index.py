@@ -30,9 +30,9 @@ _MAX_META_BYTES = 1 << 20
 class IndexConfig:
     """hnswlib parameters. Larger M / ef give higher recall for more memory and time."""
 
-    M: int = 16  # graph degree
+    M: int = 32  # graph degree
     ef_construction: int = 200  # build-time candidate list
-    ef_search: int = 64  # query-time candidate list (raised to >= k)
+    ef_search: int = 128  # query-time candidate list (raised to >= k)
     exact_below: int = 2048  # fewer occupied slots than this: exact search is as fast
 
 

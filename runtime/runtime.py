@@ -27,7 +27,7 @@ from edgekv.index import IndexConfig, Retriever
 from edgekv.induction import assemble_memory_kv, select_and_weigh
 from edgekv.manifest import read_manifest
 from edgekv.retrieval import effective_keys
-from edgekv.rope import RopeSpec
+from edgekv.rope import RopeSpec, apply_rope
 from edgekv.runtime.decoder import DecoderSession, Past, open_session, past_from_memory
 from edgekv.runtime.sampling import SamplingConfig, next_token
 from edgekv.runtime.tokenizer import DeviceTokenizer
@@ -192,6 +192,13 @@ class Runtime:
         return assemble_memory_kv(entries, np.array([r.alpha for r in retrieved]),
                                   self.memory.calibration.gates, self.rope)
 
+    def rotate(self, k: np.ndarray, v: np.ndarray, start: int = 0) -> tuple[np.ndarray, np.ndarray]:
+        """Position-free K [L, H, T, D] rotated to positions start..start+T-1 (and V as float32)."""
+        k = np.asarray(k, np.float32)
+        if self.rope is not None:
+            k = apply_rope(k, self.rope, np.arange(start, start + k.shape[2]))
+        return np.ascontiguousarray(k), np.ascontiguousarray(v, np.float32)
+
     def logits(self, input_ids: np.ndarray, past_k: np.ndarray | None = None,
                past_v: np.ndarray | None = None) -> np.ndarray:
         """Logits [S, V] of ``input_ids`` [S] after an injected past K, V [L, H, T, D] (rotated)."""
@@ -202,16 +209,21 @@ class Runtime:
     # --- generation ---------------------------------------------------------------
     def stream(self, prompt: str, max_new_tokens: int = 64, temperature: float = 0.0, top_p: float = 1.0,
                seed: int | None = None, use_memory: bool = True,
-               result: GenerationResult | None = None) -> Iterator[str]:
-        """Yield text pieces as they are generated; fills ``result`` (if given) as it goes."""
+               result: GenerationResult | None = None,
+               inject: tuple[np.ndarray, np.ndarray] | None = None) -> Iterator[str]:
+        """Yield text pieces as they are generated; fills ``result`` (if given) as it goes.
+
+        ``inject``: position-free float K, V [L, H, T, D] to use as memory instead of
+        retrieving (keys are rotated to positions 0..T-1), e.g. to check the injection path.
+        """
         if max_new_tokens < 1:
             raise InputError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
         sampling = SamplingConfig(temperature, top_p, seed)
         res = result if result is not None else GenerationResult()
         ids = self.prompt_ids(prompt)
         t0 = time.perf_counter()
-        retrieved = self.retrieve(prompt) if use_memory and self.retriever is not None else []
-        mem = self.memory_kv(retrieved)
+        retrieved = self.retrieve(prompt) if use_memory and self.retriever is not None and inject is None else []
+        mem = self.memory_kv(retrieved) if inject is None else self.rotate(*inject)
         past: Past = self.decoder.empty_past() if mem is None else past_from_memory(*mem)
         num_mem = 0 if mem is None else mem[0].shape[2]
         total = num_mem + len(ids) + max_new_tokens
@@ -251,9 +263,10 @@ class Runtime:
             res.tokens_per_s = (len(out_ids) - 1) / max(time.perf_counter() - t_first, 1e-9)
 
     def generate(self, prompt: str, max_new_tokens: int = 64, temperature: float = 0.0, top_p: float = 1.0,
-                 seed: int | None = None, use_memory: bool = True) -> GenerationResult:
+                 seed: int | None = None, use_memory: bool = True,
+                 inject: tuple[np.ndarray, np.ndarray] | None = None) -> GenerationResult:
         """Generate a full answer; greedy by default; stops at EOS."""
         res = GenerationResult()
-        for _ in self.stream(prompt, max_new_tokens, temperature, top_p, seed, use_memory, res):
+        for _ in self.stream(prompt, max_new_tokens, temperature, top_p, seed, use_memory, res, inject):
             pass
         return res

@@ -28,3 +28,41 @@ def tiny_model_dir(tmp_path_factory):
         return cache[family]
 
     return get
+
+
+@pytest.fixture(scope="session")
+def exported(tiny_model_dir, tmp_path_factory):
+    """(model, **export options) -> artifacts folder, exported once per run.
+
+    ``model`` is a tiny family name (llama, qwen2, gemma) or a built-in name.
+    """
+    cache: dict = {}
+
+    def get(model: str, **options) -> str:
+        from edgekv.export.pipeline import export_model
+
+        key = (model, tuple(sorted(options.items())))
+        if key not in cache:
+            src = tiny_model_dir(model) if model in ("llama", "qwen2", "gemma") else model
+            out = tmp_path_factory.mktemp(f"export-{model}") / "artifacts"
+            export_model(src, str(out), progress=False, **options)
+            cache[key] = str(out)
+        return cache[key]
+
+    return get
+
+
+@pytest.fixture(scope="session")
+def backbone(tiny_model_dir):
+    """(model) -> edgekv Backbone, loaded once per run."""
+    cache: dict = {}
+
+    def get(model: str):
+        from edgekv.export.models import load_backbone
+
+        if model not in cache:
+            src = tiny_model_dir(model) if model in ("llama", "qwen2", "gemma") else model
+            cache[model] = load_backbone(src)
+        return cache[model]
+
+    return get
