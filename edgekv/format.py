@@ -21,6 +21,7 @@ import fcntl
 import glob
 import mmap
 import os
+import stat
 import struct
 import zlib
 from collections.abc import Iterable, Mapping
@@ -184,6 +185,8 @@ class Entry:
     def from_float(key: np.ndarray, k: np.ndarray, v: np.ndarray, payload_dtype: str = "int8",
                    task: str = "", source_id: str = "") -> Entry:
         """Quantise float K/V [L, H, m, D] into an entry of the given payload dtype."""
+        if payload_dtype not in PAYLOAD_CODES:
+            raise InputError(f"payload dtype must be 'int8' or 'fp16', got {payload_dtype!r}")
         if payload_dtype == "int8":
             kq, ks = quantize_keys(k)
             vq, vs = quantize_values(v)
@@ -341,10 +344,13 @@ class Memory:
             fd = os.open(self.path, os.O_RDONLY)
         except FileNotFoundError:
             raise InputError(f"{self.path}: memory file not found") from None
-        except (IsADirectoryError, PermissionError) as e:
+        except OSError as e:
             raise InputError(f"{self.path}: cannot open memory file ({e.strerror})") from None
         try:
-            size = os.fstat(fd).st_size
+            st = os.fstat(fd)
+            if not stat.S_ISREG(st.st_mode):
+                raise InputError(f"{self.path}: not a regular file, cannot be a memory file")
+            size = st.st_size
             if size == 0:
                 raise CorruptFileError(f"{self.path}: file is empty, not an edgekv memory")
             self._mm = mmap.mmap(fd, 0, access=mmap.ACCESS_READ)
@@ -357,7 +363,7 @@ class Memory:
                 raise CorruptFileError(f"{self.path}: slot table checksum mismatch (corrupt table)")
             self.table = np.frombuffer(table_raw, TABLE_DTYPE).copy()
             occ = self.table["flags"] & FLAG_OCCUPIED != 0
-            if np.any(self.table["task"][occ] >= max(len(self._h.tasks), 1)) and occ.any():
+            if np.any(self.table["task"][occ] >= len(self._h.tasks)):
                 raise CorruptFileError(f"{self.path}: slot table names a task that does not exist")
         except BaseException:
             self._mm.close()
@@ -390,6 +396,7 @@ class Memory:
         return counts
 
     def slot_info(self, slot: int) -> dict:
+        self._check_range(slot)
         row = self.table[slot]
         occ = bool(row["flags"] & FLAG_OCCUPIED)
         return {"slot": int(slot), "occupied": occ, "entry_id": int(row["entry_id"]),
@@ -397,13 +404,17 @@ class Memory:
                 "source_id": _decode_name(bytes(row["source_id"])), "insert_seq": int(row["insert_seq"])}
 
     # --- slot reads ---------------------------------------------------------------
-    def _slot_range(self, slot: int) -> tuple[int, int]:
+    def _check_range(self, slot: int) -> None:
         if not 0 <= slot < self.num_slots:
             raise InputError(f"slot {slot} out of range: memory has {self.num_slots} slots")
+
+    def _slot_range(self, slot: int) -> tuple[int, int]:
+        self._check_range(slot)
         start = self._h.slots_offset + slot * self.spec.slot_bytes
         return start, start + self.spec.slot_bytes
 
     def _check_occupied(self, slot: int) -> None:
+        self._check_range(slot)
         if not self.table["flags"][slot] & FLAG_OCCUPIED:
             raise InputError(f"slot {slot} is empty")
 
@@ -474,6 +485,11 @@ def _slot_bytes_of(entry: Entry, spec: MemorySpec) -> bytes:
             raise InputError(f"entry '{name}' has shape {arr.shape}, the memory expects {shape}")
         if spec.payload_dtype == "int8" and name in ("k", "v") and arr.dtype != np.int8:
             raise InputError(f"entry '{name}' must be int8 for an int8 memory (use Entry.from_float)")
+        if spec.payload_dtype == "fp16" and name in ("k", "v") and arr.dtype == np.int8:
+            raise InputError(f"entry '{name}' is int8 but the memory's payload is fp16 "
+                             "(use Entry.from_float(..., payload_dtype='fp16'))")
+        if arr.dtype.kind == "f" and not np.all(np.isfinite(arr)):
+            raise InputError(f"entry '{name}' contains NaN or inf")
         buf[off: off + nbytes] = np.ascontiguousarray(arr, dtype=dt).tobytes()
     return bytes(buf)
 
@@ -590,15 +606,16 @@ def commit_update(path: str | os.PathLike, put: Mapping[int, Entry] | None = Non
             next_id, seq = h.next_entry_id, int(table["insert_seq"].max(initial=0))
             for s, e in sorted(put.items()):
                 slot_data[s] = _slot_bytes_of(e, spec)
-                if e.task not in tasks:
+                task = _decode_name(_encode_name(e.task, TASK_NAME_BYTES))  # the name as stored
+                if task not in tasks:
                     if len(tasks) >= MAX_TASKS:
                         raise BudgetError(f"a memory holds at most {MAX_TASKS} task names")
-                    tasks.append(e.task)
+                    tasks.append(task)
                 key_off, key_n, _, _ = spec.slot_layout()["key"]
                 seq += 1
                 eid = e.entry_id if e.entry_id >= 0 else next_id
                 next_id = max(next_id, eid + 1)
-                table[s] = (FLAG_OCCUPIED, 0, tasks.index(e.task), zlib.crc32(slot_data[s]),
+                table[s] = (FLAG_OCCUPIED, 0, tasks.index(task), zlib.crc32(slot_data[s]),
                             zlib.crc32(slot_data[s][key_off: key_off + key_n]), eid,
                             e.insert_seq if e.insert_seq >= 0 else seq,
                             _encode_name(e.source_id, SOURCE_ID_BYTES))

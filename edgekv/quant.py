@@ -36,7 +36,9 @@ def _scale_fp16(absmax: np.ndarray) -> np.ndarray:
 
 
 def _quantise(x: np.ndarray, scale16: np.ndarray) -> np.ndarray:
-    q = np.rint(x.astype(np.float32) / scale16.astype(np.float32))
+    # float64: the division is then exact enough that rint picks the nearest level for
+    # float32 and float64 inputs alike (in float32, x/s can round onto a half-way point)
+    q = np.rint(x.astype(np.float64) / scale16.astype(np.float64))
     return np.clip(q, -QMAX, QMAX).astype(np.int8)
 
 

@@ -1,0 +1,89 @@
+"""``edgekv adapt``: adapt a fixed-size memory to the next task (creates it on the first call)."""
+
+from __future__ import annotations
+
+import os
+
+import typer
+
+from edgekv.cli import command, emit, table
+from edgekv.errors import InputError
+from edgekv.units import format_size, parse_size
+
+
+def _fmt_terms(t: dict) -> str:
+    anc = "-" if t["L_anc"] is None else f"{t['L_anc']:.3f}"
+    return f"J {t['J']:.3f}  (L_cur {t['L_cur']:.3f}, L_anc {anc}, Omega {t['omega']:.1f})"
+
+
+def _human(d: dict) -> str:
+    gates = d["calibration"]["gates"]
+    rows = [
+        ("task", d["task"] + ("  (new memory)" if d["created"] else "")),
+        ("memory", d["memory"]),
+        ("examples / candidates", f"{d['num_examples']} / {d['num_candidates']}"),
+        ("slots used", f"{d['num_used']} / {d['num_slots']}  (kept {d['kept_old']} old, added "
+                       f"{d['kept_new']} new, dropped {d['dropped_old']} old)"),
+        ("file size", f"{format_size(d['file_bytes'])} ({d['file_bytes']} B) of budget "
+                      f"{format_size(d['budget_bytes'])}"),
+        ("before", _fmt_terms(d["J_before"])),
+        ("after", _fmt_terms(d["J_after"])),
+        ("calibration", f"tau {d['calibration']['tau']:.4g} (was {d['calibration']['tau_before']:.4g}), "
+                        f"value gates {min(gates):.3f}..{max(gates):.3f}"),
+        ("anchors (host only)", f"{d['anchors']['count']} examples, {format_size(d['anchors']['bytes'])} "
+                                f"in {d['anchors']['path']}"),
+        ("time", f"{d['seconds']} s"),
+    ]
+    rows += [(f"entries of {t}", n) for t, n in d["per_task_counts"].items()]
+    return table(rows)
+
+
+@command("adapt")
+def adapt_cmd(
+    model: str = typer.Option(..., "--model", help="Hugging Face model folder, .gguf, or built-in name."),
+    data: str = typer.Option(..., "--data", help="Task data: LLaVA JSON/JSONL or JSONL of prompt/answer."),
+    memory: str = typer.Option(..., "--memory", help="Memory file (.ekv); created on the first call."),
+    budget: str = typer.Option(None, "--budget", help="Byte budget (16MB, 16MiB); needed to create the memory."),
+    task: str = typer.Option(None, "--task", help="Task name (default: the data file's name)."),
+    pooled_len: int = typer.Option(None, "--pooled-len", help="KV positions per entry, m (default 16)."),
+    payload: str = typer.Option(None, "--payload", help="Payload dtype of a new memory: int8 (default) or fp16."),
+    steps: int = typer.Option(None, "--steps", help="Selection steps (default 24)."),
+    top_k: int = typer.Option(4, "-k", "--top-k", help="Entries retrieved per query (use the same -k at run time)."),
+    seed: int = typer.Option(0, "--seed", help="Seed for sampling and batches."),
+    threads: int = typer.Option(None, "--threads", help="PyTorch threads (default: PyTorch decides)."),
+    no_progress: bool = typer.Option(False, "--no-progress", help="Hide progress bars."),
+    json_out: bool = typer.Option(False, "--json", help="Print JSON."),
+) -> None:
+    """Adapt MEM.ekv to a task in place (atomic; the file never changes size)."""
+    from dataclasses import replace
+
+    from edgekv.data import read_examples
+    from edgekv.export.models import load_backbone
+    from edgekv.induce.adapt import AdaptConfig, adapt
+
+    if payload is not None and payload not in ("int8", "fp16"):
+        raise InputError(f"--payload must be int8 or fp16, got {payload!r}")
+    if pooled_len is not None and pooled_len < 1:
+        raise InputError(f"--pooled-len must be >= 1, got {pooled_len}")
+    if steps is not None and steps < 0:
+        raise InputError(f"--steps must be >= 0, got {steps}")
+    budget_bytes = parse_size(budget) if budget is not None else None
+    examples = read_examples(data)
+    if threads:
+        import torch
+
+        torch.set_num_threads(threads)
+    cfg = AdaptConfig(top_k=top_k, seed=seed)
+    explicit = []
+    if pooled_len is not None:
+        cfg = replace(cfg, entry=replace(cfg.entry, pooled_len=pooled_len))
+        explicit.append("pooled_len")
+    if payload is not None:
+        cfg = replace(cfg, entry=replace(cfg.entry, payload_dtype=payload))
+        explicit.append("payload_dtype")
+    if steps is not None:
+        cfg = replace(cfg, selection=replace(cfg.selection, steps=steps))
+    task = task or os.path.splitext(os.path.basename(data))[0]
+    backbone = load_backbone(model)
+    summary = adapt(backbone, examples, memory, budget_bytes, task, cfg, explicit, progress=not no_progress)
+    emit(summary, json_out, _human)

@@ -1,0 +1,111 @@
+"""Inner level: fit the calibration phi = (phi_tau, phi_1..phi_L), the backbone frozen.
+
+tau = softplus(phi_tau) is the retrieval temperature, lambda_l = sigmoid(phi_l) the value
+gate of layer l. phi is fitted by a few Adam steps on the current task's answer NLL with
+memory attached (mini-batches of the task's examples, each retrieving from the memory
+without its own entry). These L+1 scalars are the only trained state of InduceKV; they
+are stored in the memory header as (tau, gates).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
+
+import numpy as np
+import torch
+
+from edgekv.errors import InputError
+from edgekv.format import Calibration
+
+
+@dataclass(frozen=True)
+class CalibrationConfig:
+    """Adam on phi (tau, value gates) against the current task's NLL."""
+
+    steps: int = 12  # Adam steps of the final calibration on the kept memory
+    lr: float = 0.1  # Adam learning rate on phi (raw, pre-softplus/sigmoid parameters)
+    batch_size: int = 8  # queries per step
+    gate_clip: float = 0.02  # initial gates are clipped to [clip, 1 - clip] (sigmoid never reaches 0 or 1)
+    min_tau: float = 1e-3  # tau never drops below this (softplus(phi) + min_tau)
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.steps < 0 or self.batch_size < 1:
+            raise InputError("CalibrationConfig.steps must be >= 0 and batch_size >= 1")
+        if not 0 < self.lr <= 10:
+            raise InputError(f"CalibrationConfig.lr must be in (0, 10], got {self.lr}")
+        if not 0 < self.gate_clip < 0.5:
+            raise InputError(f"CalibrationConfig.gate_clip must be in (0, 0.5), got {self.gate_clip}")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def inverse_softplus(y: float) -> float:
+    """x with softplus(x) = y (y > 0)."""
+    return float(y + math.log(-math.expm1(-y)))
+
+
+def logit(p: float) -> float:
+    return float(math.log(p) - math.log1p(-p))
+
+
+class Phi(torch.nn.Module):
+    """phi_tau (scalar) and phi_l (one per layer); tau and lambda derived from them."""
+
+    def __init__(self, tau: float, gates: Sequence[float], gate_clip: float = 0.02, min_tau: float = 1e-3):
+        super().__init__()
+        self.min_tau = min_tau
+        g = np.clip(np.asarray(gates, np.float64), gate_clip, 1 - gate_clip)
+        self.phi_tau = torch.nn.Parameter(torch.tensor(inverse_softplus(max(tau - min_tau, 1e-6))))
+        self.phi_gates = torch.nn.Parameter(torch.tensor([logit(x) for x in g], dtype=torch.float32))
+
+    @staticmethod
+    def from_calibration(cal: Calibration, cfg: CalibrationConfig | None = None) -> Phi:
+        cfg = cfg or CalibrationConfig()
+        return Phi(cal.tau, cal.gates, cfg.gate_clip, cfg.min_tau)
+
+    def tau(self) -> torch.Tensor:
+        return torch.nn.functional.softplus(self.phi_tau) + self.min_tau
+
+    def gates(self) -> torch.Tensor:
+        return torch.sigmoid(self.phi_gates)
+
+    def calibration(self) -> Calibration:
+        return Calibration(float(self.tau().detach()), tuple(float(g) for g in self.gates().detach()))
+
+
+def batches(num: int, batch_size: int, steps: int, seed: int) -> list[list[int]]:
+    """``steps`` mini-batches of row indices, cycling through seeded permutations."""
+    rng = np.random.default_rng(seed)
+    out, perm = [], []
+    for _ in range(steps):
+        if len(perm) < min(batch_size, num):
+            perm = perm + rng.permutation(num).tolist()
+        out.append(perm[:batch_size])
+        perm = perm[batch_size:]
+    return out
+
+
+def calibrate(phi: Phi, loss_fn: Callable[[Phi, list[int]], torch.Tensor], num_queries: int,
+              cfg: CalibrationConfig, progress: bool = False, desc: str = "calibrate") -> list[float]:
+    """Adam steps on ``loss_fn(phi, rows)`` over mini-batches of ``num_queries`` rows.
+
+    Updates ``phi`` in place; returns the loss of each step (before its update).
+    """
+    from tqdm.auto import tqdm
+
+    if num_queries == 0 or cfg.steps == 0:
+        return []
+    opt = torch.optim.Adam(phi.parameters(), lr=cfg.lr)
+    losses = []
+    for rows in tqdm(batches(num_queries, cfg.batch_size, cfg.steps, cfg.seed), desc=desc, leave=False,
+                     disable=not progress):
+        opt.zero_grad()
+        loss = loss_fn(phi, rows)
+        loss.backward()
+        opt.step()
+        losses.append(float(loss.detach()))
+    return losses

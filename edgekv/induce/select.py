@@ -1,0 +1,151 @@
+"""Outer level: which candidates the fixed-size memory keeps.
+
+Selection weights w over the candidates (the current memory plus the new task's entries)
+live on the capped simplex ``{w : 0 <= w_i <= 1, sum w = B}`` (B = number of slots) and
+minimise
+
+    J(w) = L_cur(w) + beta * L_anc(w) + gamma * Omega_spec(w)
+
+* L_cur / L_anc: answer NLL of current-task queries / anchor queries from earlier tasks
+  with retrieval over the w-weighted memory (w enters alpha: alpha_i ∝ w_i exp(sim_i/tau),
+  and the top-k ranking: sim_i/tau + log w_i), supplied by the caller as a closure;
+* Omega_spec(w) = -log det(C(w) + eps I), C(w) = sum_i w_i p_i p_i^T over the candidates'
+  projected (effective) retrieval keys p_i: a coverage term, lowest when the weight is
+  spread over entries whose keys point in different directions, so redundant entries
+  (near-duplicate keys) share the weight one of them would get.
+
+Solved by projected gradient: each step moves w against dJ/dw, normalised by its largest
+magnitude (so ``lr`` is the largest change of any w_i per step), then projects back onto
+the capped simplex (bisection on the shift). The top-B entries by w are kept.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+import torch
+
+from edgekv.errors import BudgetError, InputError
+
+
+@dataclass(frozen=True)
+class SelectionConfig:
+    """The outer level of the bilevel problem."""
+
+    beta: float = 1.0  # weight of the anchor (earlier tasks) NLL: retention vs. the current task
+    gamma: float = 0.05  # weight of the coverage term Omega_spec: diversity of kept keys
+    eps: float = 0.05  # ridge in log det(C(w) + eps I): how much an uncovered direction is worth
+    steps: int = 24  # projected-gradient steps on w (each: one current and one anchor batch)
+    lr: float = 0.2  # largest change of any w_i in one step
+    batch_size: int = 8  # queries per batch (current task and anchors each)
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.beta < 0 or self.gamma < 0:
+            raise InputError("SelectionConfig.beta and gamma must be >= 0")
+        if self.eps <= 0:
+            raise InputError(f"SelectionConfig.eps must be > 0, got {self.eps}")
+        if self.steps < 0 or self.batch_size < 1 or not 0 < self.lr <= 1:
+            raise InputError("SelectionConfig.steps must be >= 0, batch_size >= 1, lr in (0, 1]")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def project_capped_simplex(v: torch.Tensor, total: float, iters: int = 100) -> torch.Tensor:
+    """Euclidean projection of v [N] onto {w : 0 <= w <= 1, sum w = total}.
+
+    w = clip(v - theta, 0, 1) with theta found by bisection (sum is monotone in theta).
+    """
+    n = v.numel()
+    if not 0 <= total <= n:
+        raise BudgetError(f"cannot keep {total} of {n} candidates")
+    v = v.detach().double()
+    lo, hi = float(v.min()) - 1.0, float(v.max())  # sum(lo) = n >= total >= 0 = sum(hi)
+    for _ in range(iters):
+        mid = 0.5 * (lo + hi)
+        if float((v - mid).clamp(0, 1).sum()) > total:
+            lo = mid
+        else:
+            hi = mid
+    w = (v - 0.5 * (lo + hi)).clamp(0, 1)
+    return w.float()
+
+
+def coverage(w: torch.Tensor, P: torch.Tensor, eps: float) -> torch.Tensor:
+    """Omega_spec = -log det(sum_i w_i p_i p_i^T + eps I_R).
+
+    w: [N], P: [N, R] -> scalar. Computed in the smaller of the two spaces
+    (Sylvester: det(eps I_R + P^T W P) = eps^R det(I_N + W^1/2 P P^T W^1/2 / eps)).
+    """
+    N, R = P.shape
+    P = P.double()
+    w = w.double().clamp(min=0)
+    if N < R:
+        s = w.sqrt()
+        G = (s[:, None] * (P @ P.T) * s[None, :]) / eps + torch.eye(N, dtype=torch.float64)
+        return -(R * math.log(eps) + torch.logdet(G)).float()
+    C = (P * w[:, None]).T @ P + eps * torch.eye(R, dtype=torch.float64)
+    return -torch.logdet(C).float()
+
+
+def keep_top(w: torch.Tensor | np.ndarray, num: int) -> np.ndarray:
+    """Indices of the ``num`` largest weights, ascending (ties: lower index first)."""
+    w = np.asarray(w.detach() if torch.is_tensor(w) else w, np.float64)
+    order = np.argsort(-w, kind="stable")[:num]
+    return np.sort(order)
+
+
+def initial_weights(num: int, num_slots: int) -> torch.Tensor:
+    """Uniform w with sum = min(B, N): every candidate starts equal."""
+    return torch.full((num,), min(num_slots, num) / max(num, 1))
+
+
+@dataclass
+class SelectionResult:
+    w: torch.Tensor  # [N] final weights
+    keep: np.ndarray  # indices of kept candidates (ascending)
+    history: list[dict] = field(default_factory=list)  # per step: L_cur, L_anc, omega, J
+
+
+LossTerms = Callable[[torch.Tensor, int], tuple[torch.Tensor, torch.Tensor | None]]
+
+
+def select(num_slots: int, P: torch.Tensor, loss_terms: LossTerms, cfg: SelectionConfig,
+           w0: torch.Tensor | None = None, after_backward: Callable[[], None] | None = None,
+           progress: bool = False) -> SelectionResult:
+    """Projected gradient on J(w); keep the top ``num_slots`` candidates.
+
+    P: [N, R] effective keys of the candidates. ``loss_terms(w, step)`` returns
+    (L_cur, L_anc or None) differentiable in w. ``after_backward`` runs after each
+    ``J.backward()`` (the inner level uses it to step the calibration).
+    With N <= num_slots every candidate is kept and no step runs.
+    """
+    from tqdm.auto import tqdm
+
+    N = len(P)
+    if N <= num_slots:
+        return SelectionResult(torch.ones(N), np.arange(N), [])
+    w = (w0.clone() if w0 is not None else initial_weights(N, num_slots)).float()
+    w = project_capped_simplex(w, float(num_slots))
+    history = []
+    bar = tqdm(range(cfg.steps), desc="select", leave=False, disable=not progress)
+    for step in bar:
+        wv = w.clone().requires_grad_(True)
+        l_cur, l_anc = loss_terms(wv, step)
+        omega = coverage(wv, P, cfg.eps)
+        J = l_cur + cfg.gamma * omega + (cfg.beta * l_anc if l_anc is not None else 0.0)
+        J.backward()
+        if after_backward is not None:
+            after_backward()
+        g = wv.grad.detach()
+        scale = float(g.abs().max())
+        if scale > 0:
+            w = project_capped_simplex(w - cfg.lr * g / scale, float(num_slots))
+        history.append({"L_cur": float(l_cur.detach()), "omega": float(omega.detach()), "J": float(J.detach()),
+                        "L_anc": None if l_anc is None else float(l_anc.detach())})
+        bar.set_postfix(J=f"{float(J.detach()):.3f}")
+    return SelectionResult(w.detach(), keep_top(w, num_slots), history)

@@ -1,0 +1,269 @@
+"""The ONNX graphs the device runs: the decoder with past, the retrieval-key graph, int8 weights.
+
+* ``model.onnx`` — optimum's ``text-generation-with-past`` export of the causal LM, fp32,
+  in optimum's folder layout (``model.onnx`` + ``config.json`` + ``generation_config.json``)
+  so ``ORTModelForCausalLM`` can open the folder too. Inputs ``input_ids`` [B, S],
+  ``attention_mask`` [B, P+S], ``position_ids`` [B, S], ``past_key_values.{l}.key|value``
+  [B, H, P, D]; outputs ``logits`` [B, S, V], ``present.{l}.key|value`` [B, H, P+S, D].
+* ``key.onnx`` — :class:`edgekv.export.keymodel.KeyModel` (the first ``key_layer`` layers
+  and the pooling), traced with ``torch.onnx.export(dynamo=False)`` under optimum's model
+  patcher so that mask creation traces; dynamic batch and sequence axes.
+* ``quantize_decoder`` — onnxruntime dynamic quantisation of the decoder weights (int8,
+  per channel); the retrieval-key graph stays fp32 so query keys equal the stored keys.
+
+Exports run quietly (tracer warnings and library logs silenced) and deterministically
+(fixed seed, no validation inputs drawn into the graph).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import logging
+import os
+import shutil
+import tempfile
+import warnings
+from collections.abc import Iterator
+from typing import Any
+
+from edgekv.errors import InputError
+
+DECODER_FILE = "model.onnx"
+KEY_FILE = "key.onnx"
+DECODER_TASK = "text-generation-with-past"
+DEFAULT_OPSET = 18
+# What optimum writes next to model.onnx that belongs to the optimum folder layout.
+OPTIMUM_CONFIG_FILES = ("config.json", "generation_config.json")
+_QUIET_LOGGERS = ("optimum", "transformers", "torch.onnx", "onnxruntime", "root")
+
+
+@contextlib.contextmanager
+def quiet_export() -> Iterator[None]:
+    """Silence tracer/exporter warnings, library logs and stray prints; seed torch."""
+    import torch
+
+    saved = {name: logging.getLogger(name).level for name in _QUIET_LOGGERS}
+    with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+        warnings.simplefilter("ignore")  # TracerWarning, aten::index UserWarning, deprecations
+        for name in _QUIET_LOGGERS:
+            logging.getLogger(name).setLevel(logging.ERROR)
+        torch.manual_seed(0)
+        try:
+            yield
+        finally:
+            for name, level in saved.items():
+                logging.getLogger(name).setLevel(level)
+
+
+def onnx_files(folder: str, name: str) -> list[str]:
+    """``name`` and the external-data files its initializers point to (relative names)."""
+    import onnx
+    from onnx.external_data_helper import uses_external_data
+
+    proto = onnx.load(os.path.join(folder, name), load_external_data=False)
+    extra = set()
+    for tensor in proto.graph.initializer:
+        if uses_external_data(tensor):
+            extra.update(e.value for e in tensor.external_data if e.key == "location")
+    return [name, *sorted(extra)]
+
+
+def files_bytes(folder: str, names: list[str]) -> int:
+    return sum(os.path.getsize(os.path.join(folder, n)) for n in names)
+
+
+# --- decoder with past ------------------------------------------------------------
+class _PositionIdsInput:
+    """Mixin for an optimum decoder config: add the ``position_ids`` input [B, S].
+
+    Some families (Gemma) are exported by optimum without it; edgekv's runtime assigns
+    positions itself (memory at 0..T-1, the prompt after it), so the graph must take them.
+    """
+
+    @property
+    def inputs(self) -> dict:
+        inputs = super().inputs  # type: ignore[misc]
+        inputs["position_ids"] = {0: "batch_size", 1: "sequence_length"}
+        return inputs
+
+
+def _decoder_onnx_configs(model: Any) -> dict:
+    """``custom_onnx_configs`` for optimum: {} when its config already takes position_ids."""
+    import optimum.exporters.onnx.model_configs  # noqa: F401  (registers the ONNX configs)
+    from optimum.exporters.tasks import TasksManager
+
+    try:
+        ctor = TasksManager.get_exporter_config_constructor(
+            exporter="onnx", model=model, task=DECODER_TASK, library_name="transformers")
+    except (KeyError, ValueError) as e:
+        raise InputError(f"optimum cannot export {model.config.model_type!r} decoders ({e})") from None
+    config = ctor(model.config)
+    if "position_ids" in config.inputs:
+        return {}
+    cls = type(f"{type(config).__name__}WithPositionIds", (_PositionIdsInput, type(config)), {})
+    return {"model": cls(model.config, task=config.task, use_past=True, use_past_in_inputs=True)}
+
+
+def export_decoder(model: Any, out_dir: str, opset: int = DEFAULT_OPSET) -> list[str]:
+    """Export the causal LM as optimum's decoder with past into ``out_dir``.
+
+    Only the graph (``model.onnx`` and any external data) and optimum's config files are
+    kept; the tokenizer files optimum copies from the source folder are left behind
+    (edgekv writes its own). Returns the ONNX file names (graph first).
+    """
+    from optimum.exporters.onnx import onnx_export_from_model
+
+    os.makedirs(out_dir, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=out_dir, prefix=".decoder-") as scratch, quiet_export():
+        try:
+            onnx_export_from_model(model, output=scratch, task=DECODER_TASK, opset=opset, do_validation=False,
+                                   device="cpu", custom_onnx_configs=_decoder_onnx_configs(model))
+        except ValueError as e:  # optimum: unsupported architecture / task
+            raise InputError(f"optimum cannot export this model ({str(e).splitlines()[0][:200]})") from None
+        names = onnx_files(scratch, DECODER_FILE)
+        for name in [*names, *OPTIMUM_CONFIG_FILES]:
+            if os.path.isfile(os.path.join(scratch, name)):
+                os.replace(os.path.join(scratch, name), os.path.join(out_dir, name))
+    return names
+
+
+# --- retrieval-key graph ----------------------------------------------------------
+def _dummy_key_inputs(vocab_size: int) -> tuple[Any, Any]:
+    """Two right-padded prompts, so the traced graph builds the padding mask (never skips it)."""
+    import torch
+
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, vocab_size, (2, 7), generator=g, dtype=torch.int64)  # [B, S]
+    mask = torch.ones(2, 7, dtype=torch.int64)
+    mask[1, 4:] = 0
+    return ids, mask
+
+
+@contextlib.contextmanager
+def _optimum_patches(model: Any, module: Any) -> Iterator[None]:
+    """Enter optimum's model patcher for ``model``'s type around ``module``.
+
+    The patcher registers the vmap-free mask functions (``sdpa_mask_without_vmap``), the
+    packed-sequence and cache-layer fixes and the ONNX-compatible op replacements that
+    optimum applies to decoders in this transformers version. It also sets
+    ``config.use_cache`` on every submodule, so the original values are restored after.
+    """
+    import optimum.exporters.onnx.model_configs  # noqa: F401  (registers the ONNX configs)
+    from optimum.exporters.tasks import TasksManager
+
+    ctor = TasksManager.get_exporter_config_constructor(
+        exporter="onnx", model=model, task="feature-extraction", library_name="transformers")
+    onnx_config = ctor(model.config)
+    saved = [(m.config, m.config.use_cache) for m in model.modules()
+             if hasattr(m, "config") and hasattr(m.config, "use_cache")]
+    try:
+        with onnx_config.patch_model_for_export(module):
+            yield
+    finally:
+        for cfg, value in saved:
+            cfg.use_cache = value
+
+
+def export_key_graph(model: Any, decoder: Any, key_layer: int, pooling: str, path: str,
+                     opset: int = DEFAULT_OPSET) -> None:
+    """Write ``KeyModel(decoder, key_layer, pooling)`` to ``path``.
+
+    Inputs ``input_ids`` [B, S] int64 and ``attention_mask`` [B, S] int64 (right padding,
+    1 = token); output ``pooled`` [B, hidden] float32 (raw; projection and unit norm are
+    applied in numpy by the caller).
+    """
+    import torch
+
+    from edgekv.export.keymodel import KeyModel
+
+    key_model = KeyModel(decoder, key_layer, pooling).eval()
+    inputs = _dummy_key_inputs(int(model.config.vocab_size))
+    axes = {"input_ids": {0: "batch_size", 1: "sequence_length"},
+            "attention_mask": {0: "batch_size", 1: "sequence_length"}, "pooled": {0: "batch_size"}}
+    with quiet_export(), _optimum_patches(model, key_model), torch.no_grad():
+        torch.onnx.export(key_model, inputs, path, dynamo=False, opset_version=opset,
+                          input_names=["input_ids", "attention_mask"], output_names=["pooled"],
+                          dynamic_axes=axes, do_constant_folding=True)
+
+
+# --- int8 weights -----------------------------------------------------------------
+def quantize_decoder(src_dir: str, dst_dir: str, name: str = DECODER_FILE) -> list[str]:
+    """Dynamic int8 quantisation of ``src_dir/name`` into ``dst_dir/name``.
+
+    Weights: symmetric int8 (QInt8), per output channel; activations are quantised at run
+    time (onnxruntime's DynamicQuantizeLinear). Returns the written file names.
+    """
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    external = len(onnx_files(src_dir, name)) > 1
+    os.makedirs(dst_dir, exist_ok=True)
+    with quiet_export():
+        quantize_dynamic(os.path.join(src_dir, name), os.path.join(dst_dir, name), per_channel=True,
+                         weight_type=QuantType.QInt8, use_external_data_format=external)
+    return onnx_files(dst_dir, name)
+
+
+def move_files(src_dir: str, dst_dir: str, names: list[str]) -> None:
+    os.makedirs(dst_dir, exist_ok=True)
+    for name in names:
+        shutil.move(os.path.join(src_dir, name), os.path.join(dst_dir, name))
+
+
+# --- export-time check against PyTorch ----------------------------------------------
+def _torch_reference(model: Any, ids: list[int], split: int) -> tuple[Any, list, list]:
+    """Logits [S, V] of ``ids`` as one sequence, and K, V per layer [1, H, split, D] of ids[:split]."""
+    import torch
+
+    with torch.no_grad():
+        joint = model(input_ids=torch.tensor([ids]), use_cache=False).logits[0].float().numpy()
+        cache = model(input_ids=torch.tensor([ids[:split]]), use_cache=True).past_key_values
+    if hasattr(cache, "layers"):
+        kv = [(layer.keys, layer.values) for layer in cache.layers]
+    else:
+        kv = list(zip(cache.key_cache, cache.value_cache, strict=True))
+    return joint, [k.float().numpy() for k, _ in kv], [v.float().numpy() for _, v in kv]
+
+
+def _ort_logits(sess: Any, ids: list[int], past_k: list, past_v: list) -> Any:
+    """Decoder logits [S, V] for ``ids`` after the past K, V (per layer [1, H, P, D])."""
+    import numpy as np
+
+    past = past_k[0].shape[2]
+    feed = {"input_ids": np.asarray([ids], np.int64),
+            "attention_mask": np.ones((1, past + len(ids)), np.int64),
+            "position_ids": np.arange(past, past + len(ids), dtype=np.int64)[None]}
+    for i, (k, v) in enumerate(zip(past_k, past_v, strict=True)):
+        feed[f"past_key_values.{i}.key"] = np.ascontiguousarray(k, np.float32)
+        feed[f"past_key_values.{i}.value"] = np.ascontiguousarray(v, np.float32)
+    return sess.run(["logits"], feed)[0][0]
+
+
+def check_decoder(model: Any, path: str, ids: list[int], split: int, threads: int | None = None) -> dict:
+    """Compare the exported decoder with PyTorch on ``ids`` (prefix = ids[:split]).
+
+    ``no_past``: all ids in one call. ``with_past``: ids[split:] after the PyTorch KV of
+    the prefix (the injection the runtime does), against ids as one PyTorch sequence.
+    Returns max |diff| of the logits for both, the argmax agreement (fraction of
+    positions whose top token matches) and the largest |logit| of PyTorch.
+    """
+    import numpy as np
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.log_severity_level = 3
+    if threads:
+        so.intra_op_num_threads = threads
+    sess = ort.InferenceSession(path, so, providers=["CPUExecutionProvider"])
+    joint, pk, pv = _torch_reference(model, ids, split)
+    empty = [np.zeros((1, k.shape[1], 0, k.shape[3]), np.float32) for k in pk]
+    whole = _ort_logits(sess, ids, empty, empty)
+    tail = _ort_logits(sess, ids[split:], pk, pv)
+    got = np.concatenate([whole[:split], tail])
+    return {
+        "max_abs_diff_no_past": float(np.abs(whole - joint).max()),
+        "max_abs_diff_with_past": float(np.abs(tail - joint[split:]).max()),
+        "argmax_agreement": float(np.mean(got.argmax(-1) == joint.argmax(-1))),
+        "logit_scale": float(np.abs(joint).max()),
+        "num_tokens": len(ids),
+    }
