@@ -34,3 +34,9 @@ lint: $(STAMP)
 
 clean:
 	rm -rf $(VENV) .pytest_cache build *.egg-info
+
+# The device runtime on aarch64 under qemu-user emulation (arm64 Debian root cached in .cache/;
+# needs root, binfmt_misc and the Debian/PyPI mirrors). See docs/devices.md.
+.PHONY: check-arm
+check-arm: $(STAMP)
+	bash scripts/aarch64_check.sh

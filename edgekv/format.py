@@ -549,6 +549,11 @@ def create_memory(path: str | os.PathLike, spec: MemorySpec, budget_bytes: int,
             f"(lower --pooled-len, use int8 payloads, or raise the budget)")
     if os.path.exists(path) and not overwrite:
         raise InputError(f"{path} already exists; adapt it in place or choose another path")
+    if os.path.isdir(path):
+        raise InputError(f"{path} is a folder; give a file path for the memory")
+    folder = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(folder):
+        raise InputError(f"{path}: folder {folder} does not exist")
     calibration = calibration or Calibration.default(spec.num_layers)
     if len(calibration.gates) != spec.num_layers:
         raise InputError(f"calibration has {len(calibration.gates)} gates, the memory has {spec.num_layers} layers")
@@ -583,6 +588,8 @@ def commit_update(path: str | os.PathLike, put: Mapping[int, Entry] | None = Non
     path = os.fspath(path)
     put = dict(put or {})
     clear = [int(c) for c in clear]
+    if not os.path.isfile(path):  # say so before leaving a lock file next to nothing
+        Memory(path).close()  # raises the reader's error (not found, folder, ...)
     with _WriteLock(path):
         _remove_stale_temps(path)
         with Memory(path) as old:

@@ -4,15 +4,20 @@
 numbers) and ``index.json`` binding it to one memory state: the sha256 of the slot
 numbers and effective keys it was built from, and of the index file itself. The
 :class:`Retriever` uses the index only when it exists, matches the memory, and the memory
-is large enough for it to pay off; otherwise (or when hnswlib cannot be imported on this
-CPU) it falls back to exact numpy search and says so in ``Retriever.mode``.
+is large enough for it to pay off; otherwise (or when hnswlib is missing or crashes on this
+CPU: probed once per process in a subprocess, see :func:`hnswlib_status`) it falls back to exact numpy search and says so in ``Retriever.mode``.
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
+import importlib.util
 import json
 import os
+import signal
+import subprocess
+import sys
 from dataclasses import dataclass
 
 import numpy as np
@@ -110,12 +115,46 @@ def read_index_meta(index_dir: str) -> dict | None:
     return meta
 
 
-def hnswlib_available() -> bool:
+# Builds and queries small indices in every distance-kernel shape hnswlib dispatches on
+# (dim % 16, % 4, residuals; ip and l2), so code compiled for another CPU runs here.
+_PROBE = """
+import numpy as np, hnswlib
+for dim in (4, 16, 19, 20, 32, 35):
+    x = np.random.default_rng(0).normal(size=(64, dim)).astype(np.float32)
+    for space in ("ip", "l2"):
+        index = hnswlib.Index(space=space, dim=dim)
+        index.init_index(max_elements=64, M=8, ef_construction=32, random_seed=0)
+        index.add_items(x, np.arange(64), num_threads=1)
+        index.knn_query(x[:4], k=4, num_threads=1)
+print("hnswlib ok")
+"""
+
+
+@functools.lru_cache(maxsize=1)
+def hnswlib_status() -> tuple[bool, str]:
+    """(usable, why): whether hnswlib imports *and runs* on this CPU.
+
+    Probed once per process in a subprocess: a build for another CPU (``-march=native``
+    on a different machine) dies with SIGILL in the process that runs it, which no
+    ``except`` can catch.
+    """
+    if importlib.util.find_spec("hnswlib") is None:
+        return False, "hnswlib is not installed"
     try:
-        import hnswlib  # noqa: F401
-    except Exception:  # ImportError, or a wheel that does not load on this CPU
-        return False
-    return True
+        out = subprocess.run([sys.executable, "-c", _PROBE], capture_output=True, text=True, timeout=300)
+    except (OSError, subprocess.TimeoutExpired) as e:
+        return False, f"the hnswlib probe did not finish ({type(e).__name__})"
+    if out.returncode == 0 and out.stdout.strip().endswith("hnswlib ok"):
+        return True, "hnswlib works on this CPU"
+    if out.returncode < 0:
+        name = signal.Signals(-out.returncode).name if -out.returncode in signal.valid_signals() else "a signal"
+        return False, f"hnswlib crashes on this CPU ({name}; a build for another CPU?)"
+    tail = (out.stderr.strip().splitlines() or ["no output"])[-1][:200]
+    return False, f"hnswlib does not load on this machine ({tail})"
+
+
+def hnswlib_available() -> bool:
+    return hnswlib_status()[0]
 
 
 class Retriever:
@@ -138,7 +177,7 @@ class Retriever:
             if not use:
                 self.reason = f"{len(self.slots)} entries < {config.exact_below}: exact search is as fast"
             elif not hnswlib_available():
-                self.reason = "hnswlib cannot be imported on this machine"
+                self.reason = hnswlib_status()[1]
             else:
                 self._load(os.path.join(index_dir, meta["file"]), meta)
         if force == "hnsw" and self.index is None and meta is not None:

@@ -13,18 +13,26 @@
 #   4. export  on the host (x86-64, torch): the tiny random Llama test model exported with
 #              a 5-entry memory and its HNSW index, plus reference logits and greedy tokens
 #   5. run     under emulation: `edgekv run --json` (automatic = exact search, and forced
-#              HNSW), and a check that the aarch64 logits equal the host's
+#              HNSW), and a check that the aarch64 logits, retrieved slots and greedy tokens
+#              equal the host's
+#
+# The emulated CPU is a Cortex-A72 (Raspberry Pi 4: ARMv8.0, no dot-product, no LSE atomics)
+# unless ARM_CPU says otherwise (cortex-a76 = Pi 5, max = everything qemu has), so code
+# built for a newer CPU dies here with SIGILL as it would on the board. qemu-user passes
+# the host's x86 /proc/cpuinfo through, and onnxruntime's CPU detection segfaults parsing
+# it (at `import onnxruntime`); the root gets an aarch64 /proc/cpuinfo for ARM_CPU instead.
 #
 # Needs root (debootstrap, chroot, mounts), network access to the Debian and PyPI mirrors
 # and the host venv (.venv, `make setup`). Environment knobs: ARM_ROOT, ARM_MIRROR,
-# ARM_SUITE, PY (host python), KEEP_MOUNTS=1 (leave /proc etc. mounted for debugging).
+# ARM_SUITE, ARM_CPU, HOST_PY (host python), KEEP_MOUNTS=1 (leave /proc etc. mounted for debugging).
 set -euo pipefail
 
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 ARM_ROOT="${ARM_ROOT:-$REPO/.cache/arm64-root}"
 ARM_MIRROR="${ARM_MIRROR:-http://deb.debian.org/debian}"
 ARM_SUITE="${ARM_SUITE:-bookworm}"
-PY="${PY:-$REPO/.venv/bin/python}"
+ARM_CPU="${ARM_CPU:-cortex-a72}"
+HOST_PY="${HOST_PY:-$REPO/.venv/bin/python}"
 WORK="$REPO/.cache/arm-check"
 VENV=/opt/edgekv-venv                       # inside the root
 DEPS="numpy==2.4.6 onnxruntime==1.32.0 tokenizers==0.22.2 Jinja2==3.1.6 typer==0.29.2 tqdm==4.70.1 pillow==13.0.0"
@@ -34,12 +42,12 @@ PACKAGES="python3,python3-venv,python3-dev,g++,ca-certificates"
 log() { printf '[check-arm %s] %s\n' "$(date +%H:%M:%S)" "$*" >&2; }
 die() { printf 'check-arm: error: %s\n' "$*" >&2; exit 1; }
 in_root() { chroot "$ARM_ROOT" /usr/bin/env -i HOME=/root PATH=$VENV/bin:/usr/sbin:/usr/bin:/sbin:/bin \
-              LANG=C.UTF-8 PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_DEFAULT_TIMEOUT=180 \
+              LANG=C.UTF-8 QEMU_CPU="$ARM_CPU" PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_DEFAULT_TIMEOUT=180 \
               PIP_CERT=/etc/edgekv-host-ca.crt SSL_CERT_FILE=/etc/edgekv-host-ca.crt "$@"; }
 
 preflight() {
   [ "$(id -u)" = 0 ] || die "needs root (debootstrap, chroot and mounts); run it as root or in a container"
-  [ -x "$PY" ] || die "no host python at $PY; run 'make setup' first"
+  [ -x "$HOST_PY" ] || die "no host python at $HOST_PY; run 'make setup' first"
   if ! command -v debootstrap >/dev/null || ! [ -x /usr/bin/qemu-aarch64-static ]; then
     log "installing qemu-user-static, binfmt-support and debootstrap (apt)"
     apt-get update -q >/dev/null
@@ -56,11 +64,25 @@ preflight() {
   grep -q enabled /proc/sys/fs/binfmt_misc/qemu-aarch64 || die "binfmt qemu-aarch64 is registered but disabled"
 }
 
+# An aarch64 /proc/cpuinfo for ARM_CPU, one entry per host CPU (sysfs shows the host's).
+fake_cpuinfo() {
+  local part=0xd08 features="fp asimd evtstrm crc32 cpuid" i
+  if [ "$ARM_CPU" != cortex-a72 ]; then
+    part=0xd0b features="fp asimd evtstrm aes pmull sha1 sha2 crc32 atomics fphp asimdhp cpuid asimdrdm lrcpc dcpop asimddp"
+  fi
+  for i in $(seq 0 $(($(nproc) - 1))); do
+    printf 'processor\t: %d\nBogoMIPS\t: 108.00\nFeatures\t: %s\nCPU implementer\t: 0x41\n' "$i" "$features"
+    printf 'CPU architecture: 8\nCPU variant\t: 0x0\nCPU part\t: %s\nCPU revision\t: 3\n\n' "$part"
+  done
+}
+
 mount_root() {
   for d in proc sys dev; do mountpoint -q "$ARM_ROOT/$d" && continue; mkdir -p "$ARM_ROOT/$d"; done
   mountpoint -q "$ARM_ROOT/proc" || mount -t proc proc "$ARM_ROOT/proc"
   mountpoint -q "$ARM_ROOT/sys" || mount --rbind /sys "$ARM_ROOT/sys"
   mountpoint -q "$ARM_ROOT/dev" || mount --rbind /dev "$ARM_ROOT/dev"
+  fake_cpuinfo >"$WORK/cpuinfo"
+  mount --bind "$WORK/cpuinfo" "$ARM_ROOT/proc/cpuinfo"
   cp -L /etc/resolv.conf "$ARM_ROOT/etc/resolv.conf" 2>/dev/null || true
   # The host's CA bundle (it may trust a proxy's certificate that the root's bundle lacks).
   cp -L "${PIP_CERT:-/etc/ssl/certs/ca-certificates.crt}" "$ARM_ROOT/etc/edgekv-host-ca.crt"
@@ -91,7 +113,6 @@ step_deps() {
   local want="$DEPS $HNSWLIB"
   [ "$(cat "$ARM_ROOT/.edgekv-deps-ok" 2>/dev/null)" = "$want" ] && { log "deps: cached"; return; }
   log "deps: venv + wheels (aarch64) in the root"
-  mount_root
   in_root python3 -m venv "$VENV"
   in_root pip install -q --upgrade pip setuptools wheel
   in_root pip install -q --only-binary=:all: $DEPS
@@ -106,13 +127,14 @@ step_repo() {
   rm -rf "$ARM_ROOT/opt/edgekv-src"; mkdir -p "$ARM_ROOT/opt/edgekv-src"
   (cd "$REPO" && git ls-files -co --exclude-standard -z | tar --null -T - -cf -) \
     | tar -C "$ARM_ROOT/opt/edgekv-src" -xf -
-  in_root pip install -q --no-deps --no-build-isolation /opt/edgekv-src
+  in_root pip install -q --no-deps --no-build-isolation /opt/edgekv-src >"$WORK/pip-repo.log" 2>&1 \
+    || { tail -20 "$WORK/pip-repo.log" >&2; die "installing edgekv in the root failed; see $WORK/pip-repo.log"; }
 }
 
 step_export() {
   log "export: tiny Llama + memory on the host (x86-64)"
   rm -rf "$WORK/tiny"; mkdir -p "$WORK/tiny"
-  (cd "$REPO" && "$PY" - "$WORK/tiny" <<'EOF'
+  (cd "$REPO" && "$HOST_PY" - "$WORK/tiny" <<'EOF'
 import json, os, sys
 sys.path.insert(0, "tests")
 import numpy as np
@@ -149,46 +171,45 @@ EOF
 step_run() {
   mkdir -p "$ARM_ROOT/mnt/edgekv"
   mountpoint -q "$ARM_ROOT/mnt/edgekv" || mount --bind "$WORK/tiny" "$ARM_ROOT/mnt/edgekv"
-  log "run: edgekv run --json under qemu-aarch64 (automatic retrieval: exact for 5 entries)"
-  local t0=$SECONDS
+  local t0=$SECONDS rc=0
+  log "run: edgekv run --json under qemu-aarch64 -cpu $ARM_CPU (automatic retrieval: exact for 5 entries)"
   in_root edgekv run /mnt/edgekv/artifacts --memory /mnt/edgekv/memory.ekv -k 2 \
-    --prompt "code for river?" -n 8 --json
-  log "run: took $((SECONDS - t0)) s (process start, imports, load, generate; emulated)"
-  log "run: the same with --retrieval hnsw"
+    --prompt "code for river?" -n 8 --json || rc=$?
+  log "run: exit $rc, $((SECONDS - t0)) s (process start, imports, hash check, load, generate; emulated)"
+  [ $rc = 0 ] || return $rc
   t0=$SECONDS
-  in_root edgekv run /mnt/edgekv/artifacts --memory /mnt/edgekv/memory.ekv -k 2 \
-    --prompt "code for river?" -n 8 --retrieval hnsw --json | grep -E '"(retrieval_mode|token_ids)"|^\s+[0-9]+,?$' | tr -d ' \n'
-  echo
-  log "run: took $((SECONDS - t0)) s"
-  log "run: aarch64 logits and tokens against the host's"
-  t0=$SECONDS
-  local rc=0
+  log "run: aarch64 against the host: logits, slots and greedy tokens; exact and HNSW search"
   in_root python3 - <<'EOF' || rc=$?
 import json, platform, sys, time
 t = time.perf_counter()
 import numpy as np, onnxruntime
-from edgekv.index import hnswlib_available
+from edgekv.index import hnswlib_status
 from edgekv.runtime import Runtime
 host = json.load(open("/mnt/edgekv/host.json"))
 want = np.load("/mnt/edgekv/host_logits.npy")
-with Runtime.load("/mnt/edgekv/artifacts", memory="/mnt/edgekv/memory.ekv", k=2) as rt:
-    ret = rt.retrieve(host["prompt"])
-    got = rt.logits(rt.prompt_ids(host["prompt"]), *rt.memory_kv(ret))
-    res = rt.generate(host["prompt"], max_new_tokens=8)
-    mode = rt.retriever.mode
-diff = float(np.abs(got - want).max())
-report = {"machine": platform.machine(), "python": platform.python_version(), "numpy": np.__version__,
-          "onnxruntime": onnxruntime.__version__, "hnswlib_available": hnswlib_available(),
-          "retrieval_mode": mode, "slots": [r.slot for r in ret], "host_slots": host["slots"],
-          "token_ids": res.token_ids, "host_token_ids": host["token_ids"], "text": res.text,
-          "max_abs_logit_diff_vs_host": diff, "ttft_ms": round(res.ttft_ms, 1),
-          "tokens_per_s": round(res.tokens_per_s, 2), "seconds": round(time.perf_counter() - t, 1)}
-print(json.dumps(report, indent=1))
-ok = (report["machine"] == "aarch64" and diff <= 1e-3 * max(1.0, float(np.abs(want).max()))
-      and report["slots"] == host["slots"] and res.token_ids == host["token_ids"])
+out = {"machine": platform.machine(), "python": platform.python_version(), "numpy": np.__version__,
+       "onnxruntime": onnxruntime.__version__, "hnswlib": list(hnswlib_status())}
+for force in (None, "hnsw"):
+    with Runtime.load("/mnt/edgekv/artifacts", memory="/mnt/edgekv/memory.ekv", k=2, retrieval=force) as rt:
+        ret = rt.retrieve(host["prompt"])
+        got = rt.logits(rt.prompt_ids(host["prompt"]), *rt.memory_kv(ret))
+        res = rt.generate(host["prompt"], max_new_tokens=8)
+        out[force or "auto"] = {"mode": rt.retriever.mode, "reason": rt.retriever.reason,
+                                "slots": [r.slot for r in ret], "token_ids": res.token_ids, "text": res.text,
+                                "max_abs_logit_diff": float(np.abs(got - want).max()),
+                                "ttft_ms": round(res.ttft_ms, 1), "tokens_per_s": round(res.tokens_per_s, 1)}
+out["host"] = {"slots": host["slots"], "token_ids": host["token_ids"]}
+out["seconds"] = round(time.perf_counter() - t, 1)
+for key, value in out.items():
+    print(f"{key}: {json.dumps(value)}")
+tol = 1e-3 * max(1.0, float(np.abs(want).max()))
+ok = out["machine"] == "aarch64" and out["auto"]["mode"] == "exact" and out["hnsw"]["mode"] == "hnsw"
+for key in ("auto", "hnsw"):
+    r = out[key]
+    ok = ok and r["max_abs_logit_diff"] <= tol and r["slots"] == host["slots"] and r["token_ids"] == host["token_ids"]
 sys.exit(0 if ok else 1)
 EOF
-  log "run: took $((SECONDS - t0)) s"
+  log "run: exit $rc, $((SECONDS - t0)) s"
   return $rc
 }
 

@@ -17,7 +17,21 @@ import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SOURCES = ["pyproject.toml", "README.md", "constraints.txt", "edgekv", "runtime", "export", "devices"]
+# import name -> source folder, as pyproject.toml's package-dir maps them
+ROOTS = {"edgekv": "edgekv", "edgekv.runtime": "runtime", "edgekv.export": "export", "edgekv.devices": "devices"}
 HOST_ONLY = {"torch", "transformers", "optimum", "optimum-onnx", "accelerate"}
+
+
+def source_packages() -> set[str]:
+    """Every package (folder with __init__.py) in the source tree, by import name."""
+    found = set()
+    for name, folder in ROOTS.items():
+        for dirpath, dirnames, filenames in os.walk(os.path.join(ROOT, folder)):
+            dirnames[:] = [d for d in dirnames if d != "__pycache__"]
+            if "__init__.py" in filenames:
+                rel = os.path.relpath(dirpath, os.path.join(ROOT, folder))
+                found.add(name if rel == "." else name + "." + rel.replace(os.sep, "."))
+    return found
 
 
 def run(cmd: list[str], cwd: str, timeout: int = 600) -> subprocess.CompletedProcess:
@@ -54,3 +68,12 @@ def test_pip_install_is_torch_free_and_runtime_imports(tmp_path):
     assert out[0].startswith(str(venv)), f"imported {out[0]}, not the installed package"
     assert out[1] == "[]"
     assert run([str(venv / "bin" / "edgekv"), "--version"], str(tmp_path)).stdout.startswith("edgekv ")
+    prof = run([str(venv / "bin" / "edgekv"), "profile", "--model", "smollm2-135m", "--budget", "16MiB", "--json"],
+               str(tmp_path)).stdout
+    assert json.loads(prof)["slot_bytes"] == 762_624
+
+    # every package of the source tree made it into the installed distribution
+    listing = ("import importlib.util, json, sys; "
+               "print(json.dumps([n for n in json.loads(sys.argv[1]) if importlib.util.find_spec(n) is None]))")
+    missing = json.loads(run([py, "-c", listing, json.dumps(sorted(source_packages()))], str(tmp_path)).stdout)
+    assert missing == [], f"packages missing from the install (list them in pyproject.toml): {missing}"

@@ -100,9 +100,9 @@ def test_create_commit_read_round_trip(tmp_path, payload):
 
     floats = [random_kv(rng, spec) for _ in range(3)]
     entries = [Entry.from_float(*f, payload, task, src)
-               for f, task, src in zip(floats, ["a", "b", "a"], ["ex-1", "", "ex-3"])]
+               for f, task, src in zip(floats, ["a", "b", "a"], ["ex-1", "", "ex-3"], strict=True)]
     slots = [0, 3, n - 1]
-    gen = commit_update(path, put=dict(zip(slots, entries)))
+    gen = commit_update(path, put=dict(zip(slots, entries, strict=True)))
     assert gen == 1 and os.path.getsize(path) == size
 
     with Memory(path) as mem:
@@ -114,7 +114,7 @@ def test_create_commit_read_round_trip(tmp_path, payload):
         assert keys.dtype == np.float32
         assert keys.tobytes() == np.stack([f[0] for f in floats]).tobytes()  # keys exact
         assert mem.read_keys([3]).tobytes() == floats[1][0].tobytes()
-        for i, (slot, e, (key, k, v)) in enumerate(zip(slots, entries, floats)):
+        for i, (slot, e, (_, k, v)) in enumerate(zip(slots, entries, floats, strict=True)):
             got = mem.read_entry(slot)
             assert_entry_equal(got, e)
             assert (got.task, got.source_id, got.entry_id, got.insert_seq) == (e.task, e.source_id, i, i + 1)
@@ -313,6 +313,19 @@ def test_overwrite_refused_unless_asked(tmp_path):
     with create_memory(path, small_spec("fp16"), 60_000, overwrite=True) as mem:
         assert mem.num_used == 0 and mem.generation == 0 and mem.spec.payload_dtype == "fp16"
         assert mem.num_slots == small_spec("fp16").num_slots_for(60_000)
+
+
+def test_bad_create_paths(tmp_path):
+    spec = small_spec()
+    with pytest.raises(InputError, match="does not exist"):
+        create_memory(tmp_path / "no" / "such" / "m.ekv", spec, 30_000)
+    with pytest.raises(InputError, match="is a folder"):
+        create_memory(tmp_path, spec, 30_000, overwrite=True)
+    with pytest.raises(InputError, match="memory file not found"):
+        commit_update(tmp_path / "missing.ekv", clear=[0])
+    with pytest.raises(InputError, match="not a regular file"):
+        commit_update(tmp_path, clear=[0])
+    assert os.listdir(tmp_path) == []
 
 
 def test_slot_index_out_of_range(tmp_path):

@@ -14,7 +14,13 @@ from typer.testing import CliRunner
 
 from edgekv.cli import app
 from edgekv.errors import InputError
-from edgekv.quant import dequantize_keys, dequantize_values, error_bound, quantize_keys, quantize_values
+from edgekv.quant import (
+    dequantize_keys,
+    dequantize_values,
+    error_bound,
+    quantize_keys,
+    quantize_values,
+)
 from edgekv.units import parse_size
 
 L, H, M, D = 3, 2, 16, 8
