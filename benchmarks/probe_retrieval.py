@@ -1,13 +1,14 @@
 """Paraphrase probes for the retrieval key: does a query worded unlike every stored example
 find the entries about the right item?
 
-Three probe sets on SmolLM2-135M-Instruct (built-in ``smollm2-135m``), each: N items, 4
-phrasing templates; the memory stores 3 phrasings per item, the 4th (unseen) phrasing is
-the query. Every template takes a turn as the query (4 folds). Reported per key design:
+Three probe sets on SmolLM2-135M-Instruct (built-in ``smollm2-135m``), each: N items, 6
+phrasing templates; the memory stores 3 phrasings per item, queries use the other 3
+(unseen) phrasings; 4 folds choose which 3 are stored. Reported per key design:
 
 * precision@3: mean fraction of the top-3 retrieved entries that are about the query's item
   (3 are stored per item, so 1.0 is reachable);
-* hit@1: the best entry is about the right item.
+* hit@1: the best entry is about the right item;
+* the worst query template's precision@3 (a phrasing that retrieval handles badly).
 
 Key designs: hidden-state layer, mean vs last-token pooling, and the projection fitted on
 the stored keys (``raw``: none; ``centre``: subtract the mean; ``abtt-P``: subtract the mean
@@ -44,15 +45,19 @@ PEOPLE_TEMPLATES = [
     "Tell me about {x}: home town and favourite instrument.",
     "Which city is home to {x}, and which instrument does {x} play?",
     "I would like to know {x}'s city and instrument.",
+    "{x} - city of residence? Instrument?",
+    "Can you remind me where {x} lives and which instrument they play?",
 ]
+# (stored templates, query templates): 3 phrasings stored per item, the other 3 are queries
+FOLDS = [((0, 1, 2), (3, 4, 5)), ((3, 4, 5), (0, 1, 2)), ((0, 2, 4), (1, 3, 5)), ((1, 3, 5), (0, 2, 4))]
 
 
 def probe_sets() -> dict[str, tuple[list[str], list[str]]]:
-    """name -> (items, 4 templates). Templates 5-6 of the task sets are unused here."""
+    """name -> (items, 6 phrasing templates)."""
     return {
         "people": (PEOPLE, PEOPLE_TEMPLATES),
-        "codes": (WORDS, CODE_TEMPLATES[:4]),
-        "numbers": (NAMES, NUMBER_TEMPLATES[:4]),
+        "codes": (WORDS, CODE_TEMPLATES),
+        "numbers": (NAMES, NUMBER_TEMPLATES),
     }
 
 
@@ -83,21 +88,25 @@ def precision_at(q: np.ndarray, keys: np.ndarray, q_item: np.ndarray, k_item: np
 
 
 def evaluate(raw: np.ndarray, items: np.ndarray, tmpl: np.ndarray, proj_mode: str, dirs: int, k: int = 3):
-    """raw: [P, R] keys of all prompts -> mean (precision@k, hit@1) over the 4 query folds."""
+    """raw: [P, R] keys of all prompts -> (precision@k, hit@1, worst query template's precision@k)
+    over the folds; the projection is fitted on the stored keys only, as on the device."""
     from edgekv.retrieval import KeyProjection, effective_keys, fit_projection
 
-    precs, hits = [], []
-    for fold in range(4):
-        stored, query = tmpl != fold, tmpl == fold
+    precs, hits, per_tmpl = [], [], {}
+    for stored_t, query_t in FOLDS:
+        stored = np.isin(tmpl, stored_t)
         if proj_mode == "raw":
             proj = KeyProjection.identity(raw.shape[1])
         else:
             proj = fit_projection(raw[stored], dirs if proj_mode == "abtt" else 0)
-        p, h = precision_at(effective_keys(raw[query], proj), effective_keys(raw[stored], proj),
-                            items[query], items[stored], k)
-        precs.append(p)
-        hits.append(h)
-    return float(np.mean(precs)), float(np.mean(hits))
+        keys = effective_keys(raw[stored], proj)
+        for t in query_t:
+            query = tmpl == t
+            p, h = precision_at(effective_keys(raw[query], proj), keys, items[query], items[stored], k)
+            precs.append(p)
+            hits.append(h)
+            per_tmpl.setdefault(t, []).append(p)
+    return float(np.mean(precs)), float(np.mean(hits)), float(min(np.mean(v) for v in per_tmpl.values()))
 
 
 def main() -> None:
@@ -148,6 +157,7 @@ def main() -> None:
                 rows.append({"pooling": pooling, "layer": layer, "projection": label,
                              **{f"p@3_{n}": round(v[0], 3) for n, v in res.items()},
                              **{f"hit@1_{n}": round(v[1], 3) for n, v in res.items()},
+                             **{f"worst_template_p@3_{n}": round(v[2], 3) for n, v in res.items()},
                              "p@3_mean": round(float(np.mean([v[0] for v in res.values()])), 3)})
     default = next(r for r in rows if r["pooling"] == "mean" and r["layer"] == default_layer
                    and r["projection"] == f"abtt-{default_dirs}")
@@ -155,7 +165,7 @@ def main() -> None:
     os.makedirs(args.out, exist_ok=True)
     result = {
         "model": args.model, "num_layers": L, "sets": {n: len(s[0]) for n, s in probe_sets().items()},
-        "stored_per_item": 3, "folds": 4, "k": 3,
+        "stored_per_item": 3, "folds": [list(map(list, f)) for f in FOLDS], "k": 3,
         "default": {"pooling": "mean", "layer": default_layer, "projection": f"abtt-{default_dirs}", **default},
         "best": best, "rows": rows, "seconds": round(time.time() - t0, 1),
         "command": "python benchmarks/probe_retrieval.py",

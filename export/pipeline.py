@@ -209,6 +209,8 @@ def export_tokenizer(bb: Backbone, folder: str) -> dict:
     from tokenizers import Tokenizer
 
     tok = bb.tokenizer
+    if not getattr(tok, "is_fast", False):
+        raise InputError(f"{bb.source}: the model has no fast tokenizer (tokenizer.json), which the device needs")
     tok.save_pretrained(folder, legacy_format=False, save_jinja_files=False)
     device = Tokenizer.from_file(os.path.join(folder, TOKENIZER_FILE))
     for text in TOKENIZER_PROBES:

@@ -104,6 +104,16 @@ def test_flipped_byte_and_missing_file_are_refused(exported, tmp_path):
         read_manifest(art)
 
 
+def test_manifest_module_imports_neither_numpy_nor_torch():
+    import subprocess
+    import sys
+
+    code = ("import sys, edgekv.manifest; "
+            "print(sorted(m for m in sys.modules if m.split('.')[0] in ('numpy', 'torch', 'transformers')))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
+
+
 def test_manifest_round_trip_and_hostile_manifests(exported, tmp_path):
     data = read_manifest(exported("llama"), verify_hashes=False)
     folder = tmp_path / "m"
@@ -329,6 +339,8 @@ def test_export_with_foreign_memory_or_other_key_layer_is_refused(backbone, tmp_
     _memory(mine, bb)
     with pytest.raises(MismatchError, match="--key-layer 1 differs from the key layer 2"):
         export_model(bb.source, out, memory=mine, key_layer=1, progress=False)
+    with pytest.raises(InputError, match="--key-layer 9 is outside the model's layers 0..3"):
+        export_model(bb.source, out, key_layer=9, progress=False)
     assert not os.path.exists(out)
     assert [n for n in os.listdir(tmp_path) if n.startswith(".")] == []  # no staging left
 

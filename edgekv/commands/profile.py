@@ -90,19 +90,24 @@ def _plot(report: dict, path: str) -> None:
 
     from edgekv.devices.profiler import PARTS
 
-    fig, ax = plt.subplots(figsize=(5, 6))
+    fig, ax = plt.subplots(figsize=(7, 5))
     bottom = 0.0
     for part in PARTS:
         mib = report["breakdown_bytes"][part] / 2**20
-        ax.bar(["peak RSS"], [mib], bottom=[bottom], label=part.replace("_", " "))
+        ax.bar(["peak RSS"], [mib], bottom=[bottom], width=0.5, label=part.replace("_", " "))
         bottom += mib
     dev = report.get("device")
     if dev:
-        ax.axhline(dev["available_bytes"] / 2**20, color="k", ls="--",
-                   label=f"{dev['name']}: RAM - OS headroom")
+        available = dev["available_bytes"] / 2**20
+        label = f"{dev['name']}: RAM - OS headroom ({available:.0f} MiB)"
+        if available <= 3 * bottom:
+            ax.axhline(available, color="k", ls="--", label=label)
+        else:  # a line far above would squash the bar
+            ax.set_xlabel(f"{label}: off scale")
     ax.set_ylabel("MiB")
-    ax.set_title(f"edgekv runtime footprint (measured on {report['host']['machine']})")
-    ax.legend(fontsize=8, loc="upper right")
+    ax.set_title(f"edgekv runtime footprint: peak {bottom:.0f} MiB (measured on {report['host']['machine']})",
+                 fontsize=10)
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.02, 1.0))
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
