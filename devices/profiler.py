@@ -28,7 +28,7 @@ import platform
 import subprocess
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 from edgekv.errors import EdgeKVError, InputError
 
@@ -166,7 +166,8 @@ def measure_footprint(artifacts: str, memory: str | None, k: int, threads: int |
         mem = Memory(memory)
         rt._check_memory(mem)
         rt.memory, rt.key_session = mem, key_session
-        rt.retriever = Retriever(mem, artifacts, IndexConfig(), force=retrieval)
+        index_dir = artifacts if rt.manifest.get("index") else None  # only an index the manifest lists
+        rt.retriever = Retriever(mem, index_dir, IndexConfig(), force=retrieval)
         if k > len(rt.retriever):
             raise InputError(f"-k {k} is larger than the memory's {len(rt.retriever)} entries")
         info.update(retrieval_mode=rt.retriever.mode, retrieval_reason=rt.retriever.reason)
@@ -366,18 +367,19 @@ def _memory_summary(memory: str, hnsw: bool) -> dict:
 
 
 def _artifact_files(artifacts: str) -> dict:
+    """Sizes of the files the runtime loads (from the manifest) and bytes of KV per position."""
     from edgekv.manifest import read_manifest
 
     m = read_manifest(artifacts, verify_hashes=False)
     sizes = {name: os.path.getsize(os.path.join(artifacts, name)) for name in m.get("files", {})}
-    index_file = (m.get("index") or {}).get("file")
-    skip = {m["tokenizer"]["file"], index_file, "index.json"}
-    return {"weights_file_bytes": sum(v for k, v in sizes.items() if k not in skip),
-            "index_file_bytes": sizes.get(index_file, 0) if index_file else
-            (os.path.getsize(os.path.join(artifacts, "index.hnsw"))
-             if os.path.isfile(os.path.join(artifacts, "index.hnsw")) else 0),
-            "decoder_weights": m["decoder"].get("weights"),
-            "kv_bytes_per_position": 2 * int(m["num_layers"]) * int(m["num_kv_heads"]) * int(m["head_dim"]) * 4}
+    index_path = os.path.join(artifacts, (m.get("index") or {}).get("file") or "index.hnsw")
+    not_weights = {m["tokenizer"]["file"], os.path.basename(index_path), "index.json"}
+    return {
+        "weights_file_bytes": sum(v for name, v in sizes.items() if name not in not_weights),
+        "index_file_bytes": os.path.getsize(index_path) if os.path.isfile(index_path) else 0,
+        "decoder_weights": m["decoder"].get("weights"),
+        "kv_bytes_per_position": 2 * int(m["num_layers"]) * int(m["num_kv_heads"]) * int(m["head_dim"]) * 4,
+    }
 
 
 ASSUMPTIONS = [
@@ -454,10 +456,6 @@ def budget_device_verdict(shape, budget: dict, profile) -> dict:
                 "model's maximum context (float32); weights and runtime overhead are not included. Measure with "
                 f"`edgekv profile ARTIFACTS --memory MEM.ekv --device {profile.name}`",
     }
-
-
-def config_dict(config: ProfileConfig) -> dict:
-    return asdict(config)
 
 
 if __name__ == "__main__":

@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from edgekv.errors import BudgetError, CorruptFileError, InputError
+from edgekv.errors import BudgetError, CorruptFileError, InputError, MismatchError
 from edgekv.quant import quantize_keys, quantize_values
 from edgekv.retrieval import KeyProjection
 from edgekv.rope import RopeSpec
@@ -285,6 +285,10 @@ def _decode_header(buf: bytes | mmap.mmap, actual_size: int, path: str) -> _Head
         raise CorruptFileError(f"{path}: header holds invalid field values")
     if rope_kind and (rotary_dim == 0 or rotary_dim % 2):
         raise CorruptFileError(f"{path}: header holds an invalid rotary dim {rotary_dim}")
+    if num_slots < 1:
+        raise CorruptFileError(f"{path}: header says the memory has no slots (corrupt header)")
+    if not (np.isfinite(tau) and tau > 0 and np.isfinite(att_scale)):
+        raise CorruptFileError(f"{path}: header holds a non-finite or non-positive tau / RoPE scaling (corrupt header)")
     pos = HEADER.size
 
     def take(n: int) -> np.ndarray:
@@ -293,6 +297,8 @@ def _decode_header(buf: bytes | mmap.mmap, actual_size: int, path: str) -> _Head
             raise CorruptFileError(f"{path}: header arrays overrun the header (corrupt header)")
         arr = np.frombuffer(body, "<f4", n, pos).astype(np.float32)
         pos += 4 * n
+        if not np.all(np.isfinite(arr)):
+            raise CorruptFileError(f"{path}: header arrays hold NaN or inf (corrupt header)")
         return arr
 
     try:
@@ -494,6 +500,13 @@ def _slot_bytes_of(entry: Entry, spec: MemorySpec) -> bytes:
     return bytes(buf)
 
 
+def _check_calibration(calibration: Calibration, num_layers: int) -> None:
+    if len(calibration.gates) != num_layers:
+        raise InputError(f"calibration has {len(calibration.gates)} gates, the memory has {num_layers} layers")
+    if not (np.isfinite(calibration.tau) and calibration.tau > 0 and np.all(np.isfinite(calibration.gates))):
+        raise InputError(f"calibration must have a finite tau > 0 and finite gates, got tau {calibration.tau}")
+
+
 def _fsync_dir(path: str) -> None:
     fd = os.open(os.path.dirname(os.path.abspath(path)) or ".", os.O_RDONLY)
     try:
@@ -555,8 +568,7 @@ def create_memory(path: str | os.PathLike, spec: MemorySpec, budget_bytes: int,
     if not os.path.isdir(folder):
         raise InputError(f"{path}: folder {folder} does not exist")
     calibration = calibration or Calibration.default(spec.num_layers)
-    if len(calibration.gates) != spec.num_layers:
-        raise InputError(f"calibration has {len(calibration.gates)} gates, the memory has {spec.num_layers} layers")
+    _check_calibration(calibration, spec.num_layers)
     h = _Header(spec, budget_bytes, spec.file_bytes_for(n), 0, n, 0,
                 zlib.crc32(bytes(n * TABLE_ENTRY_BYTES)), calibration, KeyProjection.identity(spec.key_dim), [])
     with _WriteLock(path):
@@ -578,12 +590,14 @@ def create_memory(path: str | os.PathLike, spec: MemorySpec, budget_bytes: int,
 
 def commit_update(path: str | os.PathLike, put: Mapping[int, Entry] | None = None,
                   clear: Iterable[int] = (), calibration: Calibration | None = None,
-                  projection: KeyProjection | None = None) -> int:
+                  projection: KeyProjection | None = None, expect_generation: int | None = None) -> int:
     """Atomically write ``put`` entries into their slots, empty ``clear`` slots, and/or
     replace the calibration and key projection. Returns the new generation.
 
     The file keeps its exact size. Either the whole update is visible afterwards, or
-    (after a crash) none of it.
+    (after a crash) none of it. ``expect_generation``: the generation the caller read
+    before computing the update (a read-modify-write such as ``adapt``); if another
+    writer committed since, nothing is written and a :class:`MismatchError` says so.
     """
     path = os.fspath(path)
     put = dict(put or {})
@@ -600,13 +614,20 @@ def commit_update(path: str | os.PathLike, put: Mapping[int, Entry] | None = Non
                     raise InputError(f"slot {s} out of range: memory has {h.num_slots} slots")
             if set(put) & set(clear):
                 raise InputError("a slot cannot be written and cleared in one update")
-            if calibration is not None and len(calibration.gates) != spec.num_layers:
-                raise InputError(f"calibration has {len(calibration.gates)} gates, the memory has {spec.num_layers} layers")
+            if expect_generation is not None and h.generation != expect_generation:
+                raise MismatchError(
+                    f"{path} changed while this update was prepared (now generation {h.generation}, the update "
+                    f"was computed from generation {expect_generation}: another writer committed in between); "
+                    f"nothing was written, run the update again")
+            if calibration is not None:
+                _check_calibration(calibration, spec.num_layers)
             if projection is not None:
                 if projection.mean.shape != (spec.key_dim,) or projection.dirs.ndim != 2 \
                         or projection.dirs.shape[1] != spec.key_dim or len(projection.dirs) > spec.proj_max_dirs:
                     raise InputError(f"key projection does not fit: key_dim {spec.key_dim}, at most "
                                      f"{spec.proj_max_dirs} directions")
+                if not (np.all(np.isfinite(projection.mean)) and np.all(np.isfinite(projection.dirs))):
+                    raise InputError("key projection contains NaN or inf")
             table = old.table.copy()
             tasks = list(h.tasks)
             slot_data = {}

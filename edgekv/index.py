@@ -5,7 +5,16 @@ numbers) and ``index.json`` binding it to one memory state: the sha256 of the sl
 numbers and effective keys it was built from, and of the index file itself. The
 :class:`Retriever` uses the index only when it exists, matches the memory, and the memory
 is large enough for it to pay off; otherwise (or when hnswlib is missing or crashes on this
-CPU: probed once per process in a subprocess, see :func:`hnswlib_status`) it falls back to exact numpy search and says so in ``Retriever.mode``.
+CPU: probed once per process in a subprocess, see :func:`hnswlib_status`) it falls back to
+exact numpy search and says so in ``Retriever.mode``.
+
+hnswlib's own loader trusts every count and offset in its file and never checks neighbour
+ids, so hostile bytes would make it read out of bounds. Hashes cannot stop that (whoever
+can write the folder can rewrite index.json and manifest.json too), so
+:func:`check_index_file` parses the whole file first: every header field, size, link
+count and neighbour id is checked, and its labels and vectors must be exactly the memory's
+occupied slots and effective keys. hnswlib only ever loads a file that passed; what a
+hostile graph can still do is lower recall.
 """
 
 from __future__ import annotations
@@ -14,15 +23,17 @@ import functools
 import hashlib
 import importlib.util
 import json
+import math
 import os
 import signal
+import struct
 import subprocess
 import sys
 from dataclasses import dataclass
 
 import numpy as np
 
-from edgekv.errors import CorruptFileError, MismatchError
+from edgekv.errors import CorruptFileError, InputError, MismatchError
 from edgekv.format import Memory
 from edgekv.retrieval import effective_keys, topk_exact
 
@@ -106,13 +117,110 @@ def read_index_meta(index_dir: str) -> dict | None:
     try:
         with open(path, encoding="utf-8") as f:
             meta = json.load(f)
+        if not isinstance(meta, dict):
+            raise ValueError("not a JSON object")
         for key, typ in (("file", str), ("file_sha256", str), ("keys_sha256", str), ("num_items", int),
                          ("dim", int)):
-            if not isinstance(meta.get(key), typ):
+            if not isinstance(meta.get(key), typ) or isinstance(meta.get(key), bool):
                 raise ValueError(f"field {key!r} missing or not {typ.__name__}")
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError, ValueError, AttributeError) as e:
-        raise CorruptFileError(f"{path}: not a valid index description ({e})") from None
+        name = meta["file"]
+        if not name or name in (".", "..") or "/" in name or "\\" in name or "\x00" in name:
+            raise ValueError(f"field 'file' {name[:80]!r} is not a plain file name inside the folder")
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, ValueError, RecursionError) as e:
+        raise CorruptFileError(f"{path}: not a valid index description ({str(e)[:200]})") from None
     return meta
+
+
+# --- hnswlib's file, parsed before hnswlib sees it ------------------------------------
+# hnswlib 0.8 ``saveIndex``: this header, then per element one level-0 record
+# [links count u32 | maxM0 neighbour ids u32 | vector f32 x dim | label u64], then per
+# element a u32 byte count and its upper-level link lists (level l: count u32 | maxM ids).
+HNSW_HEADER = struct.Struct("<QQQQQQiIQQQdQ")  # offsetLevel0, max_elements, cur_element_count,
+# size_data_per_element, label_offset, offsetData, maxlevel (i32), enterpoint (u32), maxM, maxM0, M,
+# mult (f64), ef_construction
+_MAX_M = 1024
+_MAX_LEVEL = 64
+
+
+def check_index_file(path: str, slots: np.ndarray, keys: np.ndarray) -> None:
+    """Parse hnswlib's ``index.hnsw`` completely; refuse anything hnswlib could mis-read.
+
+    slots: [n] occupied slots, keys: [n, R] their effective keys. After this passes, every
+    count, offset and neighbour id hnswlib uses is in range (so loading and searching stay
+    inside its buffers), and its labels and vectors are exactly ``slots`` and ``keys``.
+    """
+    n, dim = len(slots), keys.shape[1]
+
+    def bad(why: str) -> CorruptFileError:
+        return CorruptFileError(f"{path}: not a valid HNSW index for this memory ({why}); rebuild it with "
+                                f"`edgekv export MODEL --out DIR --memory MEM.ekv` or delete index.hnsw/index.json")
+
+    size = os.path.getsize(path)
+    if size < HNSW_HEADER.size:
+        raise bad(f"{size} bytes is shorter than its header")
+    with open(path, "rb") as f:
+        head = f.read(HNSW_HEADER.size)
+    (off0, max_el, count, per_el, label_off, data_off, max_level, enter, max_m, max_m0, m, mult,
+     ef_c) = HNSW_HEADER.unpack(head)
+    if count != n:
+        raise bad(f"it holds {count} entries, the memory {n}")
+    if not (2 <= m <= _MAX_M and max_m == m and max_m0 == 2 * m and math.isfinite(mult) and 1 <= ef_c <= 1 << 20):
+        raise bad("graph parameters out of range")
+    links0, links = 4 + 4 * max_m0, 4 + 4 * max_m  # bytes of one level-0 / upper-level link list
+    if (off0, data_off, label_off, per_el) != (0, links0, links0 + 4 * dim, links0 + 4 * dim + 8) or max_el < n:
+        raise bad("record layout does not match the memory's key dimension")
+    if n == 0:
+        if (max_level, enter, size) != (-1, 0xFFFFFFFF, HNSW_HEADER.size):
+            raise bad("an empty index with a graph")
+        return
+    if not 0 <= max_level <= _MAX_LEVEL or enter >= n:
+        raise bad("entry point or top level out of range")
+    if not n * (per_el + 4) <= size - HNSW_HEADER.size <= n * (per_el + 4 + max_level * links):
+        raise bad(f"{size} bytes does not fit {n} entries")  # checked before reading the file
+    with open(path, "rb") as f:
+        data = f.read()
+    if len(data) != size:
+        raise bad("the file changed while it was read")
+    rec = np.frombuffer(data, np.uint8, n * per_el, HNSW_HEADER.size).reshape(n, per_el)
+    # level 0: the whole u32 count word (its third byte is hnswlib's "deleted" mark) <= maxM0, ids < n
+    count0 = rec[:, :4].copy().view("<u4")[:, 0]
+    ids0 = rec[:, 4:links0].copy().view("<u4")
+    if np.any(count0 > max_m0) or np.any(ids0[np.arange(max_m0)[None, :] < count0[:, None]] >= n):
+        raise bad("a level-0 link list is out of range")
+    labels = rec[:, label_off:label_off + 8].copy().view("<u8")[:, 0]
+    order = np.argsort(labels, kind="stable")
+    if not np.array_equal(labels[order], np.sort(np.asarray(slots, np.int64)).astype(np.uint64)):
+        raise bad("its labels are not the memory's occupied slots")
+    vectors = rec[:, data_off:label_off].copy().view("<u4")  # compared bit for bit
+    row_of = np.argsort(np.asarray(slots, np.int64), kind="stable")  # sorted slot j -> row in keys
+    want = np.ascontiguousarray(keys[row_of], "<f4").view("<u4")
+    if not np.array_equal(vectors[order], want):
+        raise bad("its vectors are not the memory's effective keys")
+    # upper levels: sizes, then per level count <= maxM and neighbours that exist on that level
+    pos, lists = HNSW_HEADER.size + n * per_el, []
+    levels = np.zeros(n, np.int64)
+    for i in range(n):
+        if pos + 4 > size:
+            raise bad("truncated link lists")
+        (nbytes,) = struct.unpack_from("<I", data, pos)
+        pos += 4
+        if nbytes % links or nbytes // links > max_level or pos + nbytes > size:
+            raise bad(f"link lists of entry {i} are out of range")
+        levels[i] = nbytes // links
+        if nbytes:
+            lists.append((i, pos))
+        pos += nbytes
+    if pos != size:
+        raise bad("trailing bytes after the link lists")
+    if levels[enter] != max_level:
+        raise bad("the entry point is not on the top level")
+    for i, start in lists:
+        block = np.frombuffer(data, "<u4", levels[i] * (1 + max_m), start).reshape(levels[i], 1 + max_m)
+        for lev in range(1, levels[i] + 1):
+            c = int(block[lev - 1, 0])
+            ids = block[lev - 1, 1:1 + c] if c <= max_m else None
+            if ids is None or np.any(ids >= n) or np.any(levels[ids.astype(np.int64)] < lev):
+                raise bad(f"link list of entry {i} on level {lev} is out of range")
 
 
 # Builds and queries small indices in every distance-kernel shape hnswlib dispatches on
@@ -186,10 +294,13 @@ class Retriever:
     def _load(self, path: str, meta: dict) -> None:
         import hnswlib
 
+        if not os.path.isfile(path):
+            raise InputError(f"{path} is missing: index.json names it; rebuild the index or delete index.json")
         if file_sha256(path) != meta["file_sha256"]:
             raise MismatchError(f"{path} does not match its index.json (hash differs); rebuild the index")
         if meta["dim"] != self.keys.shape[1] or meta["num_items"] != len(self.slots):
             raise MismatchError(f"{path}: index shape does not match the memory; rebuild the index")
+        check_index_file(path, self.slots, self.keys)  # hnswlib sees nothing this has not checked
         index = hnswlib.Index(space="ip", dim=meta["dim"])
         index.load_index(path, max_elements=max(meta["num_items"], 1))
         self.index = index
@@ -209,7 +320,11 @@ class Retriever:
             rows, sims = topk_exact(query, self.keys, k)
             return self.slots[rows], sims
         self.index.set_ef(max(self.config.ef_search, k))
-        labels, _ = self.index.knn_query(query[None, :].astype(np.float32), k=k, num_threads=1)
+        try:
+            labels, _ = self.index.knn_query(query[None, :].astype(np.float32), k=k, num_threads=1)
+        except RuntimeError:  # the graph did not reach k entries (only a damaged graph does that)
+            rows, sims = topk_exact(query, self.keys, k)
+            return self.slots[rows], sims
         slots = labels[0].astype(np.int64)
         sims = self.keys[[self._row_of[int(s)] for s in slots]] @ query  # exact sims for weights
         order = np.argsort(-sims, kind="stable")

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 
 from edgekv import __version__
@@ -50,6 +51,11 @@ SECTIONS = {
                   "pad_token_id": _OPT_INT, "add_bos": bool, "bos_token": _OPT_STR, "eos_token": _OPT_STR},
     "index": {"file": str},
 }
+# Ranges checked before the runtime sizes anything by these fields (as edgekv.format does for
+# memory headers): a hostile manifest must not make it build a billion-layer past.
+RANGES = {"num_layers": (1, 1024), "num_kv_heads": (1, 1024), "head_dim": (1, 4096), "hidden_size": (1, 1 << 16),
+          "vocab_size": (0, 1 << 24), "max_positions": (0, (1 << 31) - 1)}
+MAX_LIST = 1 << 16  # eos ids, inv_freq
 
 
 def file_sha256(path: str) -> str:
@@ -111,10 +117,24 @@ def validate(data: object) -> None:
         raise ValueError(f"field 'key.pooling' must be one of {POOLINGS}")
     if data["decoder"]["weights"] not in WEIGHT_TYPES:
         raise ValueError(f"field 'decoder.weights' must be one of {WEIGHT_TYPES}")
-    if data["rope"] is not None and not all(_is(x, _NUM) for x in data["rope"]["inv_freq"]):
-        raise ValueError("field 'rope.inv_freq' must be a list of numbers")
-    if not all(_is(x, _INT) for x in data["tokenizer"]["eos_token_ids"]):
-        raise ValueError("field 'tokenizer.eos_token_ids' must be a list of integers")
+    for name, (low, high) in RANGES.items():
+        if not low <= data[name] <= high:
+            raise ValueError(f"field {name!r} = {data[name]} is outside [{low}, {high}]")
+    if data["decoder"]["num_layers"] != data["num_layers"]:
+        raise ValueError("field 'decoder.num_layers' differs from 'num_layers'")
+    if not 0 <= data["key"]["layer"] <= data["num_layers"]:
+        raise ValueError(f"field 'key.layer' must be in [0, num_layers={data['num_layers']}]")
+    if data["rope"] is not None:
+        rope = data["rope"]
+        if not all(_is(x, _NUM) and math.isfinite(x) for x in rope["inv_freq"]):
+            raise ValueError("field 'rope.inv_freq' must be a list of finite numbers")
+        if not 0 < 2 * len(rope["inv_freq"]) <= data["head_dim"]:
+            raise ValueError("field 'rope.inv_freq' must hold 1 to head_dim/2 frequencies")
+        if not math.isfinite(rope["attention_scaling"]):
+            raise ValueError("field 'rope.attention_scaling' must be a finite number")
+    eos = data["tokenizer"]["eos_token_ids"]
+    if len(eos) > MAX_LIST or not all(_is(x, _INT) and 0 <= x < 1 << 31 for x in eos):
+        raise ValueError("field 'tokenizer.eos_token_ids' must be a list of token ids (non-negative integers)")
     files = data["files"]
     for name, digest in files.items():
         _check_name(name)

@@ -174,5 +174,8 @@ def load_backbone(model: str) -> Backbone:
 
 
 def default_key_layer(num_layers: int) -> int:
-    """The retrieval key pools hidden states of an early-middle layer (about 1/5 deep)."""
-    return max(1, min(num_layers - 1, round(num_layers * 0.2))) if num_layers > 1 else 1
+    """The retrieval key pools hidden states of an early layer (about 1/15 deep: layer 2 of
+    SmolLM2's 30). Measured by benchmarks/probe_retrieval.py with the memory's key projection
+    (3 directions removed): precision@3 0.97 at layer 2 vs 0.94 at layer 6, and the gap is
+    widest on short prompts (0.91 vs 0.84); see docs/induce.md."""
+    return max(1, min(num_layers - 1, round(num_layers / 15))) if num_layers > 1 else 1

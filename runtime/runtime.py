@@ -120,8 +120,10 @@ class Runtime:
             raise InputError(f"{artifacts}: not a folder; pass the folder `edgekv export` wrote")
         manifest = read_manifest(artifacts, verify_hashes=verify_hashes)
         mem = Memory(memory) if memory else None
+        # only an index the manifest lists (and so, with verify_hashes, one whose hash it records)
+        index_dir = artifacts if mem is not None and manifest.get("index") else None
         try:
-            return cls(artifacts, manifest, config, mem, artifacts if mem is not None else None)
+            return cls(artifacts, manifest, config, mem, index_dir)
         except BaseException:
             if mem is not None:
                 mem.close()

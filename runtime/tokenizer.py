@@ -3,20 +3,87 @@
 Reproduces what Hugging Face's tokenizer does for the two calls edgekv makes:
 ``tokenizer(text)`` (post-processor specials included) and
 ``apply_chat_template(messages, add_generation_prompt=True)`` (template text encoded
-without adding specials). The template comes from ``manifest.json``; it is rendered in
-an immutable sandbox, so a hostile template cannot reach Python.
+without adding specials). The template comes from ``manifest.json``; it is compiled once
+at load and rendered in an immutable sandbox, so a hostile template cannot reach Python
+(attributes such as ``__class__`` or ``__globals__`` are refused). The sandbox also bounds
+what a template can build (``**``, ``*``, ``+`` and ``%`` results, the rendered length) and
+how long it runs (checked at every call, attribute and item access). Whatever goes wrong
+comes out as an edgekv error: a broken template is a :class:`CorruptFileError`, a
+conversation the template refuses (``raise_exception``) an :class:`InputError`.
 """
 
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+import time
+from dataclasses import dataclass, field
 
-from edgekv.errors import CorruptFileError, InputError
+from edgekv.errors import CorruptFileError, EdgeKVError, InputError
+
+MAX_TOKENIZER_BYTES = 256 << 20  # the largest real tokenizer.json files are ~35 MB
+MAX_TEMPLATE_CHARS = 1 << 20  # longest string (and rendered prompt) a template may build
+MAX_TEMPLATE_SECONDS = 2.0  # a chat template renders in well under a millisecond
 
 
 def _raise_exception(message: str) -> None:
     raise InputError(f"chat template refused the conversation: {message}")
+
+
+def _fatal(e: BaseException) -> bool:
+    """Exceptions that must pass through. (``tokenizers`` can raise pyo3's PanicException,
+    a BaseException, on hostile files: that one is converted.)"""
+    return isinstance(e, (KeyboardInterrupt, SystemExit, GeneratorExit, EdgeKVError))
+
+
+class _TemplateLimit(Exception):
+    pass
+
+
+def _sandbox():
+    """An immutable Jinja sandbox with size and time limits (built lazily: jinja2 import)."""
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    class LimitedSandbox(ImmutableSandboxedEnvironment):
+        intercepted_binops = frozenset(["*", "**", "+", "%"])
+        deadline = 0.0
+
+        def _tick(self) -> None:
+            if time.monotonic() > self.deadline:
+                raise _TemplateLimit(f"rendering took longer than {MAX_TEMPLATE_SECONDS} s")
+
+        def call_binop(self, context, operator, left, right):
+            self._tick()
+            if operator == "**" and isinstance(left, int) and isinstance(right, int) \
+                    and abs(left) > 1 and right > 0 and right * max(left.bit_length(), 1) > 4096:
+                raise _TemplateLimit("a power too large")
+            if operator == "*" and isinstance(right, (str, list, tuple)) and isinstance(left, int):
+                left, right = right, left
+            if operator == "*" and isinstance(left, (str, list, tuple)) and isinstance(right, int) \
+                    and len(left) * right > MAX_TEMPLATE_CHARS:
+                raise _TemplateLimit("a repeated string or list too long")
+            if operator == "+" and isinstance(left, (str, list, tuple)) and hasattr(right, "__len__") \
+                    and len(left) + len(right) > MAX_TEMPLATE_CHARS:
+                raise _TemplateLimit("a concatenation too long")
+            result = super().call_binop(context, operator, left, right)
+            if isinstance(result, str) and len(result) > MAX_TEMPLATE_CHARS:
+                raise _TemplateLimit("a string too long")
+            return result
+
+        def call(self, *args, **kwargs):
+            self._tick()
+            return super().call(*args, **kwargs)
+
+        def getattr(self, obj, attribute):
+            self._tick()
+            return super().getattr(obj, attribute)
+
+        def getitem(self, obj, argument):
+            self._tick()
+            return super().getitem(obj, argument)
+
+    env = LimitedSandbox(trim_blocks=True, lstrip_blocks=True)
+    env.globals["raise_exception"] = _raise_exception
+    return env
 
 
 @dataclass
@@ -24,6 +91,7 @@ class DeviceTokenizer:
     tok: object  # tokenizers.Tokenizer
     chat_template: str | None
     special: dict  # bos_token / eos_token strings for templates
+    _compiled: object = field(default=None, repr=False)  # (template source, jinja2 Template)
 
     @staticmethod
     def load(path: str, chat_template: str | None, special: dict | None = None) -> DeviceTokenizer:
@@ -31,29 +99,72 @@ class DeviceTokenizer:
 
         if not os.path.isfile(path):
             raise InputError(f"{path}: tokenizer file missing from the artifacts; re-export the model")
+        if os.path.getsize(path) > MAX_TOKENIZER_BYTES:
+            raise CorruptFileError(f"{path}: {os.path.getsize(path)} bytes is too large for a tokenizer.json; "
+                                   f"re-export the model")
         try:
             tok = Tokenizer.from_file(path)
-        except Exception as e:  # tokenizers raises plain Exception on bad JSON
+        except BaseException as e:  # tokenizers raises plain Exception on bad JSON, a panic on worse
+            if _fatal(e):
+                raise
             raise CorruptFileError(f"{path}: not a valid tokenizer.json ({str(e)[:200]})") from None
-        return DeviceTokenizer(tok, chat_template, dict(special or {}))
+        out = DeviceTokenizer(tok, chat_template, dict(special or {}))
+        if chat_template:
+            out._template()  # a template that does not compile is refused at load, not per prompt
+        return out
+
+    def _template(self):
+        if self._compiled is None or self._compiled[0] != self.chat_template:
+            from jinja2 import TemplateError
+
+            env = _sandbox()
+            try:
+                self._compiled = (self.chat_template, env.from_string(self.chat_template))
+            except (TemplateError, RecursionError, MemoryError, ValueError) as e:
+                raise CorruptFileError(f"the chat template in manifest.json does not compile ({str(e)[:200]}); "
+                                       f"re-export the model") from None
+        return self._compiled[1]
+
+    def _call(self, what: str, fn, *args):
+        try:
+            return fn(*args)
+        except BaseException as e:
+            if _fatal(e):
+                raise
+            raise CorruptFileError(f"tokenizer.json cannot {what} this text ({str(e)[:200]}); "
+                                   f"re-export the model") from None
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
-        return self.tok.encode(text, add_special_tokens=add_special_tokens).ids
+        return self._call("encode", lambda: self.tok.encode(text, add_special_tokens=add_special_tokens).ids)
 
     def decode(self, ids: list[int]) -> str:
-        return self.tok.decode(list(ids), skip_special_tokens=True)
+        return self._call("decode", lambda: self.tok.decode(list(ids), skip_special_tokens=True))
 
     def render_chat(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
         if not self.chat_template:
             raise InputError("this model has no chat template; call with chat=False")
-        from jinja2.sandbox import ImmutableSandboxedEnvironment
+        from jinja2 import TemplateError
+        from jinja2.exceptions import SecurityError
 
-        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
-        env.globals["raise_exception"] = _raise_exception
-        template = env.from_string(self.chat_template)
-        return template.render(messages=messages, add_generation_prompt=add_generation_prompt,
-                               bos_token=self.special.get("bos_token") or "",
-                               eos_token=self.special.get("eos_token") or "")
+        template = self._template()
+        template.environment.deadline = time.monotonic() + MAX_TEMPLATE_SECONDS
+        try:
+            text = template.render(messages=messages, add_generation_prompt=add_generation_prompt,
+                                   bos_token=self.special.get("bos_token") or "",
+                                   eos_token=self.special.get("eos_token") or "")
+        except EdgeKVError:
+            raise
+        except SecurityError as e:
+            raise CorruptFileError(f"the chat template in manifest.json tried to reach Python internals and was "
+                                   f"stopped ({str(e)[:200]}); use artifacts from a source you trust") from None
+        except (TemplateError, _TemplateLimit, ArithmeticError, LookupError, TypeError, ValueError, AttributeError,
+                RecursionError, MemoryError) as e:
+            raise CorruptFileError(f"the chat template in manifest.json failed ({type(e).__name__}: "
+                                   f"{str(e)[:200]}); re-export the model") from None
+        if len(text) > MAX_TEMPLATE_CHARS:
+            raise CorruptFileError(f"the chat template in manifest.json rendered {len(text)} characters; "
+                                   f"re-export the model")
+        return text
 
     def encode_chat(self, messages: list[dict], add_generation_prompt: bool = True) -> list[int]:
         return self.encode(self.render_chat(messages, add_generation_prompt), add_special_tokens=False)

@@ -142,7 +142,6 @@ from tiny_models import make_tiny_model
 from test_runtime import build_memory
 from edgekv.export.models import load_backbone
 from edgekv.export.pipeline import export_model
-from edgekv.index import build_index
 from edgekv.runtime import Runtime
 
 out = sys.argv[1]
@@ -151,9 +150,7 @@ bb = load_backbone(src)
 mem = os.path.join(out, "memory.ekv")
 build_memory(mem, bb)
 art = os.path.join(out, "artifacts")
-export_model(src, art, progress=False)
-if not os.path.isfile(os.path.join(art, "index.json")):
-    build_index(mem, art)
+export_model(src, art, progress=False, memory=mem)  # with the memory: its HNSW index too
 prompt = "code for river?"
 with Runtime.load(art, memory=mem, k=2) as rt:
     ret = rt.retrieve(prompt)

@@ -52,6 +52,10 @@ def _text_field(rec: dict, name: str, path: str, line: int, where: str = "") -> 
         raise InputError(f"{_where(path, line)}: field '{at}' is missing")
     if not isinstance(value, str):
         raise InputError(f"{_where(path, line)}: field '{at}' must be a string, got {type(value).__name__}")
+    try:  # JSON escapes can spell lone surrogates, which no tokenizer can encode
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise InputError(f"{_where(path, line)}: field '{at}' is not valid Unicode (a lone surrogate escape)") from None
     return value
 
 
@@ -135,22 +139,37 @@ def _parse_llava(rec: dict, rid: str, image: str | None, path: str, line: int) -
     return out
 
 
+def _json_limit_error(e: Exception) -> str:
+    """What a hostile but syntactically valid JSON text hit in the parser."""
+    if isinstance(e, RecursionError):
+        return "nested too deeply"
+    return str(e).split(":")[0]  # e.g. an integer of more than 4300 digits
+
+
 def _iter_jsonl(text: str, path: str) -> Iterator[tuple[int, object]]:
-    for n, raw in enumerate(text.splitlines(), start=1):
+    # split on "\n" only: str.splitlines() also breaks at U+2028 etc., which JSON strings may hold
+    for n, raw in enumerate(text.split("\n"), start=1):
         if not raw.strip():
             continue
         try:
-            yield n, json.loads(raw)
+            rec = json.loads(raw)
         except json.JSONDecodeError as e:
             raise InputError(f"{_where(path, n)}: not valid JSON ({e.msg}, column {e.colno})") from None
+        except (RecursionError, ValueError) as e:
+            raise InputError(f"{_where(path, n)}: not usable JSON ({_json_limit_error(e)})") from None
+        yield n, rec
 
 
 def _iter_json(text: str, path: str) -> Iterator[tuple[int, object]]:
     """Records of a JSON array (or one object), each with the line it starts on."""
     dec = json.JSONDecoder()
+    counted = [0, 1]  # (position, line at that position): counting on from the last call keeps it linear
 
     def line_of(pos: int) -> int:
-        return text.count("\n", 0, pos) + 1
+        at, line = counted
+        line = line + text.count("\n", at, pos) if pos >= at else text.count("\n", 0, pos) + 1
+        counted[:] = [pos, line]
+        return line
 
     def skip_ws(pos: int) -> int:
         while pos < len(text) and text[pos] in " \t\r\n":
@@ -162,6 +181,8 @@ def _iter_json(text: str, path: str) -> Iterator[tuple[int, object]]:
             return dec.raw_decode(text, pos)
         except json.JSONDecodeError as e:
             raise InputError(f"{_where(path, e.lineno)}: not valid JSON ({e.msg}, column {e.colno})") from None
+        except (RecursionError, ValueError) as e:
+            raise InputError(f"{_where(path, line_of(pos))}: not usable JSON ({_json_limit_error(e)})") from None
 
     pos = skip_ws(0)
     if pos < len(text) and text[pos] == "{":

@@ -212,7 +212,7 @@ def terms(model, ind: Induction | None, cur: QuerySet, anc: QuerySet | None, phi
         out["L_anc"] = _chunked(nll, anc, rows_anc) if anc is not None and len(rows_anc) else None
         R = cur.keys.shape[1]
         P = ind.P if ind is not None else torch.zeros((0, R))
-        out["omega"] = float(coverage(torch.ones(len(P)), P, eps)) if len(P) else float(-R * np.log(eps))
+        out["omega"] = float(coverage(torch.ones(len(P)), P, eps)) if len(P) else 0.0
     return out
 
 
@@ -279,7 +279,7 @@ def adapt(backbone, examples: Sequence[Example], memory_path: str, budget_bytes:
         created = True
     with Memory(memory_path) as mem:
         check_compatible(mem, backbone, cfg, budget_bytes, explicit)
-        spec, num_slots = mem.spec, mem.num_slots
+        spec, num_slots, read_generation = mem.spec, mem.num_slots, mem.generation
         old_cal, old_proj = mem.calibration, mem.projection
         old_bank, old_slots = read_bank(mem)
     ecfg = EntryConfig(spec.pooled_len, cfg.entry.pooling, cfg.entry.skip_template_prefix,
@@ -368,7 +368,8 @@ def adapt(backbone, examples: Sequence[Example], memory_path: str, budget_bytes:
     # commit: one atomic update
     new_slots, clear = assign_slots(num_slots, old_slots, keep_old, len(keep_new))
     put: dict[int, Entry] = {s: new_entries[i] for s, i in zip(new_slots, keep_new, strict=True)}
-    commit_update(memory_path, put=put, clear=clear, calibration=calibration, projection=proj)
+    commit_update(memory_path, put=put, clear=clear, calibration=calibration, projection=proj,
+                  expect_generation=read_generation)  # a concurrent adapt is refused, not mixed in
 
     # anchors of this task replace any earlier ones of the same name
     rows = sample(len(examples), cfg.anchors_per_task, rng_seed + 4)

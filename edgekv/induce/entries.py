@@ -233,7 +233,8 @@ def prefix_kv(model, id_lists: Sequence[Sequence[int]]) -> list[tuple[torch.Tens
     -> per sequence (K, V): [L, H, T, D] float32
     """
     x, mask = pad_batch(id_lists)
-    out = model(input_ids=x, attention_mask=mask, use_cache=True)
+    decoder = model.get_decoder() if hasattr(model, "get_decoder") else model.model  # no LM head needed
+    out = decoder(input_ids=x, attention_mask=mask, use_cache=True)
     layers = cache_layers(out.past_key_values)
     K = torch.stack([k for k, _ in layers], dim=1).float()  # [B, L, H, S, D]
     V = torch.stack([v for _, v in layers], dim=1).float()

@@ -12,7 +12,8 @@ minimise
 * Omega_spec(w) = -log det(C(w) + eps I), C(w) = sum_i w_i p_i p_i^T over the candidates'
   projected (effective) retrieval keys p_i: a coverage term, lowest when the weight is
   spread over entries whose keys point in different directions, so redundant entries
-  (near-duplicate keys) share the weight one of them would get.
+  (near-duplicate keys) share the weight one of them would get. Computed and reported
+  without its constant R log(eps) (0 for an empty memory).
 
 Solved by projected gradient: each step moves w against dJ/dw, normalised by its largest
 magnitude (so ``lr`` is the largest change of any w_i per step), then projects back onto
@@ -21,7 +22,6 @@ the capped simplex (bisection on the shift). The top-B entries by w are kept.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 
@@ -76,10 +76,12 @@ def project_capped_simplex(v: torch.Tensor, total: float, iters: int = 100) -> t
 
 
 def coverage(w: torch.Tensor, P: torch.Tensor, eps: float) -> torch.Tensor:
-    """Omega_spec = -log det(sum_i w_i p_i p_i^T + eps I_R).
+    """Omega_spec = -log det(C(w) + eps I_R) + R log eps = -log det(I_R + C(w) / eps).
 
-    w: [N], P: [N, R] -> scalar. Computed in the smaller of the two spaces
-    (Sylvester: det(eps I_R + P^T W P) = eps^R det(I_N + W^1/2 P P^T W^1/2 / eps)).
+    The paper's term minus its constant R log(eps): same gradients, and 0 for an empty
+    memory, so reported values read as "coverage gained". w: [N], P: [N, R] -> scalar.
+    Computed in the smaller of the two spaces (Sylvester:
+    det(I_R + P^T W P / eps) = det(I_N + W^1/2 P P^T W^1/2 / eps)).
     """
     N, R = P.shape
     P = P.double()
@@ -87,8 +89,8 @@ def coverage(w: torch.Tensor, P: torch.Tensor, eps: float) -> torch.Tensor:
     if N < R:
         s = w.sqrt()
         G = (s[:, None] * (P @ P.T) * s[None, :]) / eps + torch.eye(N, dtype=torch.float64)
-        return -(R * math.log(eps) + torch.logdet(G)).float()
-    C = (P * w[:, None]).T @ P + eps * torch.eye(R, dtype=torch.float64)
+        return -torch.logdet(G).float()
+    C = (P * w[:, None]).T @ P / eps + torch.eye(R, dtype=torch.float64)
     return -torch.logdet(C).float()
 
 

@@ -10,8 +10,8 @@ weights w. Conventions, identical to the runtime (a test holds them together):
 * alpha = softmax(sim / tau + log w) over the retrieved entries, i.e.
   ``alpha_i ∝ w_i exp(sim_i / tau)`` (plain softmax(sim / tau) when w = 1);
 * entries laid out by *increasing* similarity, entry j at positions j*m .. (j+1)*m-1;
-* keys scaled by sqrt(alpha_i) and rotated to their positions, values scaled by
-  sqrt(alpha_i) * lambda_l;
+* keys scaled by sqrt(k * alpha_i) (:func:`edgekv.induction.entry_scale`) and rotated to
+  their positions, values scaled by sqrt(k * alpha_i) * lambda_l;
 * the chat-templated query follows at positions k*m ... with an all-ones attention mask.
 """
 
@@ -149,7 +149,7 @@ def memory_kv(K: torch.Tensor, V: torch.Tensor, idx: torch.Tensor, alpha: torch.
     """
     B, k = idx.shape
     N, L, H, m, D = K.shape
-    s = alpha.sqrt()[:, :, None, None, None, None]  # [B, k, 1, 1, 1, 1]
+    s = (alpha * k).sqrt()[:, :, None, None, None, None]  # [B, k, 1, 1, 1, 1], as entry_scale
     k_sel = K[idx] * s  # [B, k, L, H, m, D]
     v_sel = V[idx] * s * gates[None, None, :, None, None, None]
     k_mem = k_sel.permute(2, 0, 3, 1, 4, 5).reshape(L, B, H, k * m, D)  # entry j at j*m..
