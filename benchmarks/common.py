@@ -12,13 +12,36 @@ CACHE = os.environ.get("EDGEKV_BENCH_CACHE", os.path.join(ROOT, ".cache", "bench
 os.environ.setdefault("EDGEKV_CACHE", os.path.join(ROOT, ".cache", "edgekv"))
 
 
+def _cache_key(model: str, options: dict) -> str:
+    """sha256 of the export's arguments and of the code that shapes an export (export/, edgekv/),
+    so a cached export is redone when either changes (e.g. a new default key layer or graph)."""
+    import hashlib
+
+    h = hashlib.sha256(json.dumps([model, sorted(options.items())], default=str).encode())
+    for sub in ("export", "edgekv"):
+        for folder, _, files in sorted(os.walk(os.path.join(ROOT, sub))):
+            for f in sorted(files):
+                if f.endswith(".py"):
+                    with open(os.path.join(folder, f), "rb") as fh:
+                        h.update(f.encode() + fh.read())
+    return h.hexdigest()
+
+
 def export_cached(model: str, name: str, **options) -> str:
-    """Export ``model`` once into the bench cache; reuse it afterwards."""
+    """Export ``model`` into the bench cache; reuse it while the options and the export code are unchanged."""
     from edgekv.export.pipeline import export_model
 
     out = os.path.join(CACHE, name)
-    if not os.path.isfile(os.path.join(out, "manifest.json")):
-        export_model(model, out, progress=True, **options)
+    stamp = os.path.join(out, ".bench-cache-key")
+    key = _cache_key(model, options)
+    cached = None
+    if os.path.isfile(os.path.join(out, "manifest.json")) and os.path.isfile(stamp):
+        with open(stamp, encoding="utf-8") as f:
+            cached = f.read()
+    if cached != key:
+        export_model(model, out, progress=True, force=True, **options)
+        with open(stamp, "w", encoding="utf-8") as f:
+            f.write(key)
     return out
 
 

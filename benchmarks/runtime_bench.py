@@ -138,7 +138,7 @@ def main() -> None:
     res["decode_ms_per_token"] = ms
     res["decode_tokens_per_s"] = {k: 1000 / v for k, v in ms.items()}
     res["onnx_file_bytes"] = {name: os.path.getsize(os.path.join(d, "model.onnx")) +
-                              sum(os.path.getsize(os.path.join(d, f)) for f in os.listdir(d) if f.endswith(".onnx_data"))
+                              sum(os.path.getsize(os.path.join(d, f)) for f in os.listdir(d) if f.endswith((".onnx_data", ".onnx.data")))
                               for name, d in (("fp32", fp32), ("int8", int8))}
 
     # 2. time to first token: k entries injected vs the same examples as prompt text

@@ -17,10 +17,13 @@ writer. Invariants:
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import fcntl
 import glob
 import mmap
 import os
+import shutil
 import stat
 import struct
 import zlib
@@ -29,7 +32,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from edgekv.errors import BudgetError, CorruptFileError, InputError, MismatchError
+from edgekv.errors import BudgetError, CorruptFileError, EdgeKVError, InputError, MismatchError
 from edgekv.quant import quantize_keys, quantize_values
 from edgekv.retrieval import KeyProjection
 from edgekv.rope import RopeSpec
@@ -68,6 +71,7 @@ FLAG_OCCUPIED = 1
 _LIMITS = {"num_layers": 1024, "num_kv_heads": 1024, "head_dim": 4096, "pooled_len": 1 << 16,
            "key_dim": 1 << 16, "proj_max_dirs": 64}
 _MAX_HEADER_BYTES = 1 << 26
+MAX_SLOTS = 0xFFFFFFFF  # num_slots is a u32
 
 
 def _align(n: int, a: int = ALIGN) -> int:
@@ -567,11 +571,18 @@ def create_memory(path: str | os.PathLike, spec: MemorySpec, budget_bytes: int,
     folder = os.path.dirname(os.path.abspath(path))
     if not os.path.isdir(folder):
         raise InputError(f"{path}: folder {folder} does not exist")
+    if n > MAX_SLOTS:
+        raise BudgetError(f"budget {budget_bytes} B gives {n} slots; a memory holds at most {MAX_SLOTS}")
+    file_bytes = spec.file_bytes_for(n)
+    free = shutil.disk_usage(folder).free
+    if 2 * file_bytes > free:  # the file fills up as slots are written, and each update writes a full copy
+        raise BudgetError(f"a memory of budget {budget_bytes} B takes {file_bytes} B, and every update writes a "
+                          f"second copy beside it; {folder} has {free} B free: lower the budget or free space")
     calibration = calibration or Calibration.default(spec.num_layers)
     _check_calibration(calibration, spec.num_layers)
-    h = _Header(spec, budget_bytes, spec.file_bytes_for(n), 0, n, 0,
-                zlib.crc32(bytes(n * TABLE_ENTRY_BYTES)), calibration, KeyProjection.identity(spec.key_dim), [])
-    with _WriteLock(path):
+    h = _Header(spec, budget_bytes, file_bytes, 0, n, 0, _zeros_crc32(n * TABLE_ENTRY_BYTES), calibration,
+                KeyProjection.identity(spec.key_dim), [])
+    with _storage_errors(path, "create the memory"), _WriteLock(path):
         _remove_stale_temps(path)
         tmp = _tmp_path(path)
         try:
@@ -586,6 +597,31 @@ def create_memory(path: str | os.PathLike, spec: MemorySpec, budget_bytes: int,
                 os.unlink(tmp)
             raise
     return Memory(path)
+
+
+def _zeros_crc32(nbytes: int) -> int:
+    """CRC32 of ``nbytes`` zero bytes, without allocating them."""
+    chunk, crc = bytes(min(nbytes, 1 << 20)), 0
+    while nbytes > 0:
+        crc = zlib.crc32(chunk[: min(nbytes, len(chunk))], crc)
+        nbytes -= len(chunk)
+    return crc
+
+
+@contextlib.contextmanager
+def _storage_errors(path: str, what: str):
+    """The file system's refusals (disk full, read-only, permissions) as one-line edgekv errors.
+    Raised before the rename, so the memory at ``path`` is unchanged."""
+    try:
+        yield
+    except OSError as e:
+        why = e.strerror or type(e).__name__
+        if e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+            raise BudgetError(f"{path}: cannot {what}: {why}; the memory is unchanged (an update needs room "
+                              f"for a full copy of the file beside it)") from None
+        if e.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+            raise InputError(f"{path}: cannot {what}: {why}; the memory is unchanged") from None
+        raise EdgeKVError(f"{path}: cannot {what}: {why}; the memory is unchanged") from None
 
 
 def commit_update(path: str | os.PathLike, put: Mapping[int, Entry] | None = None,
@@ -604,7 +640,7 @@ def commit_update(path: str | os.PathLike, put: Mapping[int, Entry] | None = Non
     clear = [int(c) for c in clear]
     if not os.path.isfile(path):  # say so before leaving a lock file next to nothing
         Memory(path).close()  # raises the reader's error (not found, folder, ...)
-    with _WriteLock(path):
+    with _storage_errors(path, "write the update"), _WriteLock(path):
         _remove_stale_temps(path)
         with Memory(path) as old:
             h = old._h

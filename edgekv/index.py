@@ -24,6 +24,7 @@ import hashlib
 import importlib.util
 import json
 import math
+import mmap
 import os
 import signal
 import struct
@@ -177,25 +178,41 @@ def check_index_file(path: str, slots: np.ndarray, keys: np.ndarray) -> None:
         raise bad("entry point or top level out of range")
     if not n * (per_el + 4) <= size - HNSW_HEADER.size <= n * (per_el + 4 + max_level * links):
         raise bad(f"{size} bytes does not fit {n} entries")  # checked before reading the file
-    with open(path, "rb") as f:
-        data = f.read()
+    with open(path, "rb") as f:  # mapped, not read: the check adds no copy of a large index to the heap
+        data = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+    try:
+        _check_index_bytes(data, size, n, slots, keys, per_el, links0, links, data_off, label_off, max_m0, max_m,
+                           max_level, enter, bad)
+    finally:
+        try:
+            data.close()
+        except BufferError:  # arrays over it are still referenced by an error's traceback; GC closes it
+            pass
+
+
+def _check_index_bytes(data, size, n, slots, keys, per_el, links0, links, data_off, label_off, max_m0, max_m,
+                       max_level, enter, bad) -> None:
     if len(data) != size:
         raise bad("the file changed while it was read")
     rec = np.frombuffer(data, np.uint8, n * per_el, HNSW_HEADER.size).reshape(n, per_el)
-    # level 0: the whole u32 count word (its third byte is hnswlib's "deleted" mark) <= maxM0, ids < n
-    count0 = rec[:, :4].copy().view("<u4")[:, 0]
-    ids0 = rec[:, 4:links0].copy().view("<u4")
-    if np.any(count0 > max_m0) or np.any(ids0[np.arange(max_m0)[None, :] < count0[:, None]] >= n):
-        raise bad("a level-0 link list is out of range")
-    labels = rec[:, label_off:label_off + 8].copy().view("<u8")[:, 0]
-    order = np.argsort(labels, kind="stable")
-    if not np.array_equal(labels[order], np.sort(np.asarray(slots, np.int64)).astype(np.uint64)):
-        raise bad("its labels are not the memory's occupied slots")
-    vectors = rec[:, data_off:label_off].copy().view("<u4")  # compared bit for bit
-    row_of = np.argsort(np.asarray(slots, np.int64), kind="stable")  # sorted slot j -> row in keys
-    want = np.ascontiguousarray(keys[row_of], "<f4").view("<u4")
-    if not np.array_equal(vectors[order], want):
-        raise bad("its vectors are not the memory's effective keys")
+    slots = np.asarray(slots, np.int64)
+    row_of_slot = {int(s): i for i, s in enumerate(slots)}
+    seen = np.zeros(n, bool)
+    for lo in range(0, n, 4096):  # in chunks: a few MB of copies at a time
+        chunk = rec[lo: lo + 4096]
+        # level 0: the whole u32 count word (its third byte is hnswlib's "deleted" mark) <= maxM0, ids < n
+        count0 = chunk[:, :4].copy().view("<u4")[:, 0]
+        ids0 = chunk[:, 4:links0].copy().view("<u4")
+        if np.any(count0 > max_m0) or np.any(ids0[np.arange(max_m0)[None, :] < count0[:, None]] >= n):
+            raise bad("a level-0 link list is out of range")
+        labels = chunk[:, label_off:label_off + 8].copy().view("<u8")[:, 0]
+        rows = np.array([row_of_slot.get(int(x), -1) if x < 1 << 62 else -1 for x in labels], np.int64)
+        if np.any(rows < 0) or np.any(seen[rows]) or len(set(rows.tolist())) != len(rows):
+            raise bad("its labels are not the memory's occupied slots")
+        seen[rows] = True
+        vectors = chunk[:, data_off:label_off].copy().view("<u4")  # compared bit for bit
+        if not np.array_equal(vectors, np.ascontiguousarray(keys[rows], "<f4").view("<u4")):
+            raise bad("its vectors are not the memory's effective keys")
     # upper levels: sizes, then per level count <= maxM and neighbours that exist on that level
     pos, lists = HNSW_HEADER.size + n * per_el, []
     levels = np.zeros(n, np.int64)

@@ -8,10 +8,14 @@ imports neither numpy nor torch. The manifest binds the folder together:
 * the tokenizer file, chat template, special-token ids and whether encoding adds a BOS;
 * ``files``: the sha256 of every file the runtime loads. Reading checks each one, so a
   truncated copy or a file from another export is refused before anything runs;
-* ``index``: the HNSW index description (``edgekv.index.build_index``) or null.
+* ``index``: the HNSW index description (``edgekv.index.build_index``) or null;
+* ``vision`` (optional; only vision-language exports, ``edgekv.export.vlm``): the vision
+  graph and embedding table files, the image token and its id, the image processor's
+  settings (``edgekv.runtime.vision``) and the family's prompt tokens. Absent in text-only
+  manifests, which are unchanged by it.
 
 Invariants: JSON with sorted keys; ``manifest_version`` 1; every file named under
-``key``, ``decoder``, ``tokenizer`` and ``index`` is listed in ``files``; file names are
+``key``, ``decoder``, ``tokenizer``, ``index`` (and ``vision``) is listed in ``files``; file names are
 plain names inside the folder (no paths), so a hostile manifest cannot point outside it.
 """
 
@@ -28,7 +32,7 @@ from edgekv.errors import CorruptFileError, InputError, MismatchError
 MANIFEST_FILE = "manifest.json"
 MANIFEST_VERSION = 1
 MAX_MANIFEST_BYTES = 16 << 20  # a manifest is a few KB (the chat template); refuse hostile sizes
-WEIGHT_TYPES = ("fp32", "int8")
+WEIGHT_TYPES = ("fp32", "int8", "int4")
 POOLINGS = ("mean", "last")
 
 _INT = "int"  # an int that is not a bool
@@ -50,6 +54,12 @@ SECTIONS = {
     "tokenizer": {"file": str, "chat_template": _OPT_STR, "eos_token_ids": list, "bos_token_id": _OPT_INT,
                   "pad_token_id": _OPT_INT, "add_bos": bool, "bos_token": _OPT_STR, "eos_token": _OPT_STR},
     "index": {"file": str},
+}
+# Optional sections: absent (or null) in text-only exports, so their manifests are unchanged.
+OPTIONAL_SECTIONS = {
+    # vision-language models (edgekv.export.vlm): vision graph, embedding table, image token, processor
+    "vision": {"family": str, "file": str, "embeddings": str, "image_token": str, "image_token_id": _INT,
+               "processor": dict},
 }
 # Ranges checked before the runtime sizes anything by these fields (as edgekv.format does for
 # memory headers): a hostile manifest must not make it build a billion-layer past.
@@ -143,6 +153,15 @@ def validate(data: object) -> None:
     for section in ("key", "decoder", "tokenizer", "index"):
         if data[section] is not None and data[section]["file"] not in files:
             raise ValueError(f"{section}.file {data[section]['file']!r} is not listed in 'files'")
+    for section, schema in OPTIONAL_SECTIONS.items():
+        if data.get(section) is not None:
+            if not isinstance(data[section], dict):
+                raise ValueError(f"field {section!r} must be dict or null")
+            _check_fields(data[section], schema, f"{section}.")
+    if data.get("vision") is not None:
+        for name in (data["vision"]["file"], data["vision"]["embeddings"]):
+            if name not in files:
+                raise ValueError(f"vision file {name!r} is not listed in 'files'")
 
 
 # --- reading and writing ---------------------------------------------------------

@@ -21,21 +21,20 @@ addition the past may be a *buffer* longer than the valid length: GroupQueryAtte
 reads ``attention_mask``'s length as the valid length, and when ``present`` is bound to
 the same memory as ``past`` it appends in place (``runtime.decoder.KVCache``).
 
-Weights (``WeightFormat``): fp32, or weight-only block-wise ``MatMulNBits`` (4 or 8 bits,
-asymmetric, one fp32 scale and a zero point per ``block_size`` inputs; activations stay
-float, ``accuracy_level`` 4 lets the kernel quantise them per block to int8 for its dot
-products). The output layer is always its own matrix (a tied embedding is copied), so a
-quantised model never dequantises the embedding per token; the embedding used by Gather
-stays fp32 (only the rows of the prompt's tokens are ever read).
+Weights (``WeightFormat``): fp32, or weight-only block-wise ``MatMulNBits`` at 4 or 8 bits
+(activations stay float; per-linear choices and the measurements behind them are in
+``WeightFormat``'s docstring). The output layer is always its own matrix (a tied
+embedding is copied and quantised separately), so nothing is dequantised per token
+outside the kernels; the quantised embedding table is read by ``GatherBlockQuantized``.
+In fp32 a tied output layer reads the embedding table itself (``FusedMatMul`` transB).
 
 The retrieval-key graph (``build_key_graph``) is the same code cut at ``key_layer`` with
 mean or last pooling; its initializers have the decoder's names, so one weight file
-serves both graphs and the runtime can hand both sessions the same buffers.
+serves both graphs (a quantised export's retrieval key reads the quantised weights).
 """
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -51,23 +50,56 @@ KV_BUFFER_META = "edgekv.kv_buffer"  # metadata: "shared" when past may be a lon
 
 @dataclass(frozen=True)
 class WeightFormat:
-    """How linear weights are stored: fp32 (bits=None) or block-wise MatMulNBits."""
+    """How linear weights are stored: fp32 (``bits`` None) or weight-only ``MatMulNBits``.
 
-    bits: int | None = None  # None: fp32; 4 or 8: weight-only MatMulNBits
-    block_size: int = 32  # inputs per (scale, zero point); power of two >= 16
-    accuracy_level: int = 4  # MatMulNBits compute type for A: 4 = int8 (per block), 1 = fp32
+    Measured on SmolLM2-135M (docs/performance.md), whose weights are llama.cpp Q4_1 blocks
+    of 32 and whose tied embedding is Q8_0:
+    * 4-bit decoder-layer linears: "float_offset" blocks (Q4_1 arithmetic: exact for such a
+      model). onnxruntime's fast kernels take only integer zero points, so the float offset
+      is added as blocksum(x) @ offsets (3 small ops); integer zero points cost top-1
+      agreement (0.67 instead of 1.0 with fp32 activations);
+    * 8-bit decoder-layer linears: "integer_zero_point" (8-bit leaves room; no extra ops);
+    * the output layer: symmetric 8-bit (Q8_0) in blocks of ``head_block_size`` (16) with the
+      scales of blocks of 32 (exact for a Q8_0 model; the finer blocks only refine the int8
+      activations: top-1 0.969 -> 0.973 over plain blocks of 16, 0.971 -> 0.981 over 32 on the
+      308-token set), never 4-bit (top-1 0.87); the embedding table too (its own copy,
+      ``GatherBlockQuantized``; only the prompt's rows are read, from the mapped weights file);
+    * ``accuracy_level`` 4 (the kernel quantises activations per block to int8) except the
+      4-bit ``fp32_inputs`` linears, fed by RMSNorm outputs with outlier channels: int8
+      activations there cost ~2-3 points of top-1 each. At 8 bits fp32 activations run
+      onnxruntime's ~100x slower reference path, so 8-bit always uses int8 activations.
+    """
+
+    bits: int | None = None  # None: fp32; 4 or 8
+    block_size: int = 32  # inputs per scale (and offset) of decoder-layer linears
+    head_block_size: int = 16  # lm_head: finer int8 activation blocks; scales from blocks of 32 (Q8_0's)
+    embed_block_size: int = 32  # the embedding table: symmetric 8-bit rows for GatherBlockQuantized
+    fp32_inputs: frozenset[str] = frozenset({"qkv_proj", "gate_up_proj"})  # 4-bit: fp32 activations
 
     def __post_init__(self) -> None:
         if self.bits not in (None, 4, 8):
             raise InputError(f"weight bits must be 4 or 8 (or None for fp32), got {self.bits}")
-        if self.block_size < 16 or self.block_size & (self.block_size - 1):
-            raise InputError(f"block_size must be a power of two >= 16, got {self.block_size}")
-        if self.accuracy_level not in (0, 1, 2, 3, 4):
-            raise InputError(f"accuracy_level must be 0..4, got {self.accuracy_level}")
+        for name in ("block_size", "head_block_size", "embed_block_size"):
+            v = getattr(self, name)
+            if v < 16 or v & (v - 1):
+                raise InputError(f"{name} must be a power of two >= 16, got {v}")
 
     @property
     def name(self) -> str:
         return "fp32" if self.bits is None else f"int{self.bits}"
+
+    def layout(self, kind: str) -> tuple[int, int, str, int | None]:
+        """(bits, block size, quantize_blockwise mode, scale block) of a linear of this kind."""
+        if kind == "lm_head":
+            return 8, self.head_block_size, "symmetric", max(self.head_block_size, 32)
+        return self.bits, self.block_size, "float_offset" if self.bits == 4 else "integer_zero_point", None
+
+    def accuracy_level(self, kind: str, bits: int) -> int:
+        """MatMulNBits accuracy_level: 1 = fp32 activations, 4 = int8 activations per block."""
+        return 1 if bits == 4 and kind in self.fp32_inputs else 4
+
+
+WEIGHT_FORMATS = {"fp32": WeightFormat(), "int8": WeightFormat(8), "int4": WeightFormat(4)}
 
 
 @dataclass(frozen=True)
@@ -114,41 +146,94 @@ class Arch:
 
 
 # --- block-wise weight quantisation ---------------------------------------------------
-def quantize_blockwise(w_t: np.ndarray, bits: int, block_size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """MatMulNBits tensors of a weight W^T [K, N] (x @ W^T): asymmetric, round to nearest.
+MODES = ("symmetric", "float_offset", "integer_zero_point")
 
-    Per output column n and block of ``block_size`` inputs: scale = (max - min) / (2^bits - 1)
-    over the block (range widened to include 0), zero point = round(-min / scale).
-    -> packed [N, K/block, block*bits/8] uint8, scales [N, K/block] float32,
-       zero_points [N, ceil(K/block * bits / 8)] uint8 (onnxruntime's C++ packer).
-    """
-    from onnxruntime.capi._pybind_state import quantize_matmul_4bits, quantize_matmul_8bits
 
-    w_t = np.ascontiguousarray(w_t, np.float32)
-    k, n = w_t.shape
+def _blocks(w: np.ndarray, block_size: int) -> np.ndarray:
+    """w [N, K] -> [N, K/block, block] float32 (K zero-padded to a whole block)."""
+    w = np.asarray(w, np.float32)
+    n, k = w.shape
     blocks = -(-k // block_size)
-    if blocks * block_size != k:
-        w_t = np.pad(w_t, ((0, blocks * block_size - k), (0, 0)))
-    per_byte = 8 // bits
-    packed = np.zeros((n, blocks, block_size // per_byte), np.uint8)
-    zero_points = np.zeros((n, -(-blocks // per_byte)), np.uint8)
-    scales = np.zeros((n, blocks), np.float32)
-    quant = quantize_matmul_4bits if bits == 4 else quantize_matmul_8bits
-    quant(packed, w_t, scales, zero_points, block_size, n, k, False)
-    return packed, scales, zero_points
+    return np.pad(w, ((0, 0), (0, blocks * block_size - k))).reshape(n, blocks, block_size)
 
 
-def dequantize_blockwise(packed: np.ndarray, scales: np.ndarray, zero_points: np.ndarray, bits: int,
-                         k: int) -> np.ndarray:
-    """Reference inverse of :func:`quantize_blockwise` -> W^T [K, N] float32 (for tests)."""
-    n, blocks, _ = packed.shape
-    if bits == 4:
-        q = np.stack([packed & 0x0F, packed >> 4], axis=-1).reshape(n, blocks, -1)
-        zp = np.stack([zero_points & 0x0F, zero_points >> 4], axis=-1).reshape(n, -1)[:, :blocks]
-    else:
-        q, zp = packed, zero_points[:, :blocks]
-    w = (q.astype(np.float32) - zp[:, :, None]) * scales[:, :, None]  # [N, blocks, block]
-    return w.reshape(n, -1)[:, :k].T
+def quantize_blockwise(w: np.ndarray, bits: int, block_size: int, mode: str, scale_block: int | None = None
+                       ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    """Round-to-nearest block-wise quantisation of a linear weight w [N out, K in].
+
+    Blocks run along K (the inputs of one output), ``block_size`` long; w ~ (q - zp) * scale.
+    * "symmetric" (llama.cpp's Q8_0): scale = absmax / (2^(bits-1) - 1), zp = 2^(bits-1) implied;
+      ``scale_block`` (a multiple of ``block_size``) takes the absmax over that larger block and
+      repeats it: blocks of 16 with Q8_0's scales of 32 keep a Q8_0 model exact;
+    * "float_offset" (Q4_1 / Q8_1): scale = (max - min) / (2^bits - 1), zp = -min / scale as a
+      float, so the block's min and max (and a Q4_1 model's whole grid) are exact;
+    * "integer_zero_point" (what MatMulNBits' fast kernels take): range widened to hold 0,
+      zp = round(-min / scale) in 0..2^bits - 1.
+    -> q [N, K/block, block] uint8 (unpacked), scales [N, K/block] float32,
+       zp [N, K/block] (None | float32 | uint8)
+    """
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+    scale_block = scale_block or block_size
+    if scale_block % block_size:
+        raise ValueError(f"scale_block {scale_block} must be a multiple of block_size {block_size}")
+    wb = _blocks(w, block_size)
+    top, half = (1 << bits) - 1, 1 << (bits - 1)
+    if mode == "symmetric":
+        scale = np.abs(_blocks(w, scale_block)).max(axis=2) / (half - 1)  # [N, K/scale_block]
+        scale = np.repeat(scale, scale_block // block_size, axis=1)[:, :wb.shape[1]]
+        safe = np.where(scale == 0, 1.0, scale)[:, :, None]
+        q = np.clip(np.rint(wb / safe) + half, 0, top).astype(np.uint8)
+        return q, scale.astype(np.float32), None
+    if mode == "integer_zero_point":
+        lo, hi = np.minimum(wb.min(axis=2), 0), np.maximum(wb.max(axis=2), 0)
+        scale = np.where(hi == lo, 1.0, (hi - lo) / top)
+        zp = np.clip(np.rint(-lo / scale), 0, top)
+        q = np.clip(np.rint(wb / scale[:, :, None]) + zp[:, :, None], 0, top).astype(np.uint8)
+        return q, scale.astype(np.float32), zp.astype(np.uint8)
+    lo, hi = wb.min(axis=2), wb.max(axis=2)
+    scale = (hi - lo) / top
+    const = scale == 0  # a constant block: q = 2^(bits-1), scale = |lo|, zp = q - sign(lo) (exact)
+    safe = np.where(const, 1.0, scale)
+    q = np.clip(np.rint((wb - lo[:, :, None]) / safe[:, :, None]), 0, top).astype(np.uint8)
+    q[const] = half
+    zp = np.where(const, half - np.sign(lo), -lo / safe)
+    return q, np.where(const, np.abs(lo), scale).astype(np.float32), zp.astype(np.float32)
+
+
+def dequantize_blockwise(q: np.ndarray, scales: np.ndarray, zp: np.ndarray | None, bits: int, k: int) -> np.ndarray:
+    """Reference inverse of :func:`quantize_blockwise` -> w [N, K] float32."""
+    zero = np.float32(1 << (bits - 1)) if zp is None else zp[:, :, None].astype(np.float32)
+    w = (q.astype(np.float32) - zero) * scales[:, :, None]
+    return w.reshape(q.shape[0], -1)[:, :k]
+
+
+def pack_nbits(q: np.ndarray, bits: int) -> np.ndarray:
+    """MatMulNBits' layout along the last axis: 8-bit as is; 4-bit pairs packed into one byte,
+    the even element in the low nibble (an odd count is padded with 0).
+    B: [N, blocks, block] -> [N, blocks, block * bits / 8]; zero points: [N, blocks] -> [N, ceil(blocks * bits / 8)]."""
+    if bits == 8:
+        return np.ascontiguousarray(q, np.uint8)
+    if q.shape[-1] % 2:
+        q = np.pad(q, [(0, 0)] * (q.ndim - 1) + [(0, 1)])
+    return (q[..., 0::2] | (q[..., 1::2] << 4)).astype(np.uint8)
+
+
+def offsets(scales: np.ndarray, zp: np.ndarray, bits: int) -> np.ndarray:
+    """Per-block offsets that turn MatMulNBits' implied zero point into a float one.
+
+    MatMulNBits without zero points computes (q - 2^(bits-1)) * s; the weight is (q - zp) * s,
+    i.e. that plus (2^(bits-1) - zp) * s for every weight of the block. -> [N, K/block]
+    """
+    return ((1 << (bits - 1)) - zp) * scales
+
+
+def block_indicator(k: int, block_size: int) -> np.ndarray:
+    """S [K, K/block] with S[i, b] = 1 when input i is in block b: x @ S = per-block sums of x."""
+    blocks = -(-k // block_size)
+    s = np.zeros((k, blocks), np.float32)
+    s[np.arange(k), np.arange(k) // block_size] = 1.0
+    return s
 
 
 # --- graph assembly -----------------------------------------------------------------
@@ -175,21 +260,40 @@ class _Graph:
                                            domain=domain, **attrs))
         return outs
 
-    def linear(self, x: str, name: str, w: np.ndarray, bias: np.ndarray | None = None) -> str:
-        """x @ w.T (+ bias); w: [out, in] float32."""
+    def linear(self, x: str, name: str, w: np.ndarray, bias: np.ndarray | None = None,
+               transposed: str | None = None) -> str:
+        """x @ w.T (+ bias); w: [out, in] float32, name "layers.{i}.{kind}" or "lm_head".
+
+        ``transposed``: fp32 only, an initializer holding w itself (a tied embedding): read
+        with transB instead of storing a transposed copy.
+        """
         out_features, in_features = w.shape
+        kind = name.rsplit(".", 1)[-1]
         if self.weights.bits is None:
-            y = self.op("MatMul", [x, self.const(f"{name}.weight_t", np.asarray(w, np.float32).T)])[0]
+            if transposed is not None:
+                y = self.op("FusedMatMul", [x, transposed], domain=MS_DOMAIN, transB=1)[0]
+            else:
+                y = self.op("MatMul", [x, self.const(f"{name}.weight_t", np.asarray(w, np.float32).T)])[0]
         else:
-            b, s, zp = quantize_blockwise(np.asarray(w, np.float32).T, self.weights.bits, self.weights.block_size)
-            attrs = {"K": in_features, "N": out_features, "bits": self.weights.bits,
-                     "block_size": self.weights.block_size}
-            if self.weights.accuracy_level:
-                attrs["accuracy_level"] = self.weights.accuracy_level
-            y = self.op("MatMulNBits", [x, self.const(f"{name}.qweight", b), self.const(f"{name}.scales", s.ravel()),
-                                        self.const(f"{name}.zero_points", zp.ravel())], domain=MS_DOMAIN, **attrs)[0]
+            y = self._nbits(x, name, kind, w)
         if bias is not None:
             y = self.op("Add", [y, self.const(f"{name}.bias", np.asarray(bias, np.float32))])[0]
+        return y
+
+    def _nbits(self, x: str, name: str, kind: str, w: np.ndarray) -> str:
+        """MatMulNBits for w [N, K] in the format's mode for this kind of linear (see WeightFormat)."""
+        n, k = w.shape
+        bits, block, mode, scale_block = self.weights.layout(kind)
+        q, scales, zp = quantize_blockwise(w, bits, block, mode, scale_block)
+        ins = [x, self.const(f"{name}.qweight", pack_nbits(q, bits)), self.const(f"{name}.scales", scales.ravel())]
+        if mode == "integer_zero_point":
+            ins.append(self.const(f"{name}.zero_points", pack_nbits(zp, bits).ravel()))
+        y = self.op("MatMulNBits", ins, domain=MS_DOMAIN, K=k, N=n, bits=bits, block_size=block,
+                    accuracy_level=self.weights.accuracy_level(kind, bits))[0]
+        if mode == "float_offset":  # + blocksum(x) @ offsets.T: 2 small MatMuls, [B, S, K] -> [B, S, K/block] -> [B, S, N]
+            sums = self.op("MatMul", [x, self.const(f"const.blocksum_{k}x{block}", block_indicator(k, block))])[0]
+            m = np.ascontiguousarray(offsets(scales, zp, bits).T, np.float32)
+            y = self.op("Add", [y, self.op("MatMul", [sums, self.const(f"{name}.offsets_t", m)])[0]])[0]
         return y
 
 
@@ -210,13 +314,12 @@ def _layer_weights(layer: Any) -> dict:
 
 
 def _rope_caches(g: _Graph, rope: Any, arch: Arch) -> tuple[str, str]:
-    """cos, sin [max_positions, rotary_dim/2] with the model's attention scaling folded in."""
-    inv = np.asarray(rope.inv_freq, np.float64)
-    pos = np.arange(max(arch.max_positions, 1), dtype=np.float64)[:, None]
-    ang = pos * inv[None, :]
-    scale = float(rope.attention_scaling)
-    return (g.const("rope.cos", (np.cos(ang) * scale).astype(np.float32)),
-            g.const("rope.sin", (np.sin(ang) * scale).astype(np.float32)))
+    """cos, sin [max_positions, rotary_dim/2] with the model's attention scaling folded in
+    (angles in float32 like transformers' rotary embedding)."""
+    inv = np.asarray(rope.inv_freq, np.float32)
+    ang = np.arange(max(arch.max_positions, 1), dtype=np.float32)[:, None] * inv[None, :]
+    scale = np.float32(rope.attention_scaling)
+    return g.const("rope.cos", np.cos(ang) * scale), g.const("rope.sin", np.sin(ang) * scale)
 
 
 def _body(g: _Graph, model: Any, arch: Arch, rope: Any, num_layers: int, ids: str, pos: str,
@@ -224,8 +327,15 @@ def _body(g: _Graph, model: Any, arch: Arch, rope: Any, num_layers: int, ids: st
           present: list[tuple[str, str]] | None) -> tuple[str, str | None]:
     """Embedding and ``num_layers`` layers. Returns (residual stream h, last MLP output or None)."""
     decoder = model.get_decoder() if hasattr(model, "get_decoder") else model.model
-    embed = g.const("embed_tokens.weight", _np(decoder.embed_tokens.weight))
-    h = g.op("Gather", [embed, ids])[0]
+    table = _np(decoder.embed_tokens.weight)  # [V, hidden]
+    if g.weights.bits is None:
+        h = g.op("Gather", [g.const("embed_tokens.weight", table), ids])[0]
+    else:  # symmetric 8-bit rows (Q8_0); only the looked-up rows are ever read
+        block = g.weights.embed_block_size
+        q, scales, _ = quantize_blockwise(table, 8, block, "symmetric")
+        h = g.op("GatherBlockQuantized", [g.const("embed_tokens.qweight", q.reshape(table.shape[0], -1)), ids,
+                                          g.const("embed_tokens.scales", scales)], domain=MS_DOMAIN,
+                 bits=8, block_size=block, gather_axis=0, quantize_axis=1)[0]
     if arch.embed_scale != 1.0:
         h = g.op("Mul", [h, g.const("embed_scale", np.asarray(arch.embed_scale, np.float32))])[0]
     cos, sin = _rope_caches(g, rope, arch)
@@ -237,24 +347,30 @@ def _body(g: _Graph, model: Any, arch: Arch, rope: Any, num_layers: int, ids: st
     for i in range(num_layers):
         w = _layer_weights(decoder.layers[i])
         p = f"layers.{i}"
-        in_norm = g.const(f"{p}.input_layernorm", w["in_norm"] + arch.norm_offset)
+        gin, gpost = w["in_norm"] + arch.norm_offset, w["post_norm"] + arch.norm_offset
+        in_norm = g.const(f"{p}.input_layernorm", gin)
         if prev is None:
             x = g.op("SimplifiedLayerNormalization", [h, in_norm], axis=-1, epsilon=arch.eps, stash_type=1)[0]
         else:
             x, _, _, h = g.op("SkipSimplifiedLayerNormalization", [prev, h, in_norm], 4, MS_DOMAIN, epsilon=arch.eps)
         qkv = g.linear(x, f"{p}.qkv_proj", w["qkv"], w["qkv_bias"])
-        q, k, v = g.op("Split", [qkv, split_qkv], 3, axis=-1)
-        heads_q = {"num_heads": arch.num_heads, **rot} if rot else {}
-        heads_k = {"num_heads": arch.num_kv_heads, **rot} if rot else {}
-        q = g.op("RotaryEmbedding", [q, pos, cos, sin], domain=MS_DOMAIN, interleaved=0, **heads_q)[0]
-        k = g.op("RotaryEmbedding", [k, pos, cos, sin], domain=MS_DOMAIN, interleaved=0, **heads_k)[0]
         kv_in = ["", ""] if past is None else list(past[i])
         kv_out = present[i] if present is not None else (f"/{p}/present_key", f"/{p}/present_value")
-        attn = g.op("GroupQueryAttention", [q, k, v, *kv_in, seqlens, total], domain=MS_DOMAIN,
-                    outputs=[f"/{p}/attn", *kv_out], num_heads=arch.num_heads, kv_num_heads=arch.num_kv_heads,
-                    scale=float(arch.attn_scale), do_rotary=0)[0]
+        if rot:  # partial rotary: rotate q and k outside attention
+            q, k, v = g.op("Split", [qkv, split_qkv], 3, axis=-1)
+            heads_q = {"num_heads": arch.num_heads, **rot} if rot else {}
+            heads_k = {"num_heads": arch.num_kv_heads, **rot} if rot else {}
+            q = g.op("RotaryEmbedding", [q, pos, cos, sin], domain=MS_DOMAIN, interleaved=0, **heads_q)[0]
+            k = g.op("RotaryEmbedding", [k, pos, cos, sin], domain=MS_DOMAIN, interleaved=0, **heads_k)[0]
+            attn = g.op("GroupQueryAttention", [q, k, v, *kv_in, seqlens, total], domain=MS_DOMAIN,
+                        outputs=[f"/{p}/attn", *kv_out], num_heads=arch.num_heads, kv_num_heads=arch.num_kv_heads,
+                        scale=float(arch.attn_scale), do_rotary=0)[0]
+        else:  # packed q|k|v; attention rotates q and k at position_ids itself
+            attn = g.op("GroupQueryAttention", [qkv, "", "", *kv_in, seqlens, total, cos, sin, pos], domain=MS_DOMAIN,
+                        outputs=[f"/{p}/attn", *kv_out], num_heads=arch.num_heads, kv_num_heads=arch.num_kv_heads,
+                        scale=float(arch.attn_scale), do_rotary=1, rotary_interleaved=0)[0]
         o = g.linear(attn, f"{p}.o_proj", w["o"], w["o_bias"])
-        post = g.const(f"{p}.post_attention_layernorm", w["post_norm"] + arch.norm_offset)
+        post = g.const(f"{p}.post_attention_layernorm", gpost)
         x, _, _, h = g.op("SkipSimplifiedLayerNormalization", [o, h, post], 4, MS_DOMAIN, epsilon=arch.eps)
         gu = g.linear(x, f"{p}.gate_up_proj", w["gate_up"])
         gate, up = g.op("Split", [gu, split_mlp], 2, axis=-1)
@@ -307,7 +423,9 @@ def build_decoder_graph(model: Any, rope: Any, weights: WeightFormat) -> Any:
     else:
         x = g.op("SkipSimplifiedLayerNormalization", [prev, h, final], 1, MS_DOMAIN, epsilon=arch.eps)[0]
     head = model.get_output_embeddings().weight
-    g.linear(x, "lm_head", _np(head))
+    embed = (model.get_decoder() if hasattr(model, "get_decoder") else model.model).embed_tokens.weight
+    tied = head.data_ptr() == embed.data_ptr()
+    g.linear(x, "lm_head", _np(head), transposed="embed_tokens.weight" if tied else None)
     g.nodes[-1].output[0] = "logits"
     f, i64 = TensorProto.FLOAT, TensorProto.INT64
     inputs = [helper.make_tensor_value_info("input_ids", i64, ["batch_size", "sequence_length"]),
@@ -362,51 +480,67 @@ def build_key_graph(model: Any, rope: Any, key_layer: int, pooling: str, weights
     return _model_proto(g, inputs, outputs, "edgekv-key", {"edgekv.weights": weights.name})
 
 
-def save_graphs(decoder: Any, key: Any, folder: str, decoder_file: str, key_file: str, data_file: str) -> list[str]:
+ROW_READERS = ("Gather", "GatherBlockQuantized")  # ops that read a table by row
+
+
+def save_graphs(decoder: Any, key: Any, folder: str, decoder_file: str, key_file: str, data_file: str) -> dict:
     """Write both graphs with their initializers in one external-data file (each tensor once).
 
-    Tensors are page-aligned in ``data_file`` so onnxruntime can memory-map them; the key
-    graph's initializers point at the decoder's bytes (same names, same offsets).
-    Returns the written file names.
+    Tensors are 4 KiB-aligned in ``data_file`` so onnxruntime can memory-map them; the key
+    graph's initializers point at the decoder's bytes (same name, same bytes: checked).
+    Returns {"files": written names, "row_tables": tables every graph only reads by row}:
+    ``{name: {file, offset, length, dtype, shape}}`` — the runtime maps those once and hands
+    them to both sessions (``edgekv.runtime.decoder.map_row_tables``).
     """
+    import hashlib
     import os
 
-    from onnx import TensorProto, numpy_helper, save_model
+    from onnx import TensorProto, helper, save_model
 
-    offsets: dict[str, tuple[int, int]] = {}
-    path = os.path.join(folder, data_file)
-    align = 4096
-    with open(path, "wb") as f:
+    placed: dict[str, tuple[int, int, str]] = {}  # name -> (offset, length, sha256)
+    with open(os.path.join(folder, data_file), "wb") as f:
         for model in (decoder, key):
             for t in model.graph.initializer:
-                if t.name in offsets or len(t.raw_data) < 1024:
+                if len(t.raw_data) < 1024:
+                    continue  # small constants stay inside the graph
+                digest = hashlib.sha256(t.raw_data).hexdigest()
+                if t.name in placed:
+                    if placed[t.name][2] != digest:
+                        raise ValueError(f"initializer {t.name} differs between the decoder and the key graph")
                     continue
-                pos = f.tell()
-                pad = (-pos) % align
-                f.write(b"\0" * pad)
-                offsets[t.name] = (pos + pad, len(t.raw_data))
+                f.write(b"\0" * (-f.tell() % 4096))
+                placed[t.name] = (f.tell(), len(t.raw_data), digest)
                 f.write(t.raw_data)
+    row_only: dict[str, bool] = {}
+    for model in (decoder, key):
+        users: dict[str, set] = {}
+        for node in model.graph.node:
+            for name in node.input:
+                users.setdefault(name, set()).add(node.op_type)
+        for t in model.graph.initializer:
+            row_only[t.name] = row_only.get(t.name, True) and users.get(t.name, set()) <= set(ROW_READERS)
+    tables = {}
     for model, name in ((decoder, decoder_file), (key, key_file)):
         for t in model.graph.initializer:
-            if t.name not in offsets:
-                continue
-            off, size = offsets[t.name]
-            if numpy_helper.to_array(t).nbytes != size:  # same name must mean same bytes
-                raise AssertionError(f"initializer {t.name} differs between graphs")
-            t.ClearField("raw_data")
-            t.data_location = TensorProto.EXTERNAL
-            del t.external_data[:]
-            for k, v in (("location", data_file), ("offset", str(off)), ("length", str(size))):
-                entry = t.external_data.add()
-                entry.key, entry.value = k, v
+            if t.name in placed and t.raw_data:
+                off, size, _ = placed[t.name]
+                if row_only[t.name]:
+                    tables[t.name] = {"file": data_file, "offset": off, "length": size, "shape": list(t.dims),
+                                      "dtype": str(helper.tensor_dtype_to_np_dtype(t.data_type))}
+                t.ClearField("raw_data")
+                t.data_location = TensorProto.EXTERNAL
+                del t.external_data[:]
+                for k, v in (("location", data_file), ("offset", str(off)), ("length", str(size))):
+                    entry = t.external_data.add()
+                    entry.key, entry.value = k, v
         save_model(model, os.path.join(folder, name))
-    return [decoder_file, key_file, data_file]
+    return {"files": [decoder_file, key_file, data_file], "row_tables": tables}
 
 
 def graph_stats(proto: Any) -> dict:
-    """Node count per op type and bytes of initializers (for summaries and benchmarks)."""
+    """Node count per op type and the number of initializers (for summaries and benchmarks)."""
     import collections
 
     return {"nodes": len(proto.graph.node),
             "ops": dict(collections.Counter(n.op_type for n in proto.graph.node).most_common()),
-            "initializer_bytes": int(sum(math.prod(t.dims) for t in proto.graph.initializer))}
+            "initializers": len(proto.graph.initializer)}

@@ -123,8 +123,11 @@ def _load_gguf(path: str, eos_token: str | None = None) -> tuple[Any, Any]:
     except ImportError:
         raise MissingDependencyError("loading a .gguf needs the 'gguf' package: pip install 'edgekv[host]'") from None
     d, f = os.path.split(os.path.abspath(path))
-    model = transformers.AutoModelForCausalLM.from_pretrained(d, gguf_file=f, dtype=torch.float32)
-    tok = transformers.AutoTokenizer.from_pretrained(d, gguf_file=f)
+    # trust_remote_code=False everywhere: never run code from a model folder (left at None,
+    # transformers asks on a terminal whether to run a folder's custom code)
+    model = transformers.AutoModelForCausalLM.from_pretrained(d, gguf_file=f, dtype=torch.float32,
+                                                              trust_remote_code=False)
+    tok = transformers.AutoTokenizer.from_pretrained(d, gguf_file=f, trust_remote_code=False)
     if eos_token is not None:
         _set_eos(model, tok, eos_token)
     return model, tok
@@ -151,12 +154,16 @@ def load_backbone(model: str) -> Backbone:
     elif os.path.isdir(model):
         if not os.path.isfile(os.path.join(model, "config.json")):
             raise InputError(f"{model}: not a Hugging Face model folder (no config.json)")
-        cfg = transformers.AutoConfig.from_pretrained(model)
+        try:
+            cfg = transformers.AutoConfig.from_pretrained(model, trust_remote_code=False)
+        except (ValueError, OSError, KeyError) as e:  # unknown model_type, custom code, bad JSON
+            raise InputError(f"{model}: cannot read its config.json ({str(e).splitlines()[0][:200]})") from None
         if cfg.model_type not in SUPPORTED_TYPES:
             raise InputError(f"{model}: architecture {cfg.model_type!r} is not supported "
                              f"(supported decoders: {', '.join(SUPPORTED_TYPES)})")
-        hf_model = transformers.AutoModelForCausalLM.from_pretrained(model, dtype=torch.float32)
-        tok = transformers.AutoTokenizer.from_pretrained(model)
+        hf_model = transformers.AutoModelForCausalLM.from_pretrained(model, dtype=torch.float32,
+                                                                     trust_remote_code=False)
+        tok = transformers.AutoTokenizer.from_pretrained(model, trust_remote_code=False)
     else:
         raise InputError(f"model {source!r} not found: pass a Hugging Face model folder, a .gguf file, "
                          f"or a built-in name ({', '.join(BUILTINS)})")

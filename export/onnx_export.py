@@ -1,4 +1,14 @@
-"""The ONNX graphs the device runs: the decoder with past, the retrieval-key graph, int8 weights.
+"""The ONNX graphs the device runs: the decoder with past, the retrieval-key graph, weights.
+
+Two ways to write the decoder:
+
+* ``export_fused`` (the default) — edgekv's own graphs (:mod:`edgekv.export.decoder_graph`):
+  fused contrib ops, GroupQueryAttention with a shared past/present buffer, fp32 or
+  weight-only block-wise int8 / int4 (``MatMulNBits``), and a ``key.onnx`` that reads the
+  same weights. Both graphs keep their initializers in one file, ``model.onnx.data``.
+  optimum's ``config.json`` / ``generation_config.json`` are written next to them, and the
+  interface is optimum's, so ``ORTModelForCausalLM`` opens the folder too.
+* ``export_decoder`` / ``export_key_graph`` (``--graph optimum``, fp32) — what follows:
 
 * ``model.onnx`` — optimum's ``text-generation-with-past`` export of the causal LM, fp32,
   in optimum's folder layout (``model.onnx`` + ``config.json`` + ``generation_config.json``)
@@ -8,8 +18,9 @@
 * ``key.onnx`` — :class:`edgekv.export.keymodel.KeyModel` (the first ``key_layer`` layers
   and the pooling), traced with ``torch.onnx.export(dynamo=False)`` under optimum's model
   patcher so that mask creation traces; dynamic batch and sequence axes.
-* ``quantize_decoder`` — onnxruntime dynamic quantisation of the decoder weights (int8,
-  per channel); the retrieval-key graph stays fp32 so query keys equal the stored keys.
+* (issue 3 quantised optimum's graph with ``quantize_dynamic``; activation outliers cost it
+  top-1 agreement, ~0.7 on SmolLM2: ``export_fused``'s weight-only formats replace it, see
+  docs/performance.md.)
 
 Exports run quietly (tracer warnings and library logs silenced) and deterministically
 (fixed seed, no validation inputs drawn into the graph).
@@ -21,7 +32,6 @@ import contextlib
 import io
 import logging
 import os
-import shutil
 import tempfile
 import warnings
 from collections.abc import Iterator
@@ -31,6 +41,7 @@ from edgekv.errors import InputError
 
 DECODER_FILE = "model.onnx"
 KEY_FILE = "key.onnx"
+WEIGHTS_FILE = "model.onnx.data"  # initializers of both fused graphs (each tensor once)
 DECODER_TASK = "text-generation-with-past"
 DEFAULT_OPSET = 18
 # What optimum writes next to model.onnx that belongs to the optimum folder layout.
@@ -187,27 +198,33 @@ def export_key_graph(model: Any, decoder: Any, key_layer: int, pooling: str, pat
                           dynamic_axes=axes, do_constant_folding=True)
 
 
-# --- int8 weights -----------------------------------------------------------------
-def quantize_decoder(src_dir: str, dst_dir: str, name: str = DECODER_FILE) -> list[str]:
-    """Dynamic int8 quantisation of ``src_dir/name`` into ``dst_dir/name``.
+# --- edgekv's fused graphs -----------------------------------------------------------
+def export_fused(model: Any, rope: Any, key_layer: int, pooling: str, out_dir: str, weights: str = "fp32") -> dict:
+    """Write the fused decoder, the key graph and their shared weights file into ``out_dir``.
 
-    Weights: symmetric int8 (QInt8), per output channel; activations are quantised at run
-    time (onnxruntime's DynamicQuantizeLinear). Returns the written file names.
+    ``weights``: "fp32", "int8" or "int4" (:data:`edgekv.export.decoder_graph.WEIGHT_FORMATS`).
+    Returns {"decoder": [files], "key": [files], "stats": node counts and op types,
+    "row_tables": the tables both graphs read only by row (for the manifest)}.
     """
-    from onnxruntime.quantization import QuantType, quantize_dynamic
+    from edgekv.export.decoder_graph import (
+        WEIGHT_FORMATS,
+        build_decoder_graph,
+        build_key_graph,
+        graph_stats,
+        save_graphs,
+    )
 
-    external = len(onnx_files(src_dir, name)) > 1
-    os.makedirs(dst_dir, exist_ok=True)
-    with quiet_export():
-        quantize_dynamic(os.path.join(src_dir, name), os.path.join(dst_dir, name), per_channel=True,
-                         weight_type=QuantType.QInt8, use_external_data_format=external)
-    return onnx_files(dst_dir, name)
-
-
-def move_files(src_dir: str, dst_dir: str, names: list[str]) -> None:
-    os.makedirs(dst_dir, exist_ok=True)
-    for name in names:
-        shutil.move(os.path.join(src_dir, name), os.path.join(dst_dir, name))
+    fmt = WEIGHT_FORMATS[weights]
+    os.makedirs(out_dir, exist_ok=True)
+    decoder = build_decoder_graph(model, rope, fmt)
+    key = build_key_graph(model, rope, key_layer, pooling, fmt)
+    stats = {"decoder": graph_stats(decoder), "key": graph_stats(key)}
+    saved = save_graphs(decoder, key, out_dir, DECODER_FILE, KEY_FILE, WEIGHTS_FILE)
+    model.config.save_pretrained(out_dir)  # optimum's folder layout: config.json (+ generation_config.json)
+    if getattr(model, "generation_config", None) is not None:
+        model.generation_config.save_pretrained(out_dir)
+    return {"decoder": [DECODER_FILE, WEIGHTS_FILE], "key": [KEY_FILE, WEIGHTS_FILE], "stats": stats,
+            "row_tables": saved["row_tables"]}
 
 
 # --- export-time check against PyTorch ----------------------------------------------

@@ -1,10 +1,11 @@
 """``edgekv export``: turn a backbone (and optionally a memory) into a device folder.
 
-Stages (one progress bar): load the backbone; export the decoder with past; check it
-against PyTorch (prefix KV injected as past must give the joint sequence's logits);
-optionally quantise its weights to int8 (and measure the effect); export the
-retrieval-key graph; write the tokenizer; build the HNSW index for a memory; write
-``manifest.json`` with every file's sha256.
+Stages (one progress bar): load the backbone; write the fp32 decoder with past (edgekv's
+fused graph, or optimum's with ``graph="optimum"``); check it against PyTorch (prefix KV
+injected as past must give the joint sequence's logits); optionally quantise its weights
+(weight-only int8 / int4 ``MatMulNBits``, see ``decoder_graph.WeightFormat``) and measure
+the effect; write the retrieval-key graph; write the tokenizer; build the HNSW index for
+a memory; write ``manifest.json`` with every file's sha256.
 
 Everything is written into a hidden sibling folder and renamed into place at the end,
 so a failed or interrupted export leaves the output folder as it was. An existing
@@ -29,19 +30,18 @@ from edgekv.export.onnx_export import (
     DECODER_FILE,
     DEFAULT_OPSET,
     KEY_FILE,
-    OPTIMUM_CONFIG_FILES,
     check_decoder,
     export_decoder,
+    export_fused,
     export_key_graph,
     files_bytes,
-    move_files,
     onnx_files,
-    quantize_decoder,
 )
 from edgekv.manifest import MANIFEST_FILE, POOLINGS, file_hashes, is_export_folder, write_manifest
 
 TOKENIZER_FILE = "tokenizer.json"
-QUANTIZE_CHOICES = ("int8",)
+QUANTIZE_CHOICES = ("int8", "int4")
+GRAPHS = ("fused", "optimum")
 # The export-time check holds the fp32 decoder to this, relative to the logits' scale
 # (the tests hold 1e-4 absolute on tiny models and SmolLM2).
 CHECK_RTOL = 1e-4
@@ -54,7 +54,8 @@ TOKENIZER_PROBES = ("hello world", "  two leading spaces", "Question: 2+2?\nAnsw
 class ExportOptions:
     """What ``edgekv export`` writes besides the fp32 decoder."""
 
-    quantize_weights: str | None = None  # None: fp32 decoder; "int8": dynamic int8 weights, per channel
+    quantize_weights: str | None = None  # None: fp32; "int8" / "int4": weight-only block-wise MatMulNBits
+    graph: str = "fused"  # "fused": edgekv's decoder graph; "optimum": optimum's export (fp32 only)
     memory: str | None = None  # a .ekv file: check it belongs to the model, build its HNSW index
     key_layer: int | None = None  # layer the retrieval key pools (None: the memory's, else default)
     key_pooling: str = "mean"  # mean | last (a memory's own pooling wins)
@@ -65,6 +66,10 @@ class ExportOptions:
     def __post_init__(self) -> None:
         if self.quantize_weights not in (None, *QUANTIZE_CHOICES):
             raise InputError(f"--quantize-weights must be one of {QUANTIZE_CHOICES}, got {self.quantize_weights!r}")
+        if self.graph not in GRAPHS:
+            raise InputError(f"graph must be one of {GRAPHS}, got {self.graph!r}")
+        if self.graph == "optimum" and self.quantize_weights:
+            raise InputError("--quantize-weights needs edgekv's fused graph; omit graph='optimum'")
         if self.key_layer is not None and self.key_layer < 0:
             raise InputError(f"--key-layer must be >= 0, got {self.key_layer}")
         if self.key_pooling not in POOLINGS:
@@ -99,7 +104,8 @@ def stage_names(opts: ExportOptions) -> list[str]:
     names = ["load", "decoder"]
     names += ["check"] if opts.check else []
     names += ["quantise"] if opts.quantize_weights else []
-    names += ["key graph", "tokenizer"]
+    names += ["key graph"] if opts.graph == "optimum" else []
+    names += ["tokenizer"]
     names += ["index"] if opts.memory else []
     return [*names, "manifest"]
 
@@ -188,15 +194,16 @@ def check_fp32(bb: Backbone, folder: str) -> dict:
     return res
 
 
-def quantise(bb: Backbone, fp32_dir: str, folder: str, check: bool) -> tuple[list[str], dict]:
-    """int8 decoder into ``folder``; sizes and (with ``check``) the logit effect vs PyTorch fp32."""
-    fp32_bytes = files_bytes(fp32_dir, onnx_files(fp32_dir, DECODER_FILE))
-    names = quantize_decoder(fp32_dir, folder)
-    info: dict = {"fp32_bytes": fp32_bytes, "int8_bytes": files_bytes(folder, names)}
+def quantise_fused(bb: Backbone, key: tuple[int, str], weights: str, fp32_dir: str, folder: str,
+                   check: bool) -> tuple[dict, dict]:
+    """The fused graphs with ``weights`` into ``folder``; sizes and (``check``) the effect vs PyTorch fp32."""
+    files = export_fused(bb.model, bb.rope, key[0], key[1], folder, weights)
+    info: dict = {"fp32_bytes": files_bytes(fp32_dir, files["decoder"]), "bytes": files_bytes(folder, files["decoder"]),
+                  "graph": files["stats"]["decoder"]}
     if check:
         ids, split = probe_ids(bb)
         info["check"] = check_decoder(bb.model, os.path.join(folder, DECODER_FILE), ids, split)
-    return names, info
+    return files, info
 
 
 def export_tokenizer(bb: Backbone, folder: str) -> dict:
@@ -259,21 +266,29 @@ def _export_into(model: str, folder: str, opts: ExportOptions, stages: Stages) -
         check_memory(spec, opts.memory, bb, opts.key_layer)
     key = resolve_key(bb, opts, spec)
     fp32_dir = os.path.join(folder, ".fp32") if opts.quantize_weights else folder
-    summary: dict = {"decoder": {"weights": opts.quantize_weights or "fp32"}}
+    summary: dict = {"decoder": {"weights": opts.quantize_weights or "fp32", "graph": opts.graph}}
+    row_tables: dict = {}
     with stages.stage("decoder"):
-        decoder_names = export_decoder(bb.model, fp32_dir, opts.opset)
+        if opts.graph == "optimum":
+            decoder_names = export_decoder(bb.model, fp32_dir, opts.opset)
+        else:
+            files = export_fused(bb.model, bb.rope, key[0], key[1], fp32_dir, "fp32")
+            decoder_names, key_names, row_tables = files["decoder"], files["key"], files["row_tables"]
+            summary["decoder"]["fp32_graph"] = files["stats"]["decoder"]
         summary["decoder"]["fp32_bytes"] = files_bytes(fp32_dir, decoder_names)
     if opts.check:
         with stages.stage("check"):
             summary["decoder"]["fp32_check"] = check_fp32(bb, fp32_dir)
     if opts.quantize_weights:
         with stages.stage("quantise"):
-            move_files(fp32_dir, folder, [n for n in OPTIMUM_CONFIG_FILES if os.path.isfile(os.path.join(fp32_dir, n))])
-            decoder_names, summary["decoder"]["int8"] = quantise(bb, fp32_dir, folder, opts.check)
+            files, summary["decoder"]["quantised"] = quantise_fused(bb, key, opts.quantize_weights, fp32_dir, folder,
+                                                                   opts.check)
+            decoder_names, key_names, row_tables = files["decoder"], files["key"], files["row_tables"]
             shutil.rmtree(fp32_dir)
-    with stages.stage("key graph"):
-        export_key_graph(bb.model, bb.decoder, key[0], key[1], os.path.join(folder, KEY_FILE), opts.opset)
-        key_names = onnx_files(folder, KEY_FILE)
+    if opts.graph == "optimum":
+        with stages.stage("key graph"):
+            export_key_graph(bb.model, bb.decoder, key[0], key[1], os.path.join(folder, KEY_FILE), opts.opset)
+            key_names = onnx_files(folder, KEY_FILE)
     with stages.stage("tokenizer"):
         tokenizer = export_tokenizer(bb, folder)
     index = None
@@ -285,6 +300,8 @@ def _export_into(model: str, folder: str, opts: ExportOptions, stages: Stages) -
     with stages.stage("manifest"):
         names = [*decoder_names, *key_names, TOKENIZER_FILE] + ([index["file"], INDEX_META] if index else [])
         data = manifest_data(bb, key, summary["decoder"]["weights"], tokenizer, file_hashes(folder, names), index)
+        if row_tables:  # embedding tables the runtime maps once for both sessions
+            data["decoder"]["row_tables"] = row_tables
         write_manifest(folder, data)
     summary["decoder"]["bytes"] = files_bytes(folder, decoder_names)
     summary.update(model=str(bb.source), model_type=bb.shape.model_type, model_fingerprint=bb.fingerprint,
@@ -298,10 +315,13 @@ def run_export(model: str, out_dir: str, opts: ExportOptions, progress: bool = T
     out_dir = os.path.abspath(out_dir)
     check_out_dir(out_dir, opts.force)
     t0 = time.perf_counter()
-    stages = Stages(stage_names(opts), progress)
+    from edgekv.export import vlm  # vision-language models: their own graphs (export/vlm.py)
+
+    is_vlm = vlm.vlm_type(model) is not None
+    stages = Stages(vlm.stage_names(opts) if is_vlm else stage_names(opts), progress)
     staging = staging_dir(out_dir)
     try:
-        summary = _export_into(model, staging, opts, stages)
+        summary = (vlm.export_vlm_into if is_vlm else _export_into)(model, staging, opts, stages)
         publish(staging, out_dir)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
@@ -316,7 +336,9 @@ def run_export(model: str, out_dir: str, opts: ExportOptions, progress: bool = T
 
 
 def export_model(model: str, out_dir: str, quantize_weights: str | None = None, memory: str | None = None,
-                 key_layer: int | None = None, progress: bool = True, force: bool = False) -> dict:
+                 key_layer: int | None = None, progress: bool = True, force: bool = False,
+                 graph: str = "fused") -> dict:
     """Export MODEL (folder, .gguf or built-in name) into ``out_dir``; return the summary."""
-    opts = ExportOptions(quantize_weights=quantize_weights, memory=memory, key_layer=key_layer, force=force)
+    opts = ExportOptions(quantize_weights=quantize_weights, memory=memory, key_layer=key_layer, force=force,
+                         graph=graph)
     return run_export(model, out_dir, opts, progress)

@@ -3,6 +3,22 @@
 Inputs: ``input_ids`` [B, S], ``attention_mask`` [B, P+S], ``position_ids`` [B, S] (when the
 graph has it), ``past_key_values.{l}.key|value`` [B, H, P, D]. Outputs: ``logits``
 [B, S, V], ``present.{l}.key|value`` [B, H, P+S, D].
+
+Three ways to carry the cache between calls of :meth:`DecoderSession.forward`:
+
+* :class:`KVCache` — graphs edgekv builds (metadata ``edgekv.kv_buffer = shared``): one
+  preallocated buffer per layer, K and V [1, H, capacity, D], bound with I/O binding as
+  both ``past`` and ``present``; GroupQueryAttention appends the new positions in place
+  and reads the valid length from ``attention_mask``. Nothing is copied per token; the
+  buffers double (one copy) when full.
+* :class:`BoundPast` — other graphs (optimum's): ``present`` stays an onnxruntime value
+  and is bound as the next ``past``, so the cache never makes a numpy round trip (the
+  graph's own Concat still copies it).
+* a plain list of numpy (K, V) per layer (:data:`Past`), for callers and tests;
+  ``forward`` turns it into one of the above, :meth:`DecoderSession.forward_numpy` runs
+  the plain ``sess.run`` path.
+
+All three index like the list: ``past[layer] -> (K, V)`` [1, H, P, D], ``len(past)``.
 """
 
 from __future__ import annotations
@@ -14,9 +30,39 @@ import numpy as np
 from edgekv.errors import CorruptFileError, InputError
 
 Past = list[tuple[np.ndarray, np.ndarray]]  # per layer: K, V [1, H, P, D] float32
+KV_BUFFER_META = "edgekv.kv_buffer"  # written by export/decoder_graph.py
+MIN_CAPACITY = 256  # positions a new KVCache holds beyond what it is created with
 
 
-def session_options(threads: int | None):
+def map_row_tables(folder: str, tables: dict) -> dict:
+    """OrtValues over tables the graphs only read by row (manifest ``decoder.row_tables``):
+    each weights file memory-mapped once, read-only, without read-ahead (MADV_RANDOM), so
+    only the rows of looked-up tokens become resident and both sessions share the pages.
+    -> {name: OrtValue}; the values keep their mapping alive."""
+    import mmap
+
+    import onnxruntime as ort
+
+    maps: dict[str, mmap.mmap] = {}
+    out = {}
+    for name, t in sorted(tables.items()):
+        path = os.path.join(folder, os.path.basename(t["file"]))
+        if t["file"] not in maps:
+            with open(path, "rb") as f:
+                maps[t["file"]] = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+            if hasattr(mmap, "MADV_RANDOM"):
+                maps[t["file"]].madvise(mmap.MADV_RANDOM)
+        try:
+            dtype = np.dtype(t["dtype"])
+            arr = np.frombuffer(maps[t["file"]], dtype, int(t["length"]) // dtype.itemsize, int(t["offset"]))
+            out[name] = ort.OrtValue.ortvalue_from_numpy(arr.reshape([int(d) for d in t["shape"]]))
+        except (ValueError, TypeError, KeyError) as e:
+            raise CorruptFileError(f"{path}: table {name} does not match manifest.json ({e}); re-export the model") from None
+    return out
+
+
+def session_options(threads: int | None, initializers: dict | None = None):
+    """CPU session options; ``initializers`` {name: OrtValue} replace the graph's own (shared buffers)."""
     import onnxruntime as ort
 
     so = ort.SessionOptions()
@@ -25,23 +71,105 @@ def session_options(threads: int | None):
         so.intra_op_num_threads = int(threads)
     so.inter_op_num_threads = 1
     so.log_severity_level = 3
+    for name, value in (initializers or {}).items():
+        so.add_initializer(name, value)
     return so
 
 
-def open_session(path: str, threads: int | None):
+def open_session(path: str, threads: int | None, options=None):
     import onnxruntime as ort
 
     if not os.path.isfile(path):
         raise InputError(f"{path}: missing from the artifacts; re-export the model")
     try:
-        return ort.InferenceSession(path, session_options(threads), providers=["CPUExecutionProvider"])
+        return ort.InferenceSession(path, options or session_options(threads), providers=["CPUExecutionProvider"])
     except Exception as e:  # onnxruntime raises its own exception classes
         raise CorruptFileError(f"{path}: onnxruntime cannot load it ({str(e).splitlines()[0][:200]})") from None
 
 
+class KVCache:
+    """Per-layer K, V buffers [1, H, capacity, D] that the decoder appends to in place.
+
+    Invariant: positions 0..length-1 of every buffer hold the valid cache; the rest is
+    scratch. One cache belongs to one sequence (and one thread) at a time.
+    """
+
+    def __init__(self, num_layers: int, num_kv_heads: int, head_dim: int, capacity: int):
+        import onnxruntime as ort
+
+        self.length = 0
+        self.capacity = capacity
+        # one array per K / V, [L, 1, H, capacity, D]; layer l's buffer is the contiguous view [l]
+        self.k_all = np.zeros((num_layers, 1, num_kv_heads, capacity, head_dim), np.float32)
+        self.v_all = np.zeros_like(self.k_all)
+        self.keys, self.values = list(self.k_all), list(self.v_all)
+        # OrtValues over the numpy buffers (no copy): bound as both past and present.
+        self.ort_keys = [ort.OrtValue.ortvalue_from_numpy(a) for a in self.keys]
+        self.ort_values = [ort.OrtValue.ortvalue_from_numpy(a) for a in self.values]
+        self.binding = None  # the session's IOBinding with the buffers bound (set by DecoderSession)
+
+    def fill(self, K: np.ndarray, V: np.ndarray) -> None:
+        """Write K, V [L, H, T, D] at positions 0..T-1 (the injected memory); length = T."""
+        T = K.shape[2]
+        if T > self.capacity:
+            raise InputError(f"{T} positions do not fit a cache of {self.capacity}")
+        self.k_all[:, 0, :, :T] = K
+        self.v_all[:, 0, :, :T] = V
+        self.length = T
+
+    def write_entries(self, entries: list, alphas: np.ndarray, gates, rope) -> None:
+        """Dequantise retrieved entries (layout order) straight into positions 0..k*m-1.
+
+        The arithmetic of :func:`edgekv.induction.assemble_memory_kv` (its ``entry_scale`` and
+        ``entry_kv``; keys rotated to their positions) without its concatenation and copies:
+        one pass per entry into the buffers (tests hold the two equal). length = k*m.
+        """
+        from edgekv.induction import entry_kv, entry_scale
+
+        gates = np.asarray(gates, np.float32)
+        pos = 0
+        for e, a in zip(entries, alphas, strict=True):
+            f = entry_scale(a, len(entries))
+            k, v = entry_kv(e, f, f * gates)  # [L, H, m, D] float32 (position-free keys)
+            m = k.shape[2]
+            if pos + m > self.capacity:
+                raise InputError(f"{pos + m} positions do not fit a cache of {self.capacity}")
+            self.v_all[:, 0, :, pos:pos + m] = v
+            dst = self.k_all[:, 0, :, pos:pos + m]
+            if rope is None:
+                dst[...] = k
+            else:
+                rotate_into(dst, k, rope, pos)
+            pos += m
+        self.length = pos
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+    def __getitem__(self, layer: int) -> tuple[np.ndarray, np.ndarray]:
+        """Views K, V [1, H, length, D] of the valid positions (not copies)."""
+        return self.keys[layer][:, :, :self.length], self.values[layer][:, :, :self.length]
+
+
+class BoundPast:
+    """The previous step's ``present`` values kept inside onnxruntime (graphs without a shared buffer)."""
+
+    def __init__(self, ort_values: list, length: int):
+        self.ort_values = ort_values  # [K0, V0, K1, V1, ...] OrtValues
+        self.length = length
+
+    def __len__(self) -> int:
+        return len(self.ort_values) // 2
+
+    def __getitem__(self, layer: int) -> tuple[np.ndarray, np.ndarray]:
+        """Copies K, V [1, H, P, D] (for inspection; the decode loop never calls this)."""
+        return self.ort_values[2 * layer].numpy(), self.ort_values[2 * layer + 1].numpy()
+
+
 class DecoderSession:
-    def __init__(self, path: str, num_layers: int, num_kv_heads: int, head_dim: int, threads: int | None = None):
-        self.sess = open_session(path, threads)
+    def __init__(self, path: str, num_layers: int, num_kv_heads: int, head_dim: int, threads: int | None = None,
+                 options=None):
+        self.sess = open_session(path, threads, options)
         names = {i.name for i in self.sess.get_inputs()}
         self.num_layers, self.num_kv_heads, self.head_dim = num_layers, num_kv_heads, head_dim
         self.past_names = [(f"past_key_values.{i}.key", f"past_key_values.{i}.value") for i in range(num_layers)]
@@ -52,13 +180,103 @@ class DecoderSession:
             raise CorruptFileError(f"{path}: not a decoder-with-past graph edgekv understands (missing inputs {missing[:3]})")
         self.has_position_ids = "position_ids" in names
         self.output_names = ["logits"] + [n for pair in self.present_names for n in pair]
+        meta = self.sess.get_modelmeta().custom_metadata_map
+        self.shared_buffer = meta.get(KV_BUFFER_META) == "shared"
+        self.vocab_size = self.sess.get_outputs()[0].shape[-1]
 
     def empty_past(self) -> Past:
         z = np.zeros((1, self.num_kv_heads, 0, self.head_dim), np.float32)
         return [(z, z) for _ in range(self.num_layers)]
 
-    def forward(self, input_ids: np.ndarray, past: Past) -> tuple[np.ndarray, Past]:
-        """input_ids: [1, S] int64; past: P positions -> logits [1, S, V], present (P+S positions)."""
+    # --- the fast paths -------------------------------------------------------------
+    def new_cache(self, capacity: int, K: np.ndarray | None = None, V: np.ndarray | None = None) -> KVCache:
+        """A :class:`KVCache` for ``capacity`` positions, holding K, V [L, H, T, D] if given."""
+        if not self.shared_buffer:
+            raise InputError("this decoder graph has no shared KV buffer; re-export the model with this edgekv")
+        cache = KVCache(self.num_layers, self.num_kv_heads, self.head_dim, capacity)
+        if K is not None:
+            cache.fill(K, V)
+        self._bind_cache(cache)
+        return cache
+
+    def _bind_cache(self, cache: KVCache) -> None:
+        io = self.sess.io_binding()
+        io.bind_output("logits", "cpu")  # first output; onnxruntime allocates it (its length varies)
+        for (pk, pv), (ok, ov), k, v in zip(self.past_names, self.present_names, cache.ort_keys, cache.ort_values,
+                                            strict=True):
+            io.bind_ortvalue_input(pk, k)
+            io.bind_ortvalue_input(pv, v)
+            io.bind_ortvalue_output(ok, k)  # present is past: GroupQueryAttention appends in place
+            io.bind_ortvalue_output(ov, v)
+        cache.binding = io
+
+    def _grow(self, cache: KVCache, needed: int) -> None:
+        """Reallocate ``cache`` to hold ``needed`` positions (doubling; one copy of the valid part)."""
+        bigger = KVCache(self.num_layers, self.num_kv_heads, self.head_dim, max(needed, 2 * cache.capacity))
+        bigger.k_all[:, :, :, :cache.length] = cache.k_all[:, :, :, :cache.length]
+        bigger.v_all[:, :, :, :cache.length] = cache.v_all[:, :, :, :cache.length]
+        bigger.length = cache.length
+        cache.__dict__.update(bigger.__dict__)
+        self._bind_cache(cache)
+
+    def _bind_step(self, io, input_ids: np.ndarray, past_len: int) -> None:
+        """Bind input_ids [1, S], attention_mask (ones, past + S) and position_ids past..past+S-1.
+        The arrays are kept on ``io`` until the next step (onnxruntime reads them in place)."""
+        seq = input_ids.shape[1]
+        io.edgekv_inputs = feed = {
+            "input_ids": np.ascontiguousarray(input_ids, np.int64),
+            "attention_mask": np.ones((1, past_len + seq), np.int64),
+            "position_ids": np.arange(past_len, past_len + seq, dtype=np.int64)[None, :]}
+        if not self.has_position_ids:
+            del feed["position_ids"]
+        for name, value in feed.items():
+            io.bind_cpu_input(name, value)
+
+    def _step_cache(self, input_ids: np.ndarray, cache: KVCache) -> np.ndarray:
+        past_len, seq = cache.length, input_ids.shape[1]
+        if past_len + seq > cache.capacity:
+            self._grow(cache, past_len + seq)
+        io = cache.binding
+        self._bind_step(io, input_ids, past_len)
+        io.bind_output("logits", "cpu")  # unallocated again: the last run's [1, S, V] may not fit
+        self.sess.run_with_iobinding(io)
+        cache.length = past_len + seq
+        return io.get_outputs()[0].numpy()
+
+    def _step_bound(self, input_ids: np.ndarray, past: BoundPast) -> tuple[np.ndarray, BoundPast]:
+        past_len, seq = past.length, input_ids.shape[1]
+        io = self.sess.io_binding()
+        self._bind_step(io, input_ids, past_len)
+        for (pk, pv), i in zip(self.past_names, range(self.num_layers), strict=True):
+            io.bind_ortvalue_input(pk, past.ort_values[2 * i])
+            io.bind_ortvalue_input(pv, past.ort_values[2 * i + 1])
+        for name in self.output_names:
+            io.bind_output(name, "cpu")
+        self.sess.run_with_iobinding(io)
+        out = io.get_outputs()
+        return out[0].numpy(), BoundPast([out[i] for i in range(1, len(self.output_names))], past_len + seq)
+
+    def forward(self, input_ids: np.ndarray, past) -> tuple[np.ndarray, object]:
+        """input_ids: [1, S] int64; past: P positions (Past list, KVCache or BoundPast)
+        -> logits [1, S, V], the cache with P+S positions (a KVCache is updated in place)."""
+        if isinstance(past, KVCache):
+            return self._step_cache(input_ids, past), past
+        if isinstance(past, BoundPast):
+            return self._step_bound(input_ids, past)
+        past_len = past[0][0].shape[2]
+        if self.shared_buffer:
+            K = np.stack([np.asarray(k, np.float32)[0] for k, _ in past])
+            V = np.stack([np.asarray(v, np.float32)[0] for _, v in past])
+            cache = self.new_cache(past_len + input_ids.shape[1] + MIN_CAPACITY, K, V)
+            return self._step_cache(input_ids, cache), cache
+        import onnxruntime as ort
+
+        values = [ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(a, np.float32)) for pair in past for a in pair]
+        return self._step_bound(input_ids, BoundPast(values, past_len))
+
+    # --- the plain path -------------------------------------------------------------
+    def forward_numpy(self, input_ids: np.ndarray, past: Past) -> tuple[np.ndarray, Past]:
+        """``sess.run`` with numpy in and out (every step copies the cache out and back)."""
         past_len = past[0][0].shape[2]
         seq = input_ids.shape[1]
         feed = {"input_ids": input_ids.astype(np.int64),
@@ -66,11 +284,28 @@ class DecoderSession:
         if self.has_position_ids:
             feed["position_ids"] = np.arange(past_len, past_len + seq, dtype=np.int64)[None, :]
         for (kn, vn), (k, v) in zip(self.past_names, past, strict=True):
-            feed[kn] = k
-            feed[vn] = v
+            feed[kn] = np.ascontiguousarray(k, np.float32)
+            feed[vn] = np.ascontiguousarray(v, np.float32)
         out = self.sess.run(self.output_names, feed)
         present = [(out[1 + 2 * i], out[2 + 2 * i]) for i in range(self.num_layers)]
         return out[0], present
+
+
+def rotate_into(dst: np.ndarray, k: np.ndarray, rope, start: int) -> None:
+    """dst[..., T, D] = RoPE(k [..., T, D]) at positions start..start+T-1 (HF's rotate_half layout,
+    :func:`edgekv.rope.apply_rope`), written in place with two temporaries of half the size."""
+    rd = rope.rotary_dim
+    half = rd // 2
+    ang = np.arange(start, start + k.shape[-2], dtype=np.float32)[:, None] * np.asarray(rope.inv_freq, np.float32)
+    scale = np.float32(rope.attention_scaling)
+    c, s = np.cos(ang) * scale, np.sin(ang) * scale  # [T, rd/2]
+    k1, k2 = k[..., :half], k[..., half:rd]
+    np.multiply(k1, c, out=dst[..., :half])
+    dst[..., :half] -= k2 * s
+    np.multiply(k2, c, out=dst[..., half:rd])
+    dst[..., half:rd] += k1 * s
+    if rd < k.shape[-1]:
+        dst[..., rd:] = k[..., rd:]  # past the rotary dims: unrotated, unscaled
 
 
 def past_from_memory(K: np.ndarray, V: np.ndarray) -> Past:

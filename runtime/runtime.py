@@ -28,7 +28,14 @@ from edgekv.induction import assemble_memory_kv, select_and_weigh
 from edgekv.manifest import read_manifest
 from edgekv.retrieval import effective_keys
 from edgekv.rope import RopeSpec, apply_rope
-from edgekv.runtime.decoder import DecoderSession, Past, open_session, past_from_memory
+from edgekv.runtime.decoder import (
+    DecoderSession,
+    map_row_tables,
+    open_session,
+    past_from_memory,
+    session_options,
+)
+from edgekv.runtime.multimodal import EncodedImage, MultimodalModel
 from edgekv.runtime.sampling import SamplingConfig, next_token
 from edgekv.runtime.tokenizer import DeviceTokenizer
 
@@ -97,14 +104,20 @@ class Runtime:
         self.tokenizer = DeviceTokenizer.load(os.path.join(artifacts, tk["file"]), tk.get("chat_template"),
                                               {"bos_token": tk.get("bos_token"), "eos_token": tk.get("eos_token")})
         self.eos_ids = set(int(i) for i in tk.get("eos_token_ids") or [])
-        self.decoder = DecoderSession(os.path.join(artifacts, m["decoder"]["file"]), self.num_layers,
-                                      int(m["num_kv_heads"]), int(m["head_dim"]), config.threads)
+        # vision-language artifacts: image path + a decoder on embeddings with the same interface
+        self.vision = MultimodalModel.from_manifest(artifacts, m, config.threads) if m.get("vision") else None
+        # embedding tables both graphs only read by row: mapped once, shared by both sessions
+        self._tables = map_row_tables(artifacts, m["decoder"].get("row_tables") or {})
+        self.decoder = self.vision.decoder if self.vision is not None else DecoderSession(
+            os.path.join(artifacts, m["decoder"]["file"]), self.num_layers, int(m["num_kv_heads"]),
+            int(m["head_dim"]), config.threads, session_options(config.threads, self._tables))
         self.key_session = None
         self.memory = memory
         self.retriever = None
         if memory is not None:
             self._check_memory(memory)
-            self.key_session = open_session(os.path.join(artifacts, m["key"]["file"]), config.threads)
+            self.key_session = open_session(os.path.join(artifacts, m["key"]["file"]), config.threads,
+                                            session_options(config.threads, self._tables))
             self.retriever = Retriever(memory, index_dir, IndexConfig(), force=config.retrieval)
             if config.k > len(self.retriever):
                 raise InputError(f"-k {config.k} is larger than the memory's {len(self.retriever)} entries; "
@@ -138,14 +151,17 @@ class Runtime:
         got = (s.num_layers, s.num_kv_heads, s.head_dim)
         want = (int(m["num_layers"]), int(m["num_kv_heads"]), int(m["head_dim"]))
         if got != want:
-            raise MismatchError(f"{mem.path} holds KV of shape (layers, heads, head dim) {got}, the model has {want}")
+            raise MismatchError(f"{mem.path} holds KV of shape (layers, heads, head dim) {got}, the model has {want}: "
+                                f"it belongs to another model; run with the artifacts of the model it was adapted "
+                                f"with, or adapt a new memory with this one")
         key = m["key"]
         if (s.key_layer, s.key_pooling) != (int(key["layer"]), key["pooling"]) or s.key_dim != int(m["hidden_size"]):
             raise MismatchError(
                 f"{mem.path} keys pool layer {s.key_layer} ({s.key_pooling}); the artifacts' key graph pools layer "
                 f"{key['layer']} ({key['pooling']}): re-export with `edgekv export MODEL --memory {mem.path}`")
         if (self.rope is None) != (s.rope is None):
-            raise MismatchError(f"{mem.path}: RoPE settings differ from the model's; rebuild the memory")
+            raise MismatchError(f"{mem.path}: RoPE settings differ from the model's; adapt a new memory with this "
+                                f"model")
 
     def close(self) -> None:
         if self.memory is not None:
@@ -166,9 +182,17 @@ class Runtime:
             return self.tokenizer.encode_chat([{"role": "user", "content": prompt}])
         return self.tokenizer.encode(prompt)
 
+    def encode_image(self, image) -> EncodedImage:
+        """Features [1, N, hidden] (and tile grid) of a path or PIL image (vision-language artifacts only)."""
+        if self.vision is None:
+            raise InputError(f"{self.artifacts} holds a text-only model; --image needs a vision-language export")
+        return self.vision.encode_image(image)
+
     def query_key(self, prompt: str) -> np.ndarray:
         """Effective retrieval key of ``prompt``: [R] float32 unit vector."""
         ids = np.asarray([self.tokenizer.encode(prompt)], np.int64)
+        if self.max_positions and ids.shape[1] > self.max_positions:  # the key graph's RoPE table ends there
+            raise InputError(f"prompt of {ids.shape[1]} tokens exceeds the model's context of {self.max_positions}")
         (pooled,) = self.key_session.run(["pooled"], {"input_ids": ids, "attention_mask": np.ones_like(ids)})
         return effective_keys(pooled[0], self.memory.projection)
 
@@ -208,26 +232,46 @@ class Runtime:
         logits, _ = self.decoder.forward(np.asarray(input_ids, np.int64)[None, :], past)
         return logits[0]
 
+    def _start_past(self, mem: tuple[np.ndarray, np.ndarray] | None, capacity: int):
+        """The cache a generation starts from, holding the memory KV [L, H, T, D] (if any).
+
+        A decoder graph with a shared past/present buffer gets one preallocated KVCache of
+        ``capacity`` positions: the memory is copied in once, the prompt and every new token
+        are appended in place. Other graphs get per-layer numpy views of the memory.
+        """
+        if getattr(self.decoder, "shared_buffer", False):
+            return self.decoder.new_cache(capacity, *(mem if mem is not None else (None, None)))
+        return self.decoder.empty_past() if mem is None else past_from_memory(*mem)
+
     # --- generation ---------------------------------------------------------------
     def stream(self, prompt: str, max_new_tokens: int = 64, temperature: float = 0.0, top_p: float = 1.0,
                seed: int | None = None, use_memory: bool = True,
                result: GenerationResult | None = None,
-               inject: tuple[np.ndarray, np.ndarray] | None = None) -> Iterator[str]:
+               inject: tuple[np.ndarray, np.ndarray] | None = None, image=None) -> Iterator[str]:
         """Yield text pieces as they are generated; fills ``result`` (if given) as it goes.
 
         ``inject``: position-free float K, V [L, H, T, D] to use as memory instead of
         retrieving (keys are rotated to positions 0..T-1), e.g. to check the injection path.
+        ``image``: a path or PIL image (vision-language artifacts; ``edgekv.runtime.multimodal``):
+        its features take the image-token positions of the prompt. Retrieval keys stay text-only.
         """
         if max_new_tokens < 1:
             raise InputError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
         sampling = SamplingConfig(temperature, top_p, seed)
         res = result if result is not None else GenerationResult()
-        ids = self.prompt_ids(prompt)
+        img = None if image is None else self.encode_image(image)
+        ids = self.prompt_ids(prompt) if img is None else self.vision.prompt_ids(self.tokenizer, prompt,
+                                                                                 self.config.chat, img)
+        if self.max_positions and len(ids) > self.max_positions:
+            raise InputError(f"prompt of {len(ids)} tokens exceeds the model's context of {self.max_positions}; "
+                             f"shorten the prompt")
         t0 = time.perf_counter()
         retrieved = self.retrieve(prompt) if use_memory and self.retriever is not None and inject is None else []
-        mem = self.memory_kv(retrieved) if inject is None else self.rotate(*inject)
-        past: Past = self.decoder.empty_past() if mem is None else past_from_memory(*mem)
-        num_mem = 0 if mem is None else mem[0].shape[2]
+        # a shared-buffer decoder takes the retrieved entries straight into its KV buffers
+        direct = bool(retrieved) and getattr(self.decoder, "shared_buffer", False)
+        entries = [self.memory.read_entry(r.slot) for r in retrieved] if direct else None
+        mem = None if direct else self.memory_kv(retrieved) if inject is None else self.rotate(*inject)
+        num_mem = sum(e.k.shape[2] for e in entries) if direct else 0 if mem is None else mem[0].shape[2]
         total = num_mem + len(ids) + max_new_tokens
         if self.max_positions and num_mem + len(ids) > self.max_positions:
             raise InputError(f"prompt of {len(ids)} tokens plus {num_mem} memory tokens exceeds the model's "
@@ -235,8 +279,13 @@ class Runtime:
         if self.max_positions and total > self.max_positions:
             max_new_tokens = self.max_positions - num_mem - len(ids)
         res.retrieved, res.num_prompt_tokens, res.num_memory_tokens = retrieved, len(ids), num_mem
+        past = self._start_past(mem, num_mem + len(ids) + max_new_tokens)
+        if direct:
+            past.write_entries(entries, np.array([r.alpha for r in retrieved]), self.memory.calibration.gates,
+                               self.rope)
         rng = np.random.default_rng(sampling.seed)
-        logits, past = self.decoder.forward(np.asarray([ids], np.int64), past)
+        logits, past = self.decoder.forward(np.asarray([ids], np.int64), past) if img is None else \
+            self.vision.forward_ids(ids, img.features, past)
         out_ids: list[int] = []
         text = ""
         t_first = None
@@ -266,9 +315,9 @@ class Runtime:
 
     def generate(self, prompt: str, max_new_tokens: int = 64, temperature: float = 0.0, top_p: float = 1.0,
                  seed: int | None = None, use_memory: bool = True,
-                 inject: tuple[np.ndarray, np.ndarray] | None = None) -> GenerationResult:
+                 inject: tuple[np.ndarray, np.ndarray] | None = None, image=None) -> GenerationResult:
         """Generate a full answer; greedy by default; stops at EOS."""
         res = GenerationResult()
-        for _ in self.stream(prompt, max_new_tokens, temperature, top_p, seed, use_memory, res, inject):
+        for _ in self.stream(prompt, max_new_tokens, temperature, top_p, seed, use_memory, res, inject, image):
             pass
         return res

@@ -15,6 +15,7 @@ conversation the template refuses (``raise_exception``) an :class:`InputError`.
 from __future__ import annotations
 
 import os
+import threading
 import time
 from dataclasses import dataclass, field
 
@@ -45,10 +46,10 @@ def _sandbox():
 
     class LimitedSandbox(ImmutableSandboxedEnvironment):
         intercepted_binops = frozenset(["*", "**", "+", "%"])
-        deadline = 0.0
+        local = threading.local()  # the render's deadline, per thread (one Runtime serves many)
 
         def _tick(self) -> None:
-            if time.monotonic() > self.deadline:
+            if time.monotonic() > getattr(self.local, "deadline", float("inf")):
                 raise _TemplateLimit(f"rendering took longer than {MAX_TEMPLATE_SECONDS} s")
 
         def call_binop(self, context, operator, left, right):
@@ -147,7 +148,7 @@ class DeviceTokenizer:
         from jinja2.exceptions import SecurityError
 
         template = self._template()
-        template.environment.deadline = time.monotonic() + MAX_TEMPLATE_SECONDS
+        template.environment.local.deadline = time.monotonic() + MAX_TEMPLATE_SECONDS
         try:
             text = template.render(messages=messages, add_generation_prompt=add_generation_prompt,
                                    bos_token=self.special.get("bos_token") or "",

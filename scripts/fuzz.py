@@ -209,8 +209,11 @@ class Target:
     def run(self, case) -> str:  # returns "accepted" or raises
         raise NotImplementedError
 
-    def seed_files(self) -> list[bytes]:  # atheris corpus
+    def seed_files(self) -> list[bytes]:  # valid inputs
         return []
+
+    def atheris_seeds(self) -> list[bytes]:  # atheris corpus: seed files as from_bytes reads them
+        return self.seed_files()
 
     def from_bytes(self, data: bytes):  # atheris: raw bytes -> case
         return data
@@ -571,14 +574,27 @@ class DataTarget(Target):
         array = records.map(json_text)
         seeds = self.seed_files()
         mutated = st.tuples(st.sampled_from(seeds), byte_ops(200)).map(lambda t: apply_byte_ops(*t))
-        body = st.one_of(jsonl, array, mutated, hostile_json_texts())
+        words = st.text(st.characters(codec="utf-8"), min_size=1, max_size=20).filter(str.strip)
+        good = st.lists(st.tuples(words, words, st.booleans()), min_size=1, max_size=5).map(
+            lambda rs: [{"id": f"r{i}", "prompt": p, "answer": a} if simple else
+                        {"id": i, "conversations": [{"from": "human", "value": "<image>\n" + p},
+                                                    {"from": "gpt", "value": a}]}
+                        for i, (p, a, simple) in enumerate(rs)])
+        valid = st.one_of(good.map(lambda rs: b"\n".join(json_text(r) for r in rs)), good.map(json_text))
+        body = st.one_of(valid, valid, jsonl, array, mutated, hostile_json_texts())
         return st.tuples(body, st.sampled_from([".jsonl", ".json", ".txt"]))
 
-    def from_bytes(self, data: bytes):
+    def atheris_seeds(self) -> list[bytes]:
+        jsonl, array = self.seed_files()
+        return [b"\x00" + jsonl, b"\x01" + array]
+
+    def from_bytes(self, data: bytes):  # first byte: the file's extension
         return (data[1:], [".jsonl", ".json", ".txt"][data[0] % 3] if data else ".jsonl")
 
-    def encode_case(self, case) -> bytes:
-        return case[0]
+    def encode_case(self, case) -> bytes:  # as from_bytes reads it: extension byte, then the file
+        if isinstance(case, bytes):
+            return case
+        return bytes([[".jsonl", ".json", ".txt"].index(case[1])]) + case[0]
 
     def run(self, case) -> str:
         from edgekv.data import read_examples
@@ -606,6 +622,8 @@ class Recorder:
         self.rss0 = None
         self.slowest = 0.0
         self.progress_path = None
+        self.baseline = None  # a git revision when fuzzing the readers as they were then
+        self.out_path, self.engine, self.t0 = None, "hypothesis", time.monotonic()
 
     def _on_alarm(self, signum, frame):
         raise Hang(f"case ran longer than {self.case_seconds} s")
@@ -655,13 +673,17 @@ class Recorder:
         self._seen.add(key)
         saved = None
         if self.save:
-            os.makedirs(FINDINGS_DIR, exist_ok=True)
-            saved = os.path.join(FINDINGS_DIR, f"{self.target.name}-{digest}.bin")
+            folder = os.path.join(FINDINGS_DIR, f"baseline-{self.baseline}") if self.baseline else FINDINGS_DIR
+            os.makedirs(folder, exist_ok=True)
+            saved = os.path.join(folder, f"{self.target.name}-{digest}.bin")
             with open(saved, "wb") as f:
                 f.write(data)
         self.findings.append({"target": self.target.name, "kind": kind, "error": type(e).__name__,
                               "message": str(e)[:300], "where": where,
                               "input": os.path.relpath(saved, ROOT) if saved else digest})
+        if self.out_path:  # kept even if a later case kills the process
+            with open(self.out_path, "w") as f:
+                json.dump(self.result(self.engine, time.monotonic() - self.t0), f, indent=2)
 
     def result(self, engine: str, seconds: float) -> dict:
         return {"target": self.target.name, "engine": engine, "cases": self.cases, "seconds": round(seconds, 1),
@@ -705,7 +727,7 @@ def run_atheris(target: Target, cases: int, seed: int, recorder: Recorder, out: 
 
     corpus = os.path.join(target.work, "corpus")
     os.makedirs(corpus, exist_ok=True)
-    for i, data in enumerate(target.seed_files()):
+    for i, data in enumerate(target.atheris_seeds()):
         with open(os.path.join(corpus, f"seed{i}"), "wb") as f:
             f.write(data)
     t0 = time.monotonic()
@@ -771,6 +793,8 @@ def worker(args) -> None:
     resource.setrlimit(resource.RLIMIT_AS, (vm + (6 << 30), soft[1]))  # a runaway allocation fails here
     rec = Recorder(target, args.case_seconds, args.alloc_mib, save=True)
     rec.progress_path = args.worker_out + ".case"
+    rec.baseline = args.baseline
+    rec.out_path, rec.engine = args.worker_out, args.engine
     if args.engine == "atheris":
         run_atheris(target, args.cases, args.seed, rec, args.worker_out)
         return
@@ -825,10 +849,16 @@ def supervise(args) -> dict:
         if proc.returncode != 0:
             how = (f"killed by {signal.Signals(-proc.returncode).name}" if proc.returncode < 0
                    else f"exit code {proc.returncode}")
-            case_file = out + ".case"
+            case_file, saved = out + ".case", None
+            if os.path.exists(case_file):  # the input the worker was running when it died
+                folder = os.path.join(FINDINGS_DIR, f"baseline-{args.baseline}") if args.baseline else FINDINGS_DIR
+                os.makedirs(folder, exist_ok=True)
+                data = open(case_file, "rb").read()
+                saved = os.path.join(folder, f"{name}-crash-{hashlib.sha256(data).hexdigest()[:12]}.bin")
+                shutil.copy(case_file, saved)
             res["findings"].append({"target": name, "kind": "crash", "error": how,
                                     "message": proc.stderr.strip()[-600:],
-                                    "input": os.path.relpath(case_file, ROOT) if os.path.exists(case_file) else None})
+                                    "input": os.path.relpath(saved, ROOT) if saved else None})
         res["seconds"] = round(time.monotonic() - t0, 1)
         print(f"[fuzz] {name}: {res['cases']} cases in {res['seconds']} s, {len(res['findings'])} findings; "
               f"{res['outcomes']}", flush=True)
@@ -840,6 +870,8 @@ def supervise(args) -> dict:
 
 
 def replay(args) -> None:
+    if args.baseline:
+        load_baseline(args.baseline)
     work = args.work or tempfile.mkdtemp(prefix="edgekv-fuzz-")
     target = make_target(args.target, work, args.export or (tiny_export(work) if args.target in
                                                              ("manifest", "tokenizer") else None))
@@ -850,7 +882,12 @@ def replay(args) -> None:
         case = (tok, tpl.decode("utf-8", "surrogatepass"))
     else:
         case = target.from_bytes(data) if args.target == "data" else data
-    print(target.run(case))
+    from edgekv.errors import EdgeKVError
+
+    try:
+        print(target.run(case))
+    except EdgeKVError as e:
+        print(f"refused: {type(e).__name__}: {e}")
 
 
 def main() -> None:
@@ -880,8 +917,14 @@ def main() -> None:
             import atheris  # noqa: F401
         except ImportError:
             sys.exit("atheris is not installed (pip install atheris); use --engine hypothesis")
-    report = supervise(args)
-    os.makedirs(os.path.dirname(args.out), exist_ok=True)
+    scratch = None if args.work else tempfile.mkdtemp(prefix="edgekv-fuzz-")
+    args.work = args.work or scratch
+    try:
+        report = supervise(args)
+    finally:
+        if scratch:  # findings were copied to benchmarks/results/fuzz-findings/
+            shutil.rmtree(scratch, ignore_errors=True)
+    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     with open(args.out, "w") as f:
         json.dump(report, f, indent=2)
     print(f"[fuzz] {report['total_cases']} cases, {len(report['findings'])} findings -> {args.out}")

@@ -1,4 +1,4 @@
-"""``edgekv export`` against PyTorch: decoder with past, key graph, int8 weights, manifest, CLI.
+"""``edgekv export`` against PyTorch: decoder with past, key graph, int8/int4 weights, manifest, CLI.
 
 Each numeric equivalence comes with a control showing that the check can fail.
 """
@@ -60,8 +60,14 @@ def test_layout_and_manifest(family, exported, backbone, ort_session):
     bb = backbone(family)
     m = read_manifest(art)  # verifies every hash
     assert m["model_fingerprint"] == bb.fingerprint and m["model_type"] == family
-    assert set(m["files"]) == {"model.onnx", "key.onnx", "tokenizer.json"}
-    assert m["decoder"] == {"file": "model.onnx", "weights": "fp32", "num_layers": bb.shape.num_layers}
+    # both graphs keep their weights in one file (each tensor once)
+    assert set(m["files"]) == {"model.onnx", "model.onnx.data", "key.onnx", "tokenizer.json"}
+    decoder = dict(m["decoder"])
+    tables = decoder.pop("row_tables")
+    assert decoder == {"file": "model.onnx", "weights": "fp32", "num_layers": bb.shape.num_layers}
+    # the (untied) embedding is only read by row in both graphs: the runtime maps it once for both
+    assert set(tables) == {"embed_tokens.weight"}
+    assert tables["embed_tokens.weight"]["shape"] == [bb.shape.vocab_size, bb.shape.hidden_size]
     assert m["key"]["layer"] == 1 and m["key"]["pooling"] == "mean"
     assert (m["num_layers"], m["num_kv_heads"], m["head_dim"]) == (3, 2, 16)
     assert m["rope"]["inv_freq"] == pytest.approx(list(bb.rope.inv_freq))
@@ -136,7 +142,7 @@ def test_manifest_round_trip_and_hostile_manifests(exported, tmp_path):
     bad(lambda d: d["key"].update(pooling="max"), "key.pooling")
     bad(lambda d: d["files"].update({"../../etc/passwd": "0" * 64}), "not a plain file name")
     bad(lambda d: d["decoder"].update(file="other.onnx"), "not listed in 'files'")
-    bad(lambda d: d["decoder"].update(weights="int4"), "decoder.weights")
+    bad(lambda d: d["decoder"].update(weights="int3"), "decoder.weights")
     (folder / MANIFEST_FILE).write_text("{not json")
     with pytest.raises(CorruptFileError, match="not a valid edgekv manifest"):
         read_manifest(str(folder))
@@ -251,30 +257,121 @@ def test_key_graph_last_pooling(backbone, tmp_path):
     assert np.abs(got - _keymodel(bb, 2, "mean", ids, mask)).max() > 1e-3
 
 
-# --- int8 weights -------------------------------------------------------------------
+# --- int8 / int4 weights -------------------------------------------------------------
+def _decoder_bytes(folder: str) -> int:
+    return sum(os.path.getsize(os.path.join(folder, n)) for n in ("model.onnx", "model.onnx.data"))
+
+
+@pytest.mark.parametrize("weights", ["int8", "int4"])
 @pytest.mark.parametrize("family", FAMILIES)
-def test_int8_decoder_is_smaller_and_close(family, exported, backbone, ort_session):
+def test_weight_only_decoder_is_smaller_and_close(family, weights, exported, backbone, ort_session):
+    """Weight-only MatMulNBits: smaller files, logits close to PyTorch fp32 (tiny random models
+    have near-flat logits, so top-1 is a weak signal here; SmolLM2's is in benchmarks/perf_bench.py)."""
+    import onnx
+
     bb = backbone(family)
-    fp32, int8 = exported(family), exported(family, quantize_weights="int8")
-    m = read_manifest(int8)
-    assert m["decoder"]["weights"] == "int8"
-    assert sorted(n for n in os.listdir(int8) if n.endswith(".onnx")) == ["key.onnx", "model.onnx"]
-    assert not os.path.exists(os.path.join(int8, ".fp32"))  # the fp32 original stays out of the folder
-    size = {d: os.path.getsize(os.path.join(d, "model.onnx")) for d in (fp32, int8)}
-    assert size[int8] < 0.6 * size[fp32]
-    # the key graph stays fp32: query keys must equal the memory's keys
-    assert m["files"]["key.onnx"] == read_manifest(fp32)["files"]["key.onnx"]
-    sess = ort_session(os.path.join(int8, "model.onnx"))
+    fp32, q = exported(family), exported(family, quantize_weights=weights)
+    m = read_manifest(q)
+    assert m["decoder"]["weights"] == weights
+    assert sorted(n for n in os.listdir(q) if n.endswith(".onnx")) == ["key.onnx", "model.onnx"]
+    assert not os.path.exists(os.path.join(q, ".fp32"))  # the fp32 original stays out of the folder
+    ops = {n.op_type for n in onnx.load(os.path.join(q, "model.onnx"), load_external_data=False).graph.node}
+    assert "MatMulNBits" in ops and "GroupQueryAttention" in ops
+    size = {d: _decoder_bytes(d) for d in (fp32, q)}
+    # tiny models are mostly embedding (kept fp32 for Gather); the layers shrink ~3.5x (int8) / ~5x (int4)
+    assert size[q] < (0.75 if weights == "int8" else 0.65) * size[fp32]
+    sess = ort_session(os.path.join(q, "model.onnx"))
     ids = _ids(bb, PREFIX + QUERY)
     want = joint_logits(bb.model, ids)
     got = ort_logits(sess, ids)
     diff = float(np.abs(got - want).max())
     agree = float(np.mean(got.argmax(-1) == want.argmax(-1)))
-    print(f"\n{family} int8: {size[fp32]} -> {size[int8]} bytes, max |logit diff| {diff:.4f}, top-1 {agree:.1%}")
-    assert 1e-5 < diff <= 0.1 * np.abs(want).max()  # quantised: not identical, but close
-    assert agree >= 0.9
+    scale = np.abs(want).max()
+    print(f"\n{family} {weights}: {size[fp32]} -> {size[q]} bytes, max |logit diff| {diff:.4f}, top-1 {agree:.1%}")
+    assert 1e-5 < diff <= (0.03 if weights == "int8" else 0.2) * scale  # quantised: not identical, but close
+    assert agree >= (0.9 if weights == "int8" else 0.6)
     d_inj, _ = _prefix_injection_diffs(bb, sess, _ids(bb, PREFIX), _ids(bb, QUERY, special=False))
-    assert d_inj <= 0.1 * np.abs(want).max()
+    assert d_inj <= (0.03 if weights == "int8" else 0.2) * scale
+
+
+@pytest.mark.parametrize("weights", ["int8", "int4"])
+def test_key_graph_shares_the_quantised_weights(weights, exported, backbone, ort_session):
+    """key.onnx reads the decoder's (quantised) tensors from the one weights file; its keys stay
+    close to KeyModel's fp32 keys (cosine), and clearly away from another layer's."""
+    import onnx
+
+    bb = backbone("llama")
+    art = exported("llama", quantize_weights=weights)
+    key = onnx.load(os.path.join(art, "key.onnx"), load_external_data=False)
+    dec = onnx.load(os.path.join(art, "model.onnx"), load_external_data=False)
+    where = {t.name: [(e.key, e.value) for e in t.external_data] for t in dec.graph.initializer if t.external_data}
+    shared = [t.name for t in key.graph.initializer if t.external_data]
+    assert shared and all(where.get(n) == [(e.key, e.value) for e in t.external_data]
+                          for n, t in zip(shared, [t for t in key.graph.initializer if t.external_data], strict=True))
+    ids, mask = _key_batch(bb)
+    (got,) = ort_session(os.path.join(art, "key.onnx")).run(["pooled"], {"input_ids": ids, "attention_mask": mask})
+    want = _keymodel(bb, 1, "mean", ids, mask)
+
+    def cos(a, b):
+        return np.sum(a * b, -1) / np.linalg.norm(a, axis=-1) / np.linalg.norm(b, axis=-1)
+
+    assert cos(got, want).min() >= (0.999 if weights == "int8" else 0.99)
+    assert cos(got, _keymodel(bb, 2, "mean", ids, mask)).max() < cos(got, want).min()  # control
+
+
+def test_blockwise_quantisation_against_reference():
+    """quantize_blockwise round trip within half a step per block (exact for constant blocks);
+    the MatMulNBits packing, zero points and the float-offset term reproduce x @ dequantised(W).T."""
+    import onnxruntime as ort
+    from onnx import TensorProto, helper, numpy_helper
+
+    from edgekv.export.decoder_graph import (
+        block_indicator,
+        dequantize_blockwise,
+        offsets,
+        pack_nbits,
+        quantize_blockwise,
+    )
+
+    rng = np.random.default_rng(0)
+    w = rng.normal(size=(48, 96)).astype(np.float32)
+    w[3, :32] = 0.25  # a constant block
+    x = rng.normal(size=(1, 5, 96)).astype(np.float32)
+    cases = ((4, "float_offset", None), (4, "integer_zero_point", None), (8, "integer_zero_point", None),
+             (8, "symmetric", None), (8, "symmetric", 64))  # the last: scales of blocks of 64, stored per 32
+    for bits, mode, scale_block in cases:
+        q, s, zp = quantize_blockwise(w, bits, 32, mode, scale_block)
+        if scale_block:
+            assert np.array_equal(s[:, 0], s[:, 1]) and s.shape == (48, 3)
+        deq = dequantize_blockwise(q, s, zp, bits, 96)
+        assert np.all(np.abs(deq - w) <= 0.5 * np.repeat(s, 32, axis=1) + 1e-6), mode
+        assert np.abs(deq - w).max() > 1e-4  # control: it is quantised
+        if mode == "float_offset":
+            assert np.array_equal(deq[3, :32], w[3, :32])  # min and max of a block are exact
+        ins = ["x", "B", "S"] + (["Z"] if mode == "integer_zero_point" else [])
+        inits = [numpy_helper.from_array(pack_nbits(q, bits), "B"), numpy_helper.from_array(s.ravel(), "S")]
+        if mode == "integer_zero_point":
+            inits.append(numpy_helper.from_array(pack_nbits(zp, bits).ravel(), "Z"))
+        nodes = [helper.make_node("MatMulNBits", ins, ["y0"], domain="com.microsoft", K=96, N=48, bits=bits,
+                                  block_size=32, accuracy_level=1 if bits == 4 else 4)]
+        if mode == "float_offset":
+            inits += [numpy_helper.from_array(block_indicator(96, 32), "ind"),
+                      numpy_helper.from_array(np.ascontiguousarray(offsets(s, zp, bits).T), "M")]
+            nodes += [helper.make_node("MatMul", ["x", "ind"], ["xs"]), helper.make_node("MatMul", ["xs", "M"], ["c"]),
+                      helper.make_node("Add", ["y0", "c"], ["y"])]
+        else:
+            nodes.append(helper.make_node("Identity", ["y0"], ["y"]))
+        f = TensorProto.FLOAT
+        graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", f, [1, 5, 96])],
+                                  [helper.make_tensor_value_info("y", f, [1, 5, 48])], initializer=inits)
+        model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18),
+                                                        helper.make_opsetid("com.microsoft", 1)])
+        model.ir_version = 10
+        sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+        (y,) = sess.run(["y"], {"x": x})
+        ref = x @ deq.T
+        tol = 1e-4 if bits == 4 else 0.02 * np.abs(ref).max()  # 8-bit kernels quantise x to int8 per block
+        assert np.abs(y - ref).max() <= tol, (bits, mode, scale_block, np.abs(y - ref).max())
 
 
 # --- tokenizer ----------------------------------------------------------------------
@@ -354,9 +451,9 @@ def test_failed_export_leaves_nothing_and_old_export_survives(exported, backbone
     before = read_manifest(str(out))
 
     def boom(*a, **k):
-        raise RuntimeError("simulated failure in the key graph")
+        raise RuntimeError("simulated failure in the tokenizer stage")
 
-    monkeypatch.setattr(pipeline, "export_key_graph", boom)
+    monkeypatch.setattr(pipeline, "export_tokenizer", boom)
     with pytest.raises(RuntimeError, match="simulated"):
         pipeline.export_model(backbone("qwen2").source, str(out), progress=False)
     assert read_manifest(str(out)) == before  # the old export is untouched
@@ -393,7 +490,7 @@ def test_cli_export_json_errors_and_determinism(exported, tiny_model_dir, tmp_pa
     assert res.exit_code == 3 and "not found" in res.stderr and "Traceback" not in res.output
     res = runner.invoke(app, ["export", tiny_model_dir("llama"), "--out", str(gpt2)])
     assert res.exit_code == 3 and "pass --force" in res.stderr
-    res = runner.invoke(app, ["export", tiny_model_dir("llama"), "--out", out, "--quantize-weights", "int4"])
+    res = runner.invoke(app, ["export", tiny_model_dir("llama"), "--out", out, "--quantize-weights", "int3"])
     assert res.exit_code == 3 and "--quantize-weights" in res.stderr
     assert not os.path.exists(tmp_path / "g") and not os.path.exists(tmp_path / "x")
 

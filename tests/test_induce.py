@@ -168,6 +168,10 @@ def test_torch_memory_kv_equals_numpy_assemble(backbone, payload):
         Kn, Vn = assemble_memory_kv([entries[i] for i in top[order]], al, gates, bb.rope)
         assert np.abs(K[:, 0].numpy() - Kn).max() <= 1e-5 * max(1, np.abs(Kn).max())
         assert np.abs(V[:, 0].numpy() - Vn).max() <= 1e-5 * max(1, np.abs(Vn).max())
+    # known answer: uniform weights and unit gates leave entries as computed (scale sqrt(k * 1/k) = 1)
+    Ku, Vu = assemble_memory_kv(entries[:3], np.full(3, 1 / 3), np.ones(3), None)
+    assert np.allclose(Vu, np.concatenate([bank.V[i].numpy() for i in range(3)], axis=2), atol=1e-6)
+    assert np.allclose(Ku, np.concatenate([bank.K[i].numpy() for i in range(3)], axis=2), atol=1e-6)
     # control: other weights give a clearly different cache
     K2, _ = memory_kv(bank.K, bank.V, idx, torch.tensor([[0.8, 0.1, 0.1]]), torch.from_numpy(gates), bb.rope)
     assert np.abs(K2[:, 0].numpy() - Kn).max() > 1e-2
@@ -300,6 +304,17 @@ def test_selection_prefers_entries_that_lower_the_loss():
     assert res.keep.tolist() == [1, 4, 6]
     assert res.history[-1]["J"] < res.history[0]["J"]
     assert keep_top(torch.tensor([0.2, 0.9, 0.9, 0.1]), 2).tolist() == [1, 2]
+
+
+def test_anchors_spread_over_the_keys():
+    from edgekv.induce.adapt import spread_rows
+
+    d = np.eye(4, dtype=np.float32)
+    P = np.stack([d[0], d[0], d[0], d[1], d[1], d[2], d[3], d[3]])  # 4 items, uneven copies
+    for seed in range(5):
+        rows = spread_rows(P, 4, seed)
+        assert sorted(int(P[r].argmax()) for r in rows) == [0, 1, 2, 3]  # one anchor per item
+    assert spread_rows(P, 10, 0) == list(range(8)) and spread_rows(P, 0, 0) == []
 
 
 def test_budget_is_never_exceeded_and_small_pools_keep_all():
@@ -480,16 +495,17 @@ def test_smollm2_selection_prefers_entries_that_lower_the_loss(backbone, tmp_pat
     selection must keep the true ones: they lower the current-task NLL."""
     bb = backbone("smollm2-135m")
     words, codes, wrong = ["apple", "river", "candle"], ["Q8C", "L9Q", "T4M"], ["Z2K", "B7D", "H3W"]
-    train = [Example(f"{w}-true", f"What is the code for {w}?", c) for w, c in zip(words, codes, strict=True)]
-    train += [Example(f"{w}-wrong", f"What is the code for {w}?", c) for w, c in zip(words, wrong, strict=True)]
+    # wrong entries first: a selection that did nothing would keep them (ties keep lower indices)
+    train = [Example(f"{w}-wrong", f"What is the code for {w}?", c) for w, c in zip(words, wrong, strict=True)]
+    train += [Example(f"{w}-true", f"What is the code for {w}?", c) for w, c in zip(words, codes, strict=True)]
     queries = [Example(f"{w}-q{j}", t.format(x=w), c) for w, c in zip(words, codes, strict=True)
                for j, t in enumerate(["Tell me the code assigned to {x}.", "Which code does the word {x} have?"])]
-    cfg = AdaptConfig(selection=SelectionConfig(steps=6, batch_size=6, gamma=0.0), top_k=2)
+    cfg = AdaptConfig(selection=SelectionConfig(steps=8, batch_size=6, gamma=0.0), top_k=2)
     km = _key_model(bb)
     entries, _ = compute_entries(bb, train, km, cfg.entry, "t")
     s = bb.shape
     bank = bank_from_entries(entries, s.num_layers, s.hidden_size, (s.num_layers, s.num_kv_heads, 16, s.head_dim))
-    proj = fit_projection(bank.raw_keys, 3)
+    proj = fit_projection(bank.raw_keys, 0)  # 3 distinct keys: removing directions would erase them
     P = torch.from_numpy(effective_keys(bank.raw_keys, proj))
     from edgekv.induce.adapt import query_set
 
@@ -498,5 +514,5 @@ def test_smollm2_selection_prefers_entries_that_lower_the_loss(backbone, tmp_pat
     tau, gates = torch.tensor(0.1), torch.full((s.num_layers,), 0.95)
     res = select(3, P, lambda w, step: (ind.loss(qs, range(6), torch.log(w.clamp(min=1e-6)), tau, gates), None),
                  cfg.selection)
-    assert sorted(bank.source_ids[i] for i in res.keep) == sorted(e.id for e in train[:3])
+    assert sorted(bank.source_ids[i] for i in res.keep) == sorted(e.id for e in train[3:])
     assert res.history[-1]["L_cur"] < res.history[0]["L_cur"]

@@ -23,11 +23,11 @@ def _human(d: dict) -> str:
         c = dec["fp32_check"]
         rows.append(("check vs PyTorch", f"max |logit diff| {c['max_abs_diff_with_past']:.1e} with injected past, "
                                          f"{c['max_abs_diff_no_past']:.1e} without"))
-    if "int8" in dec:
-        q = dec["int8"]
-        rows.append(("int8 decoder", f"{format_size(q['fp32_bytes'])} -> {format_size(q['int8_bytes'])}"))
+    if "quantised" in dec:
+        q, w = dec["quantised"], dec["weights"]
+        rows.append((f"{w} decoder", f"{format_size(q['fp32_bytes'])} -> {format_size(q['bytes'])}"))
         if "check" in q:
-            rows.append(("int8 effect", f"max |logit diff| {q['check']['max_abs_diff_with_past']:.3g}, "
+            rows.append((f"{w} effect", f"max |logit diff| {q['check']['max_abs_diff_with_past']:.3g}, "
                                         f"top-1 agreement {q['check']['argmax_agreement']:.1%}"))
     if d["index"]:
         rows.append(("HNSW index", f"{d['index']['num_items']} entries, dim {d['index']['dim']}"))
@@ -40,15 +40,19 @@ def _human(d: dict) -> str:
 def export_cmd(
     model: str = typer.Argument(..., help="Hugging Face model folder, .gguf file, or built-in name (smollm2-135m)."),
     out: str = typer.Option(..., "--out", "-o", help="Folder to write (created; an old export is replaced)."),
-    quantize_weights: str = typer.Option(None, "--quantize-weights", help="'int8': dynamic int8 decoder weights."),
+    quantize_weights: str = typer.Option(
+        None, "--quantize-weights",
+        help="'int8' or 'int4': weight-only block-wise decoder weights (MatMulNBits; activations stay float)."),
     memory: str = typer.Option(None, "--memory", "-m", help="Memory file (.ekv): check it and build its HNSW index."),
     key_layer: int = typer.Option(None, "--key-layer", help="Layer the retrieval key pools (default: the memory's)."),
     force: bool = typer.Option(False, "--force", help="Replace a non-empty --out folder that is not an export."),
+    graph: str = typer.Option("fused", "--graph",
+                              help="'fused': edgekv's decoder graph (default); 'optimum': optimum's export (fp32)."),
     json_out: bool = typer.Option(False, "--json", help="Print JSON."),
 ) -> None:
     """Export a decoder for the device runtime: ONNX with past, key graph, tokenizer, manifest."""
     from edgekv.export.pipeline import export_model
 
     summary = export_model(model, out, quantize_weights=quantize_weights, memory=memory, key_layer=key_layer,
-                           progress=sys.stderr.isatty() and not json_out, force=force)
+                           progress=sys.stderr.isatty() and not json_out, force=force, graph=graph)
     emit(summary, json_out, _human)

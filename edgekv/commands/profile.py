@@ -7,7 +7,7 @@ import typer
 
 from edgekv.budget import BudgetConfig, budget_report
 from edgekv.cli import command, emit, table
-from edgekv.errors import InputError, MissingDependencyError
+from edgekv.errors import BudgetError, InputError, MissingDependencyError
 from edgekv.modelshape import model_shape
 from edgekv.units import format_size, parse_size
 
@@ -122,6 +122,10 @@ def _budget_mode(model: str, budget: str, pooled_len: int, payload: str, k: int,
     cfg = BudgetConfig(pooled_len=pooled_len, payload_dtype=payload, top_k=k)
     shape = model_shape(model)
     report = budget_report(shape, parse_size(budget), cfg)
+    if report["num_slots"] < 1:  # the same refusal `edgekv adapt` gives when creating the memory
+        raise BudgetError(f"budget {report['budget_bytes']} B is too small for one slot: a slot needs "
+                          f"{report['overhead_bytes'] + report['table_bytes_per_slot'] + report['slot_bytes']} B "
+                          f"with the header (lower --pooled-len, use int8 payloads, or raise the budget)")
     if device:
         from edgekv.devices.profiler import budget_device_verdict
         from edgekv.devices.profiles import load_profile

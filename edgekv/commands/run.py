@@ -23,6 +23,7 @@ def run_cmd(
     retrieval: str = typer.Option(None, "--retrieval", help="Force 'exact' or 'hnsw' search."),
     no_chat: bool = typer.Option(False, "--no-chat", help="Do not apply the chat template."),
     json_out: bool = typer.Option(False, "--json", help="Print one JSON object at the end."),
+    image: str = typer.Option(None, "--image", help="Image file for vision-language artifacts."),
 ) -> None:
     """Generate text for a prompt; streams as it goes (or JSON with --json)."""
     from edgekv.runtime import Runtime
@@ -33,7 +34,7 @@ def run_cmd(
     with Runtime.load(artifacts, memory=memory, k=k, threads=threads, retrieval=retrieval,
                       chat=not no_chat) as rt:
         res = GenerationResult()
-        pieces = rt.stream(prompt, max_new_tokens, temperature, top_p, seed, result=res)
+        pieces = rt.stream(prompt, max_new_tokens, temperature, top_p, seed, result=res, image=image)
         if json_out:
             for _ in pieces:
                 pass

@@ -7,13 +7,15 @@
    candidates' keys; every key is compared through it from now on;
 4. bilevel selection over current memory + candidates (:mod:`edgekv.induce.select`), the
    calibration phi (tau, value gates) updated by the inner level at every outer step
-   (:mod:`edgekv.induce.calibrate`), L_anc from the anchors of earlier tasks;
+   (:mod:`edgekv.induce.calibrate`; its objective holds the anchors too, see there),
+   L_anc from the anchors of earlier tasks;
 5. keep the top-B entries, calibrate phi once more on exactly the kept memory;
 6. commit atomically (kept old entries stay in their slots, new ones fill the freed
    slots, the calibration and the projection replace the old ones): the file never
    changes size;
 7. store this task's anchors beside the memory (``MEM.ekv.anchors.jsonl``: host only,
-   never deployed).
+   never deployed): ``anchors_per_task`` examples spread over the task's keys (greedy
+   farthest point), so a few anchors stand for as many different items as possible.
 
 Every query used in a loss retrieves from the memory *without its own entry*
 (leave-one-out): an entry earns its place by helping other examples, which is what a
@@ -72,7 +74,7 @@ class AdaptConfig:
     init_gate: float = 0.95  # value gates of a new memory before its first calibration
     max_candidates: int = 512  # task examples turned into candidate entries (seeded sample)
     max_queries: int = 512  # task examples used as L_cur queries (seeded sample)
-    anchors_per_task: int = 16  # examples kept on the host per task for L_anc (never deployed)
+    anchors_per_task: int = 16  # examples kept on the host per task for L_anc (never deployed), spread over its keys
     eval_queries: int = 32  # queries (current and anchors each) for the J before/after report
     seed: int = 0
 
@@ -194,6 +196,24 @@ def sample(n: int, k: int, seed: int) -> list[int]:
     if k >= n:
         return list(range(n))
     return sorted(np.random.default_rng(seed).choice(n, size=k, replace=False).tolist())
+
+
+def spread_rows(P: np.ndarray, num: int, seed: int) -> list[int]:
+    """``num`` rows of unit keys P [N, R] spread over the key space (greedy farthest point:
+    each next row has the lowest best similarity to those chosen). Sorted; all when N <= num."""
+    n = len(P)
+    if num >= n:
+        return list(range(n))
+    if num == 0:
+        return []
+    chosen = [int(np.random.default_rng(seed).integers(n))]
+    best = P @ P[chosen[0]]  # [N] highest similarity to any chosen row
+    for _ in range(num - 1):
+        best[chosen] = np.inf
+        nxt = int(np.argmin(best))
+        chosen.append(nxt)
+        best = np.maximum(best, P @ P[nxt])
+    return sorted(chosen)
 
 
 def terms(model, ind: Induction | None, cur: QuerySet, anc: QuerySet | None, phi: Calibration, eps: float,
@@ -342,8 +362,10 @@ def adapt(backbone, examples: Sequence[Example], memory_path: str, budget_bytes:
         log_w = torch.log(w.clamp(min=1e-6))
         l_cur = ind.loss(cur, cur_batches[step], log_w, phi.tau(), phi.gates())
         l_anc = None
-        if anc_batches is not None:  # the inner level sees only the current task: phi detached here
-            l_anc = ind.loss(anc, anc_batches[step], log_w, phi.tau().detach(), phi.gates().detach())
+        if anc_batches is not None:  # phi sees the anchors only with calibration.with_anchors
+            tau, gates = (phi.tau(), phi.gates()) if cfg.calibration.with_anchors else \
+                (phi.tau().detach(), phi.gates().detach())
+            l_anc = ind.loss(anc, anc_batches[step], log_w, tau, gates)
         return l_cur, l_anc
 
     result = select(num_slots, P, loss_terms, sel, after_backward=opt.step, progress=progress)
@@ -357,8 +379,16 @@ def adapt(backbone, examples: Sequence[Example], memory_path: str, budget_bytes:
     kept_P = P[keep]
     kept_ind = Induction(backbone.model, kept_bank, kept_P, cfg.top_k, spec.rope)
 
+    use_anc = anc is not None and cfg.calibration.with_anchors
+    cal_anc = iter(batches(len(anc), cfg.calibration.batch_size, cfg.calibration.steps,
+                           cfg.calibration.seed + 1)) if use_anc else None
+
     def cal_loss(phi_: Phi, rows: list[int]) -> torch.Tensor:
-        return kept_ind.loss(cur, rows, torch.zeros(len(kept_bank)), phi_.tau(), phi_.gates())
+        zeros = torch.zeros(len(kept_bank))
+        loss = kept_ind.loss(cur, rows, zeros, phi_.tau(), phi_.gates())
+        if cal_anc is not None:
+            loss = loss + sel.beta * kept_ind.loss(anc, next(cal_anc), zeros, phi_.tau(), phi_.gates())
+        return loss
 
     cal_losses = calibrate(phi, cal_loss, len(cur), cfg.calibration, progress)
     calibration = phi.calibration()
@@ -371,9 +401,9 @@ def adapt(backbone, examples: Sequence[Example], memory_path: str, budget_bytes:
     commit_update(memory_path, put=put, clear=clear, calibration=calibration, projection=proj,
                   expect_generation=read_generation)  # a concurrent adapt is refused, not mixed in
 
-    # anchors of this task replace any earlier ones of the same name
-    rows = sample(len(examples), cfg.anchors_per_task, rng_seed + 4)
-    anchors = earlier + [(task, examples[i]) for i in rows]
+    # anchors of this task (spread over its keys) replace any earlier ones of the same name
+    rows = spread_rows(P[num_old:].numpy(), cfg.anchors_per_task, rng_seed + 4)
+    anchors = earlier + [(task, cand_examples[i]) for i in rows]
     anchor_bytes = write_anchors(memory_path, anchors)
 
     with Memory(memory_path) as mem:

@@ -36,7 +36,7 @@ class SelectionConfig:
     """The outer level of the bilevel problem."""
 
     beta: float = 1.0  # weight of the anchor (earlier tasks) NLL: retention vs. the current task
-    gamma: float = 0.05  # weight of the coverage term Omega_spec: diversity of kept keys
+    gamma: float = 0.2  # weight of the coverage term Omega_spec: diversity of kept keys
     eps: float = 0.05  # ridge in log det(C(w) + eps I): how much an uncovered direction is worth
     steps: int = 24  # projected-gradient steps on w (each: one current and one anchor batch)
     lr: float = 0.2  # largest change of any w_i in one step

@@ -1,0 +1,154 @@
+"""Files that must belong together but do not are refused: exit code 5, one line, what to do.
+
+Through ``edgekv run`` (CliRunner): a memory for another model (fingerprint), a memory of
+other shapes / key layer / RoPE than the model, an artifact whose sha256 differs from the
+manifest (each hashed file), an index built for another memory or for an earlier state of
+the same memory (an adapt since the export). An index the manifest does not list is not
+used at all. Library-level versions of the first and the index case live in
+tests/test_runtime.py (``test_memory_for_another_model_is_refused``,
+``test_index_for_another_memory_is_refused``); the manifest hash case in
+tests/test_export.py (``test_flipped_byte_and_missing_file_are_refused``); export-time
+refusal of a foreign memory in tests/test_export.py too.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from edgekv.cli import app
+from edgekv.format import Entry, MemorySpec, commit_update, create_memory
+from edgekv.rope import RopeSpec
+
+runner = CliRunner()
+
+
+def memory_for(art: str, path: str, n: int = 4, **change) -> str:
+    """A memory matching the artifacts' manifest (fingerprint, shapes, key, RoPE) except ``change``."""
+    m = json.load(open(os.path.join(art, "manifest.json")))
+    rope = RopeSpec(tuple(m["rope"]["inv_freq"]), m["rope"]["attention_scaling"]) if m["rope"] else None
+    fields = dict(num_layers=m["num_layers"], num_kv_heads=m["num_kv_heads"], head_dim=m["head_dim"], pooled_len=2,
+                  key_dim=m["hidden_size"], model_fingerprint=m["model_fingerprint"], payload_dtype="int8",
+                  rope=rope, key_layer=m["key"]["layer"], key_pooling=m["key"]["pooling"])
+    fields.update(change)
+    spec = MemorySpec(**fields)
+    create_memory(path, spec, spec.file_bytes_for(n + 1)).close()
+    rng = np.random.default_rng(abs(hash(path)) % 2**32)
+    shape = spec.payload_shape
+    commit_update(path, {s: Entry.from_float(rng.normal(size=spec.key_dim), rng.normal(size=shape),
+                                             rng.normal(size=shape), "int8", "t", f"s{s}") for s in range(n)})
+    return path
+
+
+def run(art: str, memory: str | None = None, *extra: str):
+    args = ["run", art, "--prompt", "code for river?", "-n", "2", "-k", "1", *extra]
+    return runner.invoke(app, args + (["--memory", memory] if memory else []))
+
+
+def assert_refused(res, code: int, *phrases: str) -> None:
+    assert res.exit_code == code, res.output
+    assert res.stdout == "" and "Traceback" not in res.output
+    assert res.stderr.startswith("edgekv: error: ") and res.stderr.count("\n") == 1, res.stderr
+    for p in phrases:
+        assert p in res.stderr, res.stderr
+
+
+@pytest.fixture()
+def art(exported, tmp_path) -> str:
+    """A private copy of the tiny Llama export (tests edit it)."""
+    out = str(tmp_path / "art")
+    shutil.copytree(exported("llama"), out)
+    return out
+
+
+def test_matching_memory_runs(art, tmp_path):
+    res = run(art, memory_for(art, str(tmp_path / "ok.ekv")), "--json")
+    assert res.exit_code == 0, res.output
+    assert len(json.loads(res.stdout)["retrieved"]) == 1
+
+
+def test_memory_for_another_model(art, tmp_path):
+    mem = memory_for(art, str(tmp_path / "other.ekv"), model_fingerprint="ab" * 32)
+    for extra in ([], ["--json"]):
+        assert_refused(run(art, mem, *extra), 5, "was built for another model (fingerprint abababababab",
+                       "adapt a memory with this model or export the model it was built for")
+
+
+@pytest.mark.parametrize("change, phrase", [
+    ({"num_layers": 2, "key_layer": 1}, "holds KV of shape (layers, heads, head dim) (2, 2, 16), the model has (3, 2, 16)"),
+    ({"num_kv_heads": 1}, "(3, 1, 16), the model has (3, 2, 16)"),
+    ({"head_dim": 8, "rope": RopeSpec((1.0, 0.5, 0.25, 0.125))}, "(3, 2, 8), the model has (3, 2, 16)"),
+])
+def test_memory_with_other_shapes(art, tmp_path, change, phrase):
+    mem = memory_for(art, str(tmp_path / "shape.ekv"), **change)
+    assert_refused(run(art, mem), 5, phrase, "adapt a new memory with this one")
+
+
+def test_memory_with_another_key_layer_pooling_or_rope(art, tmp_path):
+    mem = memory_for(art, str(tmp_path / "key.ekv"), key_layer=2)
+    assert_refused(run(art, mem), 5, "keys pool layer 2 (mean); the artifacts' key graph pools layer 1 (mean)",
+                   "re-export with `edgekv export MODEL --memory")
+    mem = memory_for(art, str(tmp_path / "pool.ekv"), key_pooling="last")
+    assert_refused(run(art, mem), 5, "keys pool layer 1 (last)")
+    mem = memory_for(art, str(tmp_path / "rope.ekv"), rope=None)
+    assert_refused(run(art, mem), 5, "RoPE settings differ from the model's", "adapt a new memory")
+
+
+@pytest.mark.parametrize("name", ["model.onnx", "key.onnx", "tokenizer.json"])
+def test_artifact_whose_hash_differs_from_the_manifest(art, tmp_path, name):
+    mem = memory_for(art, str(tmp_path / "m.ekv"))
+    path = os.path.join(art, name)
+    data = bytearray(open(path, "rb").read())
+    data[len(data) // 2] ^= 0x01
+    open(path, "wb").write(bytes(data))
+    assert_refused(run(art, mem), 5, f"{name} does not match manifest.json (hash differs): re-export or restore the file")
+    os.remove(path)
+    assert_refused(run(art, mem), 3, f"{name} is missing from", "re-export the model or restore the file")
+
+
+def _add_index(art: str, memory: str) -> None:
+    """What `edgekv export --memory` adds: index files, their hashes and the index section."""
+    from edgekv.index import INDEX_META, build_index
+    from edgekv.manifest import file_hashes, read_manifest, write_manifest
+
+    meta = build_index(memory, art)
+    data = read_manifest(art, verify_hashes=False)
+    data["index"] = meta
+    data["files"] = {**data["files"], **file_hashes(art, [meta["file"], INDEX_META])}
+    write_manifest(art, data)
+
+
+def test_index_for_another_memory_or_an_older_state(art, tmp_path):
+    from edgekv.index import build_index
+
+    mem_a = memory_for(art, str(tmp_path / "a.ekv"))
+    mem_b = memory_for(art, str(tmp_path / "b.ekv"))
+    _add_index(art, mem_a)
+    res = run(art, mem_a, "--json", "--retrieval", "hnsw")
+    assert res.exit_code == 0, res.output
+    assert json.loads(res.stdout)["retrieval_mode"] == "hnsw"
+    assert_refused(run(art, mem_b), 5, "was built for another memory state; rebuild it",
+                   "edgekv export MODEL --out DIR --memory MEM.ekv")
+    # the same memory, adapted after the export: its index is stale
+    commit_update(mem_a, clear=[0])
+    assert_refused(run(art, mem_a), 5, "was built for another memory state")
+    # an index.hnsw swapped for another one: the manifest's hash refuses it before anything parses it
+    build_index(mem_b, str(tmp_path / "idx-b"))
+    shutil.copy(os.path.join(tmp_path, "idx-b", "index.hnsw"), os.path.join(art, "index.hnsw"))
+    assert_refused(run(art, mem_b), 5, "index.hnsw does not match manifest.json (hash differs)")
+
+
+def test_index_not_listed_in_the_manifest_is_not_used(art, tmp_path):
+    from edgekv.index import build_index
+
+    mem = memory_for(art, str(tmp_path / "m.ekv"))
+    other = memory_for(art, str(tmp_path / "other.ekv"))
+    build_index(other, art)  # stray index files for another memory, unknown to the manifest
+    res = run(art, mem, "--json")
+    assert res.exit_code == 0, res.output
+    assert json.loads(res.stdout)["retrieval_mode"] == "exact"

@@ -1,0 +1,102 @@
+"""Tiny random vision-language models of real Hugging Face classes (LLaVA, Idefics3), offline.
+
+Like ``tiny_models.py``: configs written here, seeded random weights, the in-process BPE
+tokenizer with an ``<image>`` special token added, and the family's image processor
+saved next to the model, so the folder loads like a user's model folder.
+"""
+
+from __future__ import annotations
+
+import os
+
+IMAGE_TOKEN = "<image>"
+
+# ChatML that also takes Hugging Face's list content ({"type": "image"} / {"type": "text"}),
+# the way llava-hf templates place the image token.
+VLM_CHAT_TEMPLATE = (
+    "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' }}"
+    "{% if message['content'] is string %}{{ message['content'] }}{% else %}"
+    "{% for part in message['content'] %}{% if part['type'] == 'image' %}{{ '<image>\n' }}"
+    "{% else %}{{ part['text'] }}{% endif %}{% endfor %}{% endif %}{{ '<|im_end|>\n' }}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+
+VLM_FAMILIES = ("llava", "idefics3")
+# Idefics3 / SmolVLM prompt tokens: tiles are announced by <row_r_col_c>, wrapped in <fake_token_around_image>
+IDEFICS3_TOKENS = ["<fake_token_around_image>", "<global-img>"] + \
+    [f"<row_{r}_col_{c}>" for r in range(1, 5) for c in range(1, 5)]
+
+
+def vlm_tokenizer(extra: tuple[str, ...] = ()):
+    from tiny_models import train_tokenizer
+
+    tok = train_tokenizer()
+    tok.add_special_tokens({"additional_special_tokens": [IMAGE_TOKEN, *extra]})
+    tok.chat_template = VLM_CHAT_TEMPLATE
+    return tok
+
+
+def tiny_llava(tok):
+    """LlavaForConditionalGeneration config: CLIP ViT 30x30 px, 6 px patches (25 image tokens)
+    + a 3-layer Llama (GQA 4/2 heads, head dim 16); and its CLIPImageProcessor."""
+    from transformers import CLIPImageProcessor, CLIPVisionConfig, LlamaConfig, LlavaConfig
+
+    image_id = tok.convert_tokens_to_ids(IMAGE_TOKEN)
+    text = LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=3,
+                       num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=512,
+                       bos_token_id=1, eos_token_id=2, pad_token_id=3, tie_word_embeddings=False, rope_theta=10000.0)
+    vision = CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                              image_size=30, patch_size=6, projection_dim=32)
+    cfg = LlavaConfig(vision_config=vision, text_config=text, image_token_index=image_id,
+                      vision_feature_layer=-2, vision_feature_select_strategy="default",
+                      projector_hidden_act="gelu", image_seq_length=25)
+    cfg.eos_token_id, cfg.bos_token_id, cfg.pad_token_id = 2, 1, 3
+    proc = CLIPImageProcessor(size={"shortest_edge": 30}, crop_size={"height": 30, "width": 30})
+    return cfg, proc
+
+
+def tiny_idefics3(tok):
+    """Idefics3ForConditionalGeneration config: SigLIP-style ViT on 32x32 tiles, 8 px patches,
+    pixel shuffle 2 (4 image tokens per tile) + the 3-layer Llama; its Idefics3ImageProcessor
+    (longest edge 64, 32 px tiles: up to 2x2 tiles + the global image)."""
+    from transformers import (
+        Idefics3Config,
+        Idefics3ImageProcessor,
+        Idefics3VisionConfig,
+        LlamaConfig,
+    )
+
+    text = LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=3,
+                       num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=512,
+                       bos_token_id=1, eos_token_id=2, pad_token_id=3, tie_word_embeddings=False, rope_theta=10000.0)
+    vision = Idefics3VisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                  image_size=32, patch_size=8)
+    cfg = Idefics3Config(vision_config=vision.to_dict(), text_config=text.to_dict(), scale_factor=2,
+                         image_token_id=tok.convert_tokens_to_ids(IMAGE_TOKEN), tie_word_embeddings=False)
+    cfg.eos_token_id, cfg.bos_token_id, cfg.pad_token_id = 2, 1, 3
+    proc = Idefics3ImageProcessor(size={"longest_edge": 64}, max_image_size={"longest_edge": 32})
+    return cfg, proc
+
+
+def make_tiny_vlm(family: str, out_dir: str, seed: int = 0) -> str:
+    """Save a tiny random ``family`` VLM (model, tokenizer, image processor) to ``out_dir``."""
+    import torch
+    from transformers import Idefics3ForConditionalGeneration, LlavaForConditionalGeneration
+
+    if os.path.isfile(os.path.join(out_dir, "config.json")):
+        return out_dir
+    if family not in VLM_FAMILIES:
+        raise ValueError(f"unknown VLM family {family!r}; choose from {VLM_FAMILIES}")
+    tok = vlm_tokenizer(tuple(IDEFICS3_TOKENS) if family == "idefics3" else ())
+    cfg, proc = (tiny_llava if family == "llava" else tiny_idefics3)(tok)
+    torch.manual_seed(seed)
+    model = (LlavaForConditionalGeneration if family == "llava" else Idefics3ForConditionalGeneration)(cfg)
+    with torch.no_grad():  # norms start at ones/zeros; perturb so that norm handling bugs show
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.add_(0.1 * torch.randn_like(p))
+    model.eval()
+    model.save_pretrained(out_dir)
+    tok.save_pretrained(out_dir)
+    proc.save_pretrained(out_dir)
+    return out_dir
