@@ -7,7 +7,7 @@ rounded *up* to the next float16 so that ``|x| <= 127 * scale`` always holds and
 round-trip error is bounded by ``scale / 2`` per element (see :func:`error_bound`).
 
 Dequantisation takes an extra multiplicative factor per entry and per layer, which is
-where InduceKV folds ``sqrt(alpha_i)`` (keys and values) and the value gate
+where InduceKV folds ``sqrt(k * alpha_i)`` (keys and values) and the value gate
 ``lambda_l`` (values): scaling then costs nothing beyond the dequantisation itself.
 """
 

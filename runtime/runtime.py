@@ -4,7 +4,7 @@ Per query (see ``docs/runtime.md``):
 1. retrieval key: ``key.onnx`` pools the prompt's hidden state at the key layer; the
    memory's key projection and unit normalisation are applied in numpy;
 2. top-k entries by inner product (HNSW when an index matches the memory, else exact);
-3. alpha = softmax(sim / tau); entries laid out best-last, dequantised with sqrt(alpha)
+3. alpha = softmax(sim / tau); entries laid out best-last, dequantised with sqrt(k*alpha)
    and the per-layer value gate folded into the scales, keys rotated to positions
    0..k*m-1 (:func:`edgekv.induction.assemble_memory_kv`);
 4. the chat-templated prompt is fed after them as one prefill with that past; decoding
