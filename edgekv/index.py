@@ -36,6 +36,7 @@ import numpy as np
 
 from edgekv.errors import CorruptFileError, InputError, MismatchError
 from edgekv.format import Memory
+from edgekv.manifest import file_sha256
 from edgekv.retrieval import effective_keys, topk_exact
 
 INDEX_FILE = "index.hnsw"
@@ -58,14 +59,6 @@ def keys_digest(slots: np.ndarray, keys: np.ndarray) -> str:
     h = hashlib.sha256()
     h.update(np.ascontiguousarray(slots, "<i8").tobytes())
     h.update(np.ascontiguousarray(keys, "<f4").tobytes())
-    return h.hexdigest()
-
-
-def file_sha256(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 20):
-            h.update(chunk)
     return h.hexdigest()
 
 
