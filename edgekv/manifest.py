@@ -162,6 +162,11 @@ def validate(data: object) -> None:
         for name in (data["vision"]["file"], data["vision"]["embeddings"]):
             if name not in files:
                 raise ValueError(f"vision file {name!r} is not listed in 'files'")
+    # optional key.input: what key.onnx reads ("inputs_embeds": token embeddings, VLM exports only)
+    key_input = data["key"].get("input", "input_ids")
+    if key_input not in ("input_ids", "inputs_embeds") or (key_input == "inputs_embeds" and not data.get("vision")):
+        raise ValueError(f"field 'key.input' must be 'input_ids', or 'inputs_embeds' with a 'vision' section; "
+                         f"got {key_input!r}")
 
 
 # --- reading and writing ---------------------------------------------------------

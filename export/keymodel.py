@@ -6,6 +6,10 @@ token). It returns the *raw* pooled hidden state; the memory's key projection an
 unit normalisation are applied in numpy (:func:`edgekv.retrieval.effective_keys`) on
 both sides. ``edgekv export`` writes this module as ``key.onnx``; ``edgekv adapt``
 computes stored keys with it, so stored and query keys are the same function.
+
+Vision-language backbones use :meth:`KeyModel.forward_embeds` (graph: :class:`EmbedsKeyModel`,
+input ``inputs_embeds``): the same layers over token embeddings whose image positions hold
+the vision features, so the key of an image+text prompt covers the image.
 """
 
 from __future__ import annotations
@@ -55,3 +59,19 @@ class KeyModel(torch.nn.Module):
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         out = self.body(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
         return pool_hidden(out.last_hidden_state, attention_mask, self.pooling)
+
+    def forward_embeds(self, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """inputs_embeds [B, S, hidden] float32, attention_mask [B, S] int64 -> pooled [B, hidden] float32."""
+        out = self.body(inputs_embeds=inputs_embeds, attention_mask=attention_mask, use_cache=False)
+        return pool_hidden(out.last_hidden_state, attention_mask, self.pooling)
+
+
+class EmbedsKeyModel(torch.nn.Module):
+    """The graph form of :meth:`KeyModel.forward_embeds`: (inputs_embeds, attention_mask) -> pooled."""
+
+    def __init__(self, decoder: Any, key_layer: int, pooling: str = "mean"):
+        super().__init__()
+        self.key = KeyModel(decoder, key_layer, pooling)
+
+    def forward(self, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        return self.key.forward_embeds(inputs_embeds, attention_mask)

@@ -34,6 +34,10 @@ BUILTINS = {
 }
 
 
+# Built-in vision-language models: name -> VLM family (export/vlm.py VLM_TYPES), built on first use.
+VLM_BUILTINS = {"tiny-vlm": "edgekv_tiny_vlm"}
+
+
 def cache_dir() -> str:
     return os.environ.get("EDGEKV_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "edgekv")
 
@@ -59,10 +63,16 @@ class Backbone:
     fingerprint: str  # sha256 hex of architecture + weights
     source: str  # what MODEL was
     eos_token_ids: tuple[int, ...]
+    vision: Any = None  # vision-language models: edgekv.induce.vision.ImageInputs (set by its loader)
 
     @property
     def decoder(self) -> Any:
-        """The base transformer (``model.model``) holding layers, embeddings, rotary."""
+        """The base transformer (``model.model``) holding layers, embeddings, rotary
+        (of a vision-language model: its language model)."""
+        inner = getattr(self.model, "model", None)
+        lm = getattr(inner, "language_model", None) or getattr(inner, "text_model", None)
+        if lm is not None:
+            return lm
         return self.model.get_decoder() if hasattr(self.model, "get_decoder") else self.model.model
 
 
@@ -114,6 +124,17 @@ def _builtin_folder(name: str) -> str:
     return folder
 
 
+def builtin_vlm_folder(name: str) -> str:
+    """The cached model folder of a built-in VLM (``tiny-vlm``: the shipped projector + the fdet
+    MobileNetV2 weights + the ``smollm2-135m`` folder, assembled once by export/tiny_vlm.py)."""
+    if name not in VLM_BUILTINS:
+        raise InputError(f"{name!r} is not a built-in vision-language model ({', '.join(VLM_BUILTINS)})")
+    _require_host()
+    from edgekv.export.tiny_vlm import builtin_folder
+
+    return builtin_folder(_builtin_folder("smollm2-135m"), cache_dir())
+
+
 def _load_gguf(path: str, eos_token: str | None = None) -> tuple[Any, Any]:
     transformers = _require_host()
     import torch
@@ -147,6 +168,8 @@ def load_backbone(model: str) -> Backbone:
     import torch
 
     source = model
+    if model in VLM_BUILTINS:
+        raise InputError(f"{model!r} is a vision-language model; load it with edgekv.export.vlm.load_vlm")
     if model in BUILTINS:
         model = _builtin_folder(model)
     if os.path.isfile(model) and model.endswith(".gguf"):

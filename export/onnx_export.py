@@ -198,6 +198,28 @@ def export_key_graph(model: Any, decoder: Any, key_layer: int, pooling: str, pat
                           dynamic_axes=axes, do_constant_folding=True)
 
 
+def export_embeds_key_graph(decoder: Any, key_layer: int, pooling: str, path: str,
+                            opset: int = DEFAULT_OPSET) -> None:
+    """Write ``EmbedsKeyModel(decoder, key_layer, pooling)`` to ``path`` (vision-language models).
+
+    Inputs ``inputs_embeds`` [B, S, hidden] float32 (image positions already hold the vision
+    features) and ``attention_mask`` [B, S] int64 (right padding); output ``pooled`` [B, hidden].
+    """
+    import torch
+
+    from edgekv.export.keymodel import EmbedsKeyModel
+
+    key_model = EmbedsKeyModel(decoder, key_layer, pooling).eval()
+    _, mask = _dummy_key_inputs(2)
+    embeds = torch.randn(*mask.shape, int(decoder.config.hidden_size), generator=torch.Generator().manual_seed(0))
+    axes = {"inputs_embeds": {0: "batch_size", 1: "sequence_length"},
+            "attention_mask": {0: "batch_size", 1: "sequence_length"}, "pooled": {0: "batch_size"}}
+    with quiet_export(), _optimum_patches(decoder, key_model), torch.no_grad():
+        torch.onnx.export(key_model, (embeds, mask), path, dynamo=False, opset_version=opset,
+                          input_names=["inputs_embeds", "attention_mask"], output_names=["pooled"],
+                          dynamic_axes=axes, do_constant_folding=True)
+
+
 # --- edgekv's fused graphs -----------------------------------------------------------
 def export_fused(model: Any, rope: Any, key_layer: int, pooling: str, out_dir: str, weights: str = "fp32") -> dict:
     """Write the fused decoder, the key graph and their shared weights file into ``out_dir``.

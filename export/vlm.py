@@ -16,8 +16,9 @@ splices them (``edgekv.runtime.multimodal``):
   memory-maps to embed token ids (text tokens; image positions take the vision features).
 
 The image processor's settings go into ``manifest.json`` (``vision.processor``), read by
-``edgekv.runtime.vision``. Everything else (key graph on the language model, tokenizer,
-HNSW index, manifest, staging folder) is shared with the text-only export.
+``edgekv.runtime.vision``. The key graph ``key.onnx`` takes ``inputs_embeds`` (manifest
+``key.input``), so the retrieval key of an image+text prompt covers the image. Everything
+else (tokenizer, HNSW index, manifest, staging folder) is shared with the text-only export.
 """
 
 from __future__ import annotations
@@ -33,14 +34,21 @@ from edgekv.errors import EdgeKVError, InputError
 VISION_FILE = "vision.onnx"
 DECODER_EMBEDS_FILE = "decoder_embeds.onnx"
 EMBEDDINGS_FILE = "embed_tokens.npy"
+KEY_INPUT_EMBEDS = "inputs_embeds"  # manifest key.input: key.onnx takes token embeddings (image spliced in)
 # model_type -> (transformers class, image token attribute of the config)
 VLM_TYPES = {"llava": ("LlavaForConditionalGeneration", "image_token_index"),
-             "idefics3": ("Idefics3ForConditionalGeneration", "image_token_id")}
+             "idefics3": ("Idefics3ForConditionalGeneration", "image_token_id"),
+             "edgekv_tiny_vlm": ("TinyVLM", "image_token_index")}  # export/tiny_vlm.py (our own class)
+TINY_VLM = "edgekv_tiny_vlm"
 PROBE_PROMPT = "what colour is the triangle?"
 
 
 def vlm_type(model: str) -> str | None:
-    """The VLM family of a model folder (``None`` for anything else); reads config.json only."""
+    """The VLM family of a model folder or built-in VLM name (``None`` for anything else); reads config.json only."""
+    from edgekv.export.models import VLM_BUILTINS
+
+    if isinstance(model, str) and model in VLM_BUILTINS:
+        return VLM_BUILTINS[model]
     path = os.path.join(model, "config.json") if isinstance(model, str) and os.path.isdir(model) else None
     if path is None or not os.path.isfile(path):
         return None
@@ -65,13 +73,26 @@ def load_vlm(model: str) -> tuple[Any, Any]:
     import torch
     import transformers
 
-    from edgekv.export.models import Backbone, model_fingerprint, rope_spec
+    from edgekv.export.models import (
+        VLM_BUILTINS,
+        Backbone,
+        builtin_vlm_folder,
+        model_fingerprint,
+        rope_spec,
+    )
     from edgekv.modelshape import ModelShape
 
+    source = model
+    model = builtin_vlm_folder(model) if model in VLM_BUILTINS else model
     family = vlm_type(model)
-    cls = getattr(transformers, VLM_TYPES[family][0])
-    # trust_remote_code=False: never run code from the model folder (see tests/test_no_exec.py)
-    hf_model = cls.from_pretrained(model, dtype=torch.float32, trust_remote_code=False).eval()
+    if family == TINY_VLM:  # our own module (export/tiny_vlm.py); config.json is only read as data
+        from edgekv.export.tiny_vlm import load_tiny_vlm
+
+        hf_model, _ = load_tiny_vlm(model)
+    else:
+        cls = getattr(transformers, VLM_TYPES[family][0])
+        # trust_remote_code=False: never run code from the model folder (see tests/test_no_exec.py)
+        hf_model = cls.from_pretrained(model, dtype=torch.float32, trust_remote_code=False).eval()
     for p in hf_model.parameters():
         p.requires_grad_(False)
     tok = transformers.AutoTokenizer.from_pretrained(model, trust_remote_code=False)
@@ -83,7 +104,7 @@ def load_vlm(model: str) -> tuple[Any, Any]:
     eos = eos if eos is not None else hf_model.config.text_config.eos_token_id
     eos_ids = tuple(eos) if isinstance(eos, (list, tuple)) else ((eos,) if eos is not None else ())
     rope = rope_spec(SimpleNamespace(model=language_model(hf_model)))
-    bb = Backbone(hf_model, tok, shape, rope, model_fingerprint(hf_model), model, eos_ids)
+    bb = Backbone(hf_model, tok, shape, rope, model_fingerprint(hf_model), source, eos_ids)
     return bb, proc
 
 
@@ -101,7 +122,7 @@ def image_tokens(bb: Any) -> Any:
     if cfg.model_type == "idefics3":
         per_tile = int((cfg.vision_config.image_size // cfg.vision_config.patch_size) ** 2 / cfg.scale_factor ** 2)
         return ImageTokens("idefics3", text, per_tile)
-    return ImageTokens(cfg.model_type, text)
+    return ImageTokens("llava" if cfg.model_type == TINY_VLM else cfg.model_type, text)  # tiny-vlm: N tokens
 
 
 def image_token(bb: Any) -> tuple[str, int]:
@@ -130,6 +151,8 @@ def _modules():
         def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
             if self.vlm.config.model_type == "idefics3":
                 return self.idefics3(pixel_values)
+            if self.vlm.config.model_type == TINY_VLM:  # MobileNetV2 grid -> projector
+                return self.vlm.get_image_features(pixel_values)
             # LlavaModel.get_image_features without its final list() (which traces as a fixed-size Split)
             cfg, m = self.vlm.config, self.vlm.model
             hidden = m.vision_tower(pixel_values, output_hidden_states=True).hidden_states
@@ -313,7 +336,7 @@ def export_vlm_into(model: str, folder: str, opts: Any, stages: Any) -> dict:
     """The VLM counterpart of ``pipeline._export_into``: same stages, options and manifest, plus
     the vision graph, the embeddings table and the manifest's ``vision`` section."""
     from edgekv.export import pipeline as pl
-    from edgekv.export.onnx_export import KEY_FILE, export_key_graph, files_bytes, onnx_files
+    from edgekv.export.onnx_export import KEY_FILE, export_embeds_key_graph, files_bytes, onnx_files
     from edgekv.manifest import file_hashes, write_manifest
     from edgekv.runtime.vision import ImageProcessorConfig
 
@@ -342,8 +365,8 @@ def export_vlm_into(model: str, folder: str, opts: Any, stages: Any) -> dict:
         with stages.stage("check"):
             summary["decoder"]["fp32_check"] = check_vlm(bb, folder, proc.to_dict())
     with stages.stage("key graph"):
-        lm = language_model(bb.model)  # text-only retrieval key (see docs/multimodal.md)
-        export_key_graph(lm, lm, key[0], key[1], os.path.join(folder, KEY_FILE), opts.opset)
+        # the key on token embeddings: image positions hold the vision features (docs/multimodal.md)
+        export_embeds_key_graph(language_model(bb.model), key[0], key[1], os.path.join(folder, KEY_FILE), opts.opset)
         key_names = onnx_files(folder, KEY_FILE)
     with stages.stage("tokenizer"):
         tokenizer = pl.export_tokenizer(bb, folder)
@@ -358,6 +381,7 @@ def export_vlm_into(model: str, folder: str, opts: Any, stages: Any) -> dict:
         names += [index["file"], INDEX_META] if index else []
         data = pl.manifest_data(bb, key, "fp32", tokenizer, file_hashes(folder, names), index)
         data["decoder"]["file"] = DECODER_EMBEDS_FILE
+        data["key"]["input"] = KEY_INPUT_EMBEDS
         tokens = image_tokens(bb)
         data["vision"] = {"family": tokens.family, "file": VISION_FILE, "embeddings": EMBEDDINGS_FILE,
                           "image_token": token_text, "image_token_id": token_id, "processor": proc_cfg.to_dict(),

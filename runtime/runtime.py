@@ -188,20 +188,37 @@ class Runtime:
             raise InputError(f"{self.artifacts} holds a text-only model; --image needs a vision-language export")
         return self.vision.encode_image(image)
 
-    def query_key(self, prompt: str) -> np.ndarray:
-        """Effective retrieval key of ``prompt``: [R] float32 unit vector."""
-        ids = np.asarray([self.tokenizer.encode(prompt)], np.int64)
-        if self.max_positions and ids.shape[1] > self.max_positions:  # the key graph's RoPE table ends there
-            raise InputError(f"prompt of {ids.shape[1]} tokens exceeds the model's context of {self.max_positions}")
-        (pooled,) = self.key_session.run(["pooled"], {"input_ids": ids, "attention_mask": np.ones_like(ids)})
+    def query_key(self, prompt: str, image: EncodedImage | None = None) -> np.ndarray:
+        """Effective retrieval key of ``prompt`` (and ``image``): [R] float32 unit vector.
+
+        A key graph on embeddings (manifest ``key.input == "inputs_embeds"``, vision-language
+        exports) pools ``"<image>\\n" + prompt`` (image token expanded, no chat template) with the
+        image positions holding the image features, so the key covers the image; without an
+        image it pools the prompt's token embeddings (= the text key).
+        """
+        embeds_key = self.manifest["key"].get("input") == "inputs_embeds"
+        if image is not None and not embeds_key:  # older VLM export: text-only key graph
+            image = None
+        ids = self.tokenizer.encode(prompt) if image is None else \
+            self.vision.prompt_ids(self.tokenizer, prompt, False, image)
+        if self.max_positions and len(ids) > self.max_positions:  # the key graph's RoPE table ends there
+            raise InputError(f"prompt of {len(ids)} tokens exceeds the model's context of {self.max_positions}")
+        mask = np.ones((1, len(ids)), np.int64)
+        if embeds_key:
+            embeds = self.vision.decoder.embed(np.asarray([ids], np.int64)) if image is None else \
+                self.vision.embed(ids, image.features)
+            (pooled,) = self.key_session.run(["pooled"], {"inputs_embeds": embeds, "attention_mask": mask})
+        else:
+            (pooled,) = self.key_session.run(["pooled"], {"input_ids": np.asarray([ids], np.int64),
+                                                          "attention_mask": mask})
         return effective_keys(pooled[0], self.memory.projection)
 
-    def retrieve(self, prompt: str, k: int | None = None) -> list[Retrieved]:
-        """Top-k entries for ``prompt`` in layout order (best last), with their alpha."""
+    def retrieve(self, prompt: str, k: int | None = None, image: EncodedImage | None = None) -> list[Retrieved]:
+        """Top-k entries for ``prompt`` (and its encoded ``image``) in layout order (best last), with their alpha."""
         if self.retriever is None:
             return []
         k = self.config.k if k is None else k
-        slots, sims = self.retriever.search(self.query_key(prompt), k)
+        slots, sims = self.retriever.search(self.query_key(prompt, image), k)
         order, alpha = select_and_weigh(sims, self.memory.calibration.tau)
         out = []
         for i, a in zip(order, alpha, strict=True):
@@ -253,7 +270,8 @@ class Runtime:
         ``inject``: position-free float K, V [L, H, T, D] to use as memory instead of
         retrieving (keys are rotated to positions 0..T-1), e.g. to check the injection path.
         ``image``: a path or PIL image (vision-language artifacts; ``edgekv.runtime.multimodal``):
-        its features take the image-token positions of the prompt. Retrieval keys stay text-only.
+        its features take the image-token positions of the prompt, and the retrieval key covers it
+        (a key graph on embeddings; see :meth:`query_key`).
         """
         if max_new_tokens < 1:
             raise InputError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
@@ -266,7 +284,8 @@ class Runtime:
             raise InputError(f"prompt of {len(ids)} tokens exceeds the model's context of {self.max_positions}; "
                              f"shorten the prompt")
         t0 = time.perf_counter()
-        retrieved = self.retrieve(prompt) if use_memory and self.retriever is not None and inject is None else []
+        retrieved = self.retrieve(prompt, image=img) if use_memory and self.retriever is not None and inject is None \
+            else []
         # a shared-buffer decoder takes the retrieved entries straight into its KV buffers
         direct = bool(retrieved) and getattr(self.decoder, "shared_buffer", False)
         entries = [self.memory.read_entry(r.slot) for r in retrieved] if direct else None

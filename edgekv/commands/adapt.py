@@ -40,8 +40,10 @@ def _human(d: dict) -> str:
 
 @command("adapt")
 def adapt_cmd(
-    model: str = typer.Option(..., "--model", help="Hugging Face model folder, .gguf, or built-in name."),
-    data: str = typer.Option(..., "--data", help="Task data: LLaVA JSON/JSONL or JSONL of prompt/answer."),
+    model: str = typer.Option(..., "--model", help="Hugging Face model folder (text or LLaVA/Idefics3), .gguf, "
+                                                   "or built-in name."),
+    data: str = typer.Option(..., "--data", help="Task data: LLaVA JSON/JSONL or JSONL of prompt/answer "
+                                                 "(image paths relative to the file's folder)."),
     memory: str = typer.Option(..., "--memory", help="Memory file (.ekv); created on the first call."),
     budget: str = typer.Option(None, "--budget", help="Byte budget (16MB, 16MiB); needed to create the memory."),
     task: str = typer.Option(None, "--task", help="Task name (default: the data file's name)."),
@@ -58,8 +60,8 @@ def adapt_cmd(
     from dataclasses import replace
 
     from edgekv.data import read_examples
-    from edgekv.export.models import load_backbone
     from edgekv.induce.adapt import AdaptConfig, adapt
+    from edgekv.induce.vision import load_adapt_backbone
 
     if payload is not None and payload not in ("int8", "fp16"):
         raise InputError(f"--payload must be int8 or fp16, got {payload!r}")
@@ -84,6 +86,7 @@ def adapt_cmd(
     if steps is not None:
         cfg = replace(cfg, selection=replace(cfg.selection, steps=steps))
     task = task or os.path.splitext(os.path.basename(data))[0]
-    backbone = load_backbone(model)
-    summary = adapt(backbone, examples, memory, budget_bytes, task, cfg, explicit, progress=not no_progress)
+    backbone = load_adapt_backbone(model)  # vision-language folders get the image path (edgekv.induce.vision)
+    summary = adapt(backbone, examples, memory, budget_bytes, task, cfg, explicit, progress=not no_progress,
+                    image_root=os.path.dirname(os.path.abspath(data)))
     emit(summary, json_out, _human)

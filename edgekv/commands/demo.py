@@ -1,29 +1,29 @@
-"""``edgekv demo``: the main job on the embedded default stream (see README)."""
+"""``edgekv demo``: the main job on the embedded defaults (see :mod:`edgekv.demo`)."""
 
 from __future__ import annotations
 
+import sys
+
 import typer
 
-from edgekv.cli import command
-
-PLAN = """edgekv demo — what it does:
-  1. take the default continual task stream (image+text and text tasks, generated offline)
-  2. adapt the built-in model task after task under a fixed memory budget (edgekv adapt)
-  3. export the backbone and memory for the device (edgekv export)
-  4. answer held-out queries with the torch-free runtime (edgekv run) and print per-task
-     accuracy before and after, the memory footprint after each task (constant) and the
-     budget breakdown (edgekv profile)
-"""
-
-MISSING = """Not available yet in this version:
-  - the default continual stream and `edgekv bench` (continual benchmark issue)
-  - the built-in `tiny-vlm` model (multimodal issue)
-What works today: `edgekv profile`, `edgekv adapt`, `edgekv export`, `edgekv run`, `edgekv inspect`
-on text models (see README, 'The pipeline')."""
+from edgekv.cli import command, emit
 
 
 @command("demo")
-def demo_cmd() -> None:
-    """Run the main job end to end on the built-in defaults."""
-    typer.echo(PLAN)
-    typer.echo(MISSING)
+def demo_cmd(
+    model: str = typer.Option("tiny-vlm", "--model", help="Built-in name or model folder."),
+    stream: str = typer.Option("edge6", "--stream", help="Built-in stream name or a stream folder."),
+    budget: str = typer.Option("8MiB", "--budget", help="Memory file budget (fixed footprint), e.g. 8MiB."),
+    num_test: int = typer.Option(12, "--num-test", help="Held-out queries per task (0: all)."),
+    seed: int = typer.Option(0, "--seed", help="Seed of the stream's instances and of adapt."),
+    work_dir: str = typer.Option(None, "--work-dir", help="Where artifacts and memory go (default $EDGEKV_CACHE/demo)."),
+    threads: int = typer.Option(None, "--threads", help="Threads for torch and onnxruntime."),
+    json_out: bool = typer.Option(False, "--json", help="Print the result as JSON (steps still go to stderr)."),
+) -> None:
+    """Adapt the built-in tiny VLM task after task at a fixed budget, run it on-device, print the table."""
+    from edgekv.demo import DemoConfig, render, run_demo
+
+    cfg = DemoConfig(model=model, stream=stream, budget=budget, num_test=num_test, seed=seed,
+                     work_dir=work_dir, threads=threads)
+    res = run_demo(cfg, say=lambda line: typer.echo(line, err=True), progress=sys.stderr.isatty())
+    emit(res.to_dict(), json_out, lambda d: render(res))

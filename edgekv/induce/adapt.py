@@ -37,14 +37,7 @@ from edgekv.data import Example
 from edgekv.errors import InputError, MismatchError
 from edgekv.format import Calibration, Entry, Memory, MemorySpec, commit_update, create_memory
 from edgekv.induce.calibrate import CalibrationConfig, Phi, batches, calibrate
-from edgekv.induce.entries import (
-    EntryConfig,
-    compute_entries,
-    encode_example,
-    key_ids,
-    raw_keys,
-    template_prefix_len,
-)
+from edgekv.induce.entries import EntryConfig, compute_entries, encode_examples, example_keys
 from edgekv.induce.select import SelectionConfig, coverage, select
 from edgekv.induce.torch_induction import (
     Bank,
@@ -183,12 +176,11 @@ def effective(raw: np.ndarray, proj: KeyProjection) -> torch.Tensor:
 
 def query_set(backbone, examples: Sequence[Example], keys: np.ndarray, proj: KeyProjection,
               tasks: Sequence[str]) -> QuerySet:
-    """Queries (prompt + answer tokens) with effective keys, for the loss."""
-    tok, eos = backbone.tokenizer, tuple(backbone.eos_token_ids)
-    plen = template_prefix_len(tok)
-    encs = [encode_example(tok, ex.prompt, ex.answer, eos, plen) for ex in examples]
+    """Queries (prompt + answer tokens, image path when there is one) with effective keys, for the loss."""
+    encs = encode_examples(backbone, examples)
+    images = [e.image for e in encs] if any(e.image for e in encs) else []
     return QuerySet(effective(keys, proj), [list(e.ids[: e.answer_end]) for e in encs],
-                    [e.answer_start for e in encs], [ex.id for ex in examples], list(tasks))
+                    [e.answer_start for e in encs], [ex.id for ex in examples], list(tasks), images)
 
 
 def sample(n: int, k: int, seed: int) -> list[int]:
@@ -217,14 +209,15 @@ def spread_rows(P: np.ndarray, num: int, seed: int) -> list[int]:
 
 
 def terms(model, ind: Induction | None, cur: QuerySet, anc: QuerySet | None, phi: Calibration, eps: float,
-          rows_cur: Sequence[int], rows_anc: Sequence[int]) -> dict:
+          rows_cur: Sequence[int], rows_anc: Sequence[int], inputs=None) -> dict:
     """J's terms for a memory (w = 1 on every entry; ``ind`` None: empty memory), no gradients."""
     tau, gates = torch.tensor(phi.tau), torch.tensor(phi.gates, dtype=torch.float32)
 
     def nll(qs: QuerySet, rows: list[int]) -> float:
         if ind is None:  # the model alone
-            return float(answer_nll(model, [qs.ids[r] for r in rows], [qs.answer_start[r] for r in rows],
-                                    None, None).mean())
+            ids, images = [qs.ids[r] for r in rows], qs.images_of(rows)
+            embeds = None if images is None else inputs.embed_batch(ids, images)[0]
+            return float(answer_nll(model, ids, [qs.answer_start[r] for r in rows], None, None, embeds).mean())
         return float(ind.loss(qs, rows, torch.zeros(len(ind.bank)), tau, gates))
 
     with torch.no_grad():
@@ -274,16 +267,25 @@ def assign_slots(num_slots: int, old_slots: Sequence[int], keep_old: Sequence[in
 # ---------------------------------------------------------------------------------
 def adapt(backbone, examples: Sequence[Example], memory_path: str, budget_bytes: int | None = None,
           task: str = "task", cfg: AdaptConfig | None = None, explicit: Sequence[str] = (),
-          progress: bool = False) -> dict:
+          progress: bool = False, image_root: str | None = None) -> dict:
     """Adapt the memory at ``memory_path`` to ``task`` (create it first if missing).
 
     ``explicit``: names of config fields the user set on purpose (``pooled_len``,
     ``payload_dtype``): these must match an existing memory; others follow the memory.
+    ``image_root``: folder that relative image paths of the examples are relative to (the
+    data file's); they are stored resolved in the anchors file.
     Returns the per-task summary (see ``edgekv adapt --json``).
     """
     from edgekv.export.keymodel import KeyModel
+    from edgekv.induce.vision import resolve_images
 
     cfg = cfg or AdaptConfig()
+    examples = resolve_images(examples, os.path.abspath(image_root) if image_root else None)
+    vision = getattr(backbone, "vision", None)
+    missing_images = [ex.image for ex in examples if vision is not None and ex.image and not os.path.isfile(ex.image)]
+    if missing_images:  # before the memory is created
+        raise InputError(f"image {missing_images[0]} not found ({len(missing_images)} missing; image paths are "
+                         f"relative to the data file's folder)")
     t0 = time.perf_counter()
     memory_path = os.fspath(memory_path)
     if not examples:
@@ -321,8 +323,7 @@ def adapt(backbone, examples: Sequence[Example], memory_path: str, budget_bytes:
     cand_key = {ex.id: new_bank.raw_keys[i] for i, ex in enumerate(cand_examples)}
     missing = [ex for ex in q_examples if ex.id not in cand_key]
     if missing:
-        for ex, k in zip(missing, raw_keys(key_model, [key_ids(backbone.tokenizer, e.prompt) for e in missing]),
-                         strict=True):
+        for ex, k in zip(missing, example_keys(backbone, key_model, missing), strict=True):
             cand_key[ex.id] = k
     cur_raw = np.stack([cand_key[ex.id] for ex in q_examples])
     cur = query_set(backbone, q_examples, cur_raw, proj, [task] * len(q_examples))
@@ -331,7 +332,7 @@ def adapt(backbone, examples: Sequence[Example], memory_path: str, budget_bytes:
     anc = None
     anc_raw = np.zeros((0, spec.key_dim), np.float32)
     if earlier:
-        anc_raw = raw_keys(key_model, [key_ids(backbone.tokenizer, ex.prompt) for _, ex in earlier])
+        anc_raw = example_keys(backbone, key_model, [ex for _, ex in earlier])
         anc = query_set(backbone, [ex for _, ex in earlier], anc_raw, proj, [t for t, _ in earlier])
 
     eval_cur = sample(len(cur), cfg.eval_queries, rng_seed + 2)
@@ -340,17 +341,19 @@ def adapt(backbone, examples: Sequence[Example], memory_path: str, budget_bytes:
     # J before: the memory as it was (its own projection and calibration)
     old_ind = None
     if len(old_bank):
-        cur_old = QuerySet(effective(cur_raw, old_proj), cur.ids, cur.answer_start, cur.source_ids, cur.tasks)
+        cur_old = QuerySet(effective(cur_raw, old_proj), cur.ids, cur.answer_start, cur.source_ids, cur.tasks,
+                           cur.images)
         anc_old = None if anc is None else QuerySet(effective(anc_raw, old_proj), anc.ids, anc.answer_start,
-                                                    anc.source_ids, anc.tasks)
-        old_ind = Induction(backbone.model, old_bank, effective(old_bank.raw_keys, old_proj), cfg.top_k, spec.rope)
+                                                    anc.source_ids, anc.tasks, anc.images)
+        old_ind = Induction(backbone.model, old_bank, effective(old_bank.raw_keys, old_proj), cfg.top_k, spec.rope,
+                            vision)
         before = terms(backbone.model, old_ind, cur_old, anc_old, old_cal, cfg.selection.eps, eval_cur, eval_anc)
     else:
-        before = terms(backbone.model, None, cur, anc, old_cal, cfg.selection.eps, eval_cur, eval_anc)
+        before = terms(backbone.model, None, cur, anc, old_cal, cfg.selection.eps, eval_cur, eval_anc, vision)
     before["J"] = j_value(before, cfg.selection)
 
     # bilevel selection; the inner level steps phi on L_cur after every outer backward
-    ind = Induction(backbone.model, pool, P, cfg.top_k, spec.rope)
+    ind = Induction(backbone.model, pool, P, cfg.top_k, spec.rope, vision)
     phi = Phi.from_calibration(old_cal, cfg.calibration)
     opt = torch.optim.Adam(phi.parameters(), lr=cfg.calibration.lr)
     sel = cfg.selection
@@ -368,7 +371,8 @@ def adapt(backbone, examples: Sequence[Example], memory_path: str, budget_bytes:
             l_anc = ind.loss(anc, anc_batches[step], log_w, tau, gates)
         return l_cur, l_anc
 
-    result = select(num_slots, P, loss_terms, sel, after_backward=opt.step, progress=progress)
+    result = select(num_slots, P, loss_terms, sel, after_backward=opt.step if cfg.calibration.enabled else None,
+                    progress=progress)
     keep = result.keep.tolist()
     num_old = len(old_bank)
     keep_old = [i for i in keep if i < num_old]
@@ -377,7 +381,7 @@ def adapt(backbone, examples: Sequence[Example], memory_path: str, budget_bytes:
     # final calibration on exactly the kept memory (every w = 1)
     kept_bank = subset_bank(pool, keep)
     kept_P = P[keep]
-    kept_ind = Induction(backbone.model, kept_bank, kept_P, cfg.top_k, spec.rope)
+    kept_ind = Induction(backbone.model, kept_bank, kept_P, cfg.top_k, spec.rope, vision)
 
     use_anc = anc is not None and cfg.calibration.with_anchors
     cal_anc = iter(batches(len(anc), cfg.calibration.batch_size, cfg.calibration.steps,

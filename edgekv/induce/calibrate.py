@@ -36,6 +36,7 @@ class CalibrationConfig:
     min_tau: float = 1e-3  # tau never drops below this (softplus(phi) + min_tau)
     with_anchors: bool = True  # phi's objective adds beta * L_anc (phi is shared by every task); False: current task only
     seed: int = 0
+    enabled: bool = True  # False (ablation): phi keeps its initial value; no inner-level or final steps
 
     def __post_init__(self) -> None:
         if self.steps < 0 or self.batch_size < 1:
@@ -103,7 +104,7 @@ def calibrate(phi: Phi, loss_fn: Callable[[Phi, list[int]], torch.Tensor], num_q
     """
     from tqdm.auto import tqdm
 
-    if num_queries == 0 or cfg.steps == 0:
+    if num_queries == 0 or cfg.steps == 0 or not cfg.enabled:
         return []
     opt = torch.optim.Adam(phi.parameters(), lr=cfg.lr)
     losses = []

@@ -26,6 +26,12 @@ Pooling strategies (``EntryConfig.pooling``):
 its default system prompt) from entries before pooling: every entry and every query have
 it, so it costs positions and carries nothing. The KV of the kept tokens is still
 computed with the preamble in context.
+
+Examples with an image on a vision-language backbone (``backbone.vision``,
+:mod:`edgekv.induce.vision`): the user turn holds the image, its token expanded as the
+family's processor does; the model reads token embeddings whose image positions hold the
+vision features. Image tokens are ordinary prefix tokens here: they count in T, pooling
+selects among them like any token before the answer, and the key pools them too.
 """
 
 from __future__ import annotations
@@ -40,7 +46,7 @@ import torch
 from edgekv.data import Example
 from edgekv.errors import InputError
 from edgekv.format import Entry
-from edgekv.induce.torch_induction import pad_batch, remove_rope_t
+from edgekv.induce.torch_induction import pad_batch, remove_rope_t, text_decoder
 from edgekv.rope import RopeSpec
 
 POOLINGS = ("adaptive", "answer", "answer_avg")
@@ -83,6 +89,21 @@ class Encoded:
     answer_start: int
     answer_end: int
     content_start: int
+    image: str | None = None  # image path whose features fill the image tokens of ids
+
+
+def encode_ids(q: Sequence[int], full: Sequence[int], eos_ids: Sequence[int], prefix_len: int,
+               answer: str = "", image: str | None = None) -> Encoded:
+    """Where the answer is in ``full`` (the conversation), given ``q`` (the query as the runtime feeds it)."""
+    start = _common_prefix(q, full)
+    if start >= len(full):
+        raise InputError(f"the answer {answer[:40]!r} adds no tokens to its prompt")
+    end = len(full)
+    for i in range(start, len(full)):
+        if full[i] in eos_ids:
+            end = i + 1
+            break
+    return Encoded(tuple(full), start, end, min(prefix_len, start), image)
 
 
 def has_chat_template(tokenizer) -> bool:
@@ -135,16 +156,8 @@ def encode_example(tokenizer, prompt: str, answer: str, eos_ids: Sequence[int] =
         full = _ids(tokenizer, text, False)
     else:
         full = _ids(tokenizer, prompt + "\n" + answer, True) + list(eos_ids[:1])
-    start = _common_prefix(q, full)
-    if start >= len(full):
-        raise InputError(f"the answer {answer[:40]!r} adds no tokens to its prompt")
-    end = len(full)
-    for i in range(start, len(full)):
-        if full[i] in eos_ids:
-            end = i + 1
-            break
     plen = template_prefix_len(tokenizer) if prefix_len is None else prefix_len
-    return Encoded(tuple(full), start, end, min(plen, start))
+    return encode_ids(q, full, eos_ids, plen, answer)
 
 
 # ---------------------------------------------------------------------------------
@@ -217,24 +230,38 @@ def cache_layers(cache) -> list[tuple[torch.Tensor, torch.Tensor]]:
 
 
 @torch.no_grad()
-def raw_keys(key_model, id_lists: Sequence[Sequence[int]], batch_size: int = 16) -> np.ndarray:
-    """Raw pooled keys of token lists through ``KeyModel`` (right-padded batches). -> [N, R] f32"""
+def raw_keys(key_model, id_lists: Sequence[Sequence[int]], batch_size: int = 16, inputs=None,
+             images: Sequence[str | None] | None = None) -> np.ndarray:
+    """Raw pooled keys of token lists through ``KeyModel`` (right-padded batches). -> [N, R] f32
+
+    ``inputs`` (a vision-language backbone's ``ImageInputs``): the key runs on token
+    embeddings with the image positions of ``images[i]`` filled (``KeyModel.forward_embeds``,
+    the function of the embeddings key graph).
+    """
     out = []
     for i in range(0, len(id_lists), batch_size):
-        x, mask = pad_batch(id_lists[i: i + batch_size])
-        out.append(key_model(x, mask).float().numpy())
+        chunk = id_lists[i: i + batch_size]
+        if inputs is None:
+            x, mask = pad_batch(chunk)
+            out.append(key_model(x, mask).float().numpy())
+        else:
+            imgs = list(images[i: i + batch_size]) if images is not None else [None] * len(chunk)
+            embeds, mask = inputs.embed_batch(chunk, imgs)
+            out.append(key_model.forward_embeds(embeds, mask).float().numpy())
     return np.concatenate(out) if out else np.zeros((0, 0), np.float32)
 
 
 @torch.no_grad()
-def prefix_kv(model, id_lists: Sequence[Sequence[int]]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+def prefix_kv(model, id_lists: Sequence[Sequence[int]], embeds: torch.Tensor | None = None
+              ) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """Cached K (RoPE applied) and V of each sequence at positions 0..T-1.
 
+    embeds: optional [B, S, hidden] right-padded inputs used instead of the ids (images spliced in).
     -> per sequence (K, V): [L, H, T, D] float32
     """
     x, mask = pad_batch(id_lists)
-    decoder = model.get_decoder() if hasattr(model, "get_decoder") else model.model  # no LM head needed
-    out = decoder(input_ids=x, attention_mask=mask, use_cache=True)
+    inputs = {"input_ids": x} if embeds is None else {"inputs_embeds": embeds}
+    out = text_decoder(model)(**inputs, attention_mask=mask, use_cache=True)  # no LM head needed
     layers = cache_layers(out.past_key_values)
     K = torch.stack([k for k, _ in layers], dim=1).float()  # [B, L, H, S, D]
     V = torch.stack([v for _, v in layers], dim=1).float()
@@ -252,21 +279,50 @@ def pooled_entry_kv(K: torch.Tensor, V: torch.Tensor, rope: RopeSpec | None, W: 
     return pool_tokens(K, W).numpy(), pool_tokens(V, W).numpy()
 
 
+def encode_examples(backbone, examples: Sequence[Example]) -> list[Encoded]:
+    """Conversation tokens of each example (image ones through ``backbone.vision``)."""
+    tok, eos = backbone.tokenizer, tuple(backbone.eos_token_ids)
+    plen = template_prefix_len(tok)
+    vision = getattr(backbone, "vision", None)
+    if vision is None and any(ex.image for ex in examples):
+        _warn_images_ignored(backbone)
+    return [vision.encode(tok, ex, eos, plen) if vision is not None and ex.image else
+            encode_example(tok, ex.prompt, ex.answer, eos, plen) for ex in examples]
+
+
+def example_keys(backbone, key_model, examples: Sequence[Example], batch_size: int = 16) -> np.ndarray:
+    """Raw retrieval keys of the examples' prompts (and images). -> [N, R] float32"""
+    tok = backbone.tokenizer
+    vision = getattr(backbone, "vision", None)
+    if vision is None:
+        return raw_keys(key_model, [key_ids(tok, ex.prompt) for ex in examples], batch_size)
+    ids = [vision.key_ids(tok, ex.prompt, ex.image) for ex in examples]
+    return raw_keys(key_model, ids, batch_size, vision, [ex.image for ex in examples])
+
+
+def _warn_images_ignored(backbone) -> None:
+    import warnings
+
+    warnings.warn(f"{backbone.source}: a text-only backbone; the examples' images are ignored", stacklevel=3)
+
+
 def compute_entries(backbone, examples: Sequence[Example], key_model, cfg: EntryConfig, task: str,
                     progress: bool = False) -> tuple[list[Entry], list[Encoded]]:
     """Entries (quantised as the memory stores them) and tokens of ``examples``."""
     from tqdm.auto import tqdm
 
-    tok, model = backbone.tokenizer, backbone.model
-    eos = tuple(backbone.eos_token_ids)
-    plen = template_prefix_len(tok)
-    encs = [encode_example(tok, ex.prompt, ex.answer, eos, plen) for ex in examples]
-    keys = raw_keys(key_model, [key_ids(tok, ex.prompt) for ex in examples], cfg.batch_size)
+    model = backbone.model
+    vision = getattr(backbone, "vision", None)
+    encs = encode_examples(backbone, examples)
+    keys = example_keys(backbone, key_model, examples, cfg.batch_size)
     entries: list[Entry] = []
     bar = tqdm(total=len(examples), desc=f"entries ({task})", unit="ex", disable=not progress, leave=False)
     for i in range(0, len(examples), cfg.batch_size):
         chunk = encs[i: i + cfg.batch_size]
-        for j, (enc, (K, V)) in enumerate(zip(chunk, prefix_kv(model, [e.ids for e in chunk]), strict=True)):
+        ids = [e.ids for e in chunk]
+        images = [e.image for e in chunk]
+        embeds = None if not any(images) else vision.embed_batch(ids, images)[0]
+        for j, (enc, (K, V)) in enumerate(zip(chunk, prefix_kv(model, ids, embeds), strict=True)):
             k, v = pooled_entry_kv(K, V, backbone.rope, entry_pooling_matrix(enc, cfg))
             ex = examples[i + j]
             entries.append(Entry.from_float(keys[i + j], k, v, cfg.payload_dtype, task, ex.id))

@@ -42,6 +42,7 @@ class SelectionConfig:
     lr: float = 0.2  # largest change of any w_i in one step
     batch_size: int = 8  # queries per batch (current task and anchors each)
     seed: int = 0
+    random: bool = False  # ablation: keep a seeded uniform random B of the candidates (no J, no steps)
 
     def __post_init__(self) -> None:
         if self.beta < 0 or self.gamma < 0:
@@ -131,6 +132,11 @@ def select(num_slots: int, P: torch.Tensor, loss_terms: LossTerms, cfg: Selectio
     N = len(P)
     if N <= num_slots:
         return SelectionResult(torch.ones(N), np.arange(N), [])
+    if cfg.random:  # ablation: no objective, a seeded random subset
+        keep = np.sort(np.random.default_rng(cfg.seed).choice(N, size=num_slots, replace=False))
+        w = torch.zeros(N)
+        w[torch.as_tensor(keep)] = 1.0
+        return SelectionResult(w, keep, [])
     w = (w0.clone() if w0 is not None else initial_weights(N, num_slots)).float()
     w = project_capped_simplex(w, float(num_slots))
     history = []

@@ -13,6 +13,10 @@ weights w. Conventions, identical to the runtime (a test holds them together):
 * keys scaled by sqrt(k * alpha_i) (:func:`edgekv.induction.entry_scale`) and rotated to
   their positions, values scaled by sqrt(k * alpha_i) * lambda_l;
 * the chat-templated query follows at positions k*m ... with an all-ones attention mask.
+
+Queries with an image (vision-language backbones, :mod:`edgekv.induce.vision`) enter the
+decoder as ``inputs_embeds`` (token embeddings, image positions replaced by the vision
+features); text-only batches keep the ``input_ids`` path.
 """
 
 from __future__ import annotations
@@ -170,6 +174,19 @@ def make_cache(k_mem: torch.Tensor | None, v_mem: torch.Tensor | None, num_layer
     return cache
 
 
+def text_decoder(model):
+    """The base transformer with layers, embeddings and rotary (a VLM's language model)."""
+    inner = getattr(model, "model", None)
+    lm = getattr(inner, "language_model", None) or getattr(inner, "text_model", None)
+    if lm is not None:
+        return lm
+    return model.get_decoder() if hasattr(model, "get_decoder") else model.model
+
+
+def num_layers_of(model) -> int:
+    return int(model.config.get_text_config().num_hidden_layers)
+
+
 # ---------------------------------------------------------------------------------
 # the loss of answers with memory attached
 # ---------------------------------------------------------------------------------
@@ -178,7 +195,8 @@ class QuerySet:
     """Queries with known answers, ready for the loss.
 
     keys: [Q, R] effective query keys; ids[i]: the query's chat-templated tokens followed by
-    its answer (and end-of-turn) tokens; answer_start[i]: index of the first answer token.
+    its answer (and end-of-turn) tokens; answer_start[i]: index of the first answer token;
+    images[i]: the query's image path (its image tokens are in ids[i]) or None; empty: no images.
     """
 
     keys: torch.Tensor
@@ -186,6 +204,14 @@ class QuerySet:
     answer_start: list[int]
     source_ids: list[str]
     tasks: list[str] = field(default_factory=list)
+    images: list[str | None] = field(default_factory=list)
+
+    def images_of(self, rows: Sequence[int]) -> list[str | None] | None:
+        """Image paths of ``rows``, or None when none of them has an image (the text path)."""
+        if not self.images:
+            return None
+        imgs = [self.images[r] for r in rows]
+        return imgs if any(i is not None for i in imgs) else None
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -203,20 +229,22 @@ def pad_batch(seqs: Sequence[Sequence[int]], pad_id: int = 0) -> tuple[torch.Ten
 
 
 def answer_nll(model, ids: list[list[int]], answer_start: list[int], k_mem: torch.Tensor | None,
-               v_mem: torch.Tensor | None) -> torch.Tensor:
+               v_mem: torch.Tensor | None, embeds: torch.Tensor | None = None) -> torch.Tensor:
     """Mean per-token NLL of each sequence's answer tokens with memory [L, B, H, T, D] as past.
 
+    embeds: optional [B, S, hidden] inputs (right-padded like ``ids``; image positions hold
+    the vision features) fed instead of the token ids; the targets are still ``ids``.
     -> [B] (one value per query; each query weighs the same whatever its answer length)
     """
-    num_layers = model.config.num_hidden_layers
+    num_layers = num_layers_of(model)
     T = 0 if k_mem is None else int(k_mem.shape[3])
     x, mask = pad_batch(ids)
     B, S = x.shape
     full_mask = torch.cat([torch.ones((B, T), dtype=torch.long), mask], dim=1)
     pos = torch.arange(T, T + S)[None].expand(B, S)
-    decoder = model.get_decoder() if hasattr(model, "get_decoder") else model.model
-    out = decoder(input_ids=x, attention_mask=full_mask, position_ids=pos,
-                  past_key_values=make_cache(k_mem, v_mem, num_layers), use_cache=True)
+    inputs = {"input_ids": x} if embeds is None else {"inputs_embeds": embeds}
+    out = text_decoder(model)(**inputs, attention_mask=full_mask, position_ids=pos,
+                              past_key_values=make_cache(k_mem, v_mem, num_layers), use_cache=True)
     h = out.last_hidden_state  # [B, S, Hd]
     # logits only where a target follows: position t predicts token t+1
     tgt = torch.zeros((B, S), dtype=torch.bool)
@@ -235,15 +263,19 @@ class Induction:
     """Loss and greedy decoding of queries with retrieval-weighted memory over a :class:`Bank`.
 
     ``P``: [N, R] effective (projected, unit-norm) keys of the bank's entries.
+
+    ``inputs``: the backbone's :class:`edgekv.induce.vision.ImageInputs` (vision-language
+    backbones), used for queries with an image.
     """
 
-    def __init__(self, model, bank: Bank, P: torch.Tensor, top_k: int, rope: RopeSpec | None):
+    def __init__(self, model, bank: Bank, P: torch.Tensor, top_k: int, rope: RopeSpec | None, inputs=None):
         self.model = model
         self.bank = bank
         self.P = P
         self.top_k = top_k
         self.rope = rope
-        self.num_layers = model.config.num_hidden_layers
+        self.inputs = inputs
+        self.num_layers = num_layers_of(model)
 
     def exclusion(self, source_ids: Sequence[str]) -> torch.Tensor:
         """[B, N] True where entry n was built from query b's own example (leave-one-out)."""
@@ -277,16 +309,25 @@ class Induction:
         rows = list(rows)
         src = [qs.source_ids[r] for r in rows]
         _, _, k_mem, v_mem = self.memory_for(qs.keys[rows], src, log_w, tau, gates, leave_one_out)
-        nll = answer_nll(self.model, [qs.ids[r] for r in rows], [qs.answer_start[r] for r in rows],
-                         k_mem, v_mem)
+        ids = [qs.ids[r] for r in rows]
+        images = qs.images_of(rows)
+        embeds = None if images is None else self._embeds(ids, images)
+        nll = answer_nll(self.model, ids, [qs.answer_start[r] for r in rows], k_mem, v_mem, embeds)
         return nll.mean()
+
+    def _embeds(self, ids: list[list[int]], images: Sequence[str | None]) -> torch.Tensor:
+        if self.inputs is None:
+            raise ValueError("queries with images need Induction(inputs=...) (a vision-language backbone)")
+        return self.inputs.embed_batch(ids, images)[0]
 
     @torch.no_grad()
     def generate(self, q: torch.Tensor, prompt_ids: list[int], tau: float, gates: Sequence[float],
-                 max_new_tokens: int, eos_ids: set[int], use_memory: bool = True) -> tuple[list[int], torch.Tensor | None]:
+                 max_new_tokens: int, eos_ids: set[int], use_memory: bool = True,
+                 image: str | None = None) -> tuple[list[int], torch.Tensor | None]:
         """Greedy decoding of one query (the runtime's decode loop in torch).
 
-        q: [R] effective key. -> (generated token ids without EOS, retrieved bank rows in layout order)
+        q: [R] effective key; image: path whose features fill the image tokens of ``prompt_ids``.
+        -> (generated token ids without EOS, retrieved bank rows in layout order)
         """
         g = torch.as_tensor(list(gates), dtype=torch.float32)
         log_w = torch.zeros(len(self.bank))
@@ -298,14 +339,16 @@ class Induction:
         cache = make_cache(k_mem, v_mem, self.num_layers)
         x = torch.as_tensor([prompt_ids], dtype=torch.long)
         pos = torch.arange(T, T + x.shape[1])[None]
+        # the prompt with an image enters as embeddings; generated tokens as ids
+        inputs = {"input_ids": x} if image is None else {"inputs_embeds": self._embeds([list(prompt_ids)], [image])}
         out_ids: list[int] = []
         for _ in range(max_new_tokens):
-            res = self.model(input_ids=x, position_ids=pos, past_key_values=cache, use_cache=True)
+            res = self.model(**inputs, position_ids=pos, past_key_values=cache, use_cache=True)
             cache = res.past_key_values
             tok = int(res.logits[0, -1].argmax())
             if tok in eos_ids:
                 break
             out_ids.append(tok)
             pos = pos[:, -1:] + 1
-            x = torch.as_tensor([[tok]], dtype=torch.long)
+            inputs = {"input_ids": torch.as_tensor([[tok]], dtype=torch.long)}
         return out_ids, (None if idx is None else idx[0])

@@ -1,0 +1,82 @@
+"""The benchmark's cost knobs: one frozen dataclass, with a ``quick`` preset for tests and CI."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, fields, replace
+
+from edgekv.errors import InputError
+
+
+@dataclass(frozen=True)
+class BenchConfig:
+    """Everything that sets what the benchmark computes and how much it costs.
+
+    Defaults are sized so that the default stream (~6 tasks, ~24 test examples each), all
+    methods at one budget plus the budget sweep, fits well under an hour on 2 CPU cores
+    (see docs/bench.md for the measured cost).
+    """
+
+    seed: int = 0
+    max_train_per_task: int = 48  # train examples used per task (seeded sample): candidates, LoRA data
+    max_test_per_task: int = 24  # test examples per task (first ones, in stream order)
+    full_matrix: bool = True  # evaluate every task after every step (upper triangle too); False: j <= i only
+    top_k: int = 4  # entries / examples retrieved per query (InduceKV, reservoir, FIFO, prompt-text)
+    max_new_tokens: int = 0  # greedy answer length; 0: the longest test answer in tokens + 2 (EOS, slack)
+    eval_batch_size: int = 16  # queries per batched greedy decode
+    # InduceKV (edgekv.induce.adapt.AdaptConfig) knobs
+    pooled_len: int = 16  # m of induce / reservoir / fifo / induce-fp16 etc.
+    short_pooled_len: int = 8  # m of induce-m<short>
+    long_pooled_len: int = 32  # m of induce-m<long>
+    selection_steps: int = 6  # projected-gradient steps of the bilevel selection
+    calibration_steps: int = 4  # Adam steps of the final calibration
+    induce_batch_size: int = 4  # queries per selection / calibration step (current task and anchors each)
+    max_queries: int = 24  # current-task queries in L_cur
+    anchors_per_task: int = 8  # host-side anchors per task (L_anc)
+    eval_queries: int = 4  # queries of adapt's J before/after report (cost only; not a benchmark number)
+    # LoRA (peft) knobs
+    lora_targets: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj")  # linear layers that get adapters
+    lora_epochs: int = 2  # passes over each task's train set
+    lora_lr: float = 1e-3  # AdamW learning rate
+    lora_batch_size: int = 8  # examples per step
+    lora_bytes_per_param: int = 2  # deployed adapter dtype (fp16)
+    replay_size: int = 32  # replay buffer (host) capacity in examples, reservoir over earlier tasks
+    # budgets and timing
+    sweep_fractions: tuple[float, ...] = (0.25, 0.5)  # without --budgets: these fractions of --budget are added
+    sweep_methods: tuple[str, ...] = ("induce", "reservoir", "lora")  # methods run at every budget
+    ttft_queries: int = 6  # queries timed for time to first token (prompt-text vs injected KV)
+
+    def __post_init__(self) -> None:
+        positive = ("max_train_per_task", "max_test_per_task", "top_k", "eval_batch_size",
+                    "pooled_len", "short_pooled_len", "long_pooled_len", "max_queries", "eval_queries", "induce_batch_size",
+                    "lora_epochs", "lora_batch_size", "lora_bytes_per_param", "ttft_queries")
+        for name in positive:
+            if getattr(self, name) < 1:
+                raise InputError(f"BenchConfig.{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("max_new_tokens", "selection_steps", "calibration_steps", "anchors_per_task", "replay_size"):
+            if getattr(self, name) < 0:
+                raise InputError(f"BenchConfig.{name} must be >= 0, got {getattr(self, name)}")
+        if not 0 < self.lora_lr < 1:
+            raise InputError(f"BenchConfig.lora_lr must be in (0, 1), got {self.lora_lr}")
+        if not self.lora_targets:
+            raise InputError("BenchConfig.lora_targets must name at least one linear layer")
+        if any(not 0 < f < 1 for f in self.sweep_fractions):
+            raise InputError("BenchConfig.sweep_fractions must lie in (0, 1)")
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in d.items()}
+
+    @staticmethod
+    def from_dict(d: dict) -> BenchConfig:
+        names = {f.name for f in fields(BenchConfig)}
+        unknown = sorted(set(d) - names)
+        if unknown:
+            raise InputError(f"unknown BenchConfig fields: {', '.join(unknown)}")
+        return BenchConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items()})
+
+    def quick(self) -> BenchConfig:
+        """A preset for tests and CI: a few examples, a couple of steps, short answers."""
+        return replace(self, max_train_per_task=12, max_test_per_task=6, eval_batch_size=8,
+                       pooled_len=4, short_pooled_len=2, long_pooled_len=8, selection_steps=2,
+                       calibration_steps=2, induce_batch_size=2, max_queries=8, anchors_per_task=2, eval_queries=4, lora_epochs=1,
+                       lora_batch_size=4, replay_size=4, ttft_queries=2)

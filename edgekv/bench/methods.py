@@ -1,0 +1,561 @@
+"""The methods the benchmark compares, behind one interface.
+
+Every method learns tasks in order (``learn``), answers examples (``answer``) and reports
+``deployed_bytes()``: the bytes that go to the device beyond the frozen backbone, on one
+scale for every method (see docs/bench.md "How bytes are counted"):
+
+* InduceKV, its ablations, reservoir and FIFO: the ``.ekv`` file size (fixed at creation);
+* prompt-text: UTF-8 bytes of the stored example texts + their fp32 retrieval keys + the
+  key projection (+ image file bytes for image examples);
+* LoRA, replay + LoRA: adapter parameters x ``lora_bytes_per_param`` (:mod:`edgekv.bench.lora`);
+* zero-shot: 0.
+
+``host_bytes()`` is what stays on the host (anchors, replay buffer), reported separately.
+``save``/``load`` move a method's state in and out of a stage folder (resumability).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, replace
+
+import numpy as np
+
+from edgekv.bench import evaluate
+from edgekv.bench.config import BenchConfig
+from edgekv.data import Example
+from edgekv.errors import BudgetError, InputError
+
+
+@dataclass
+class Context:
+    """What every method gets: the frozen backbone, the knobs, its budget and a work folder."""
+
+    backbone: object
+    cfg: BenchConfig
+    budget: int  # bytes
+    work_dir: str  # the method's scratch folder (its live state)
+
+
+class Method:
+    """Base class: learn tasks in order; answer; report bytes; save/load state."""
+
+    name = "method"
+    budget_dependent = True
+    supports_images = True  # False: text examples only (checked before a run starts)
+
+    def __init__(self, ctx: Context):
+        self.ctx = ctx
+        os.makedirs(ctx.work_dir, exist_ok=True)
+
+    def params(self) -> dict:
+        """Method settings that change its results (part of the stage fingerprint)."""
+        return {}
+
+    def min_budget(self) -> int:
+        return 0
+
+    def learn(self, task_index: int, task_name: str, train: Sequence[Example]) -> dict:
+        raise NotImplementedError
+
+    def answer(self, examples: Sequence[Example]) -> list[str]:
+        raise NotImplementedError
+
+    def deployed_bytes(self) -> int:
+        return 0
+
+    def host_bytes(self) -> int:
+        return 0
+
+    def info(self) -> dict:
+        """Facts to report after a task (slots, rank, ...)."""
+        return {}
+
+    def ttft(self, examples: Sequence[Example]) -> float | None:
+        """Median seconds to the first token, or None when not measured."""
+        return None
+
+    def save(self, folder: str) -> None:
+        pass
+
+    def load(self, folder: str) -> None:
+        pass
+
+
+# ---------------------------------------------------------------------------------
+# zero-shot
+# ---------------------------------------------------------------------------------
+class ZeroShot(Method):
+    """The frozen backbone alone; its answers never change, so each example is answered once."""
+
+    name = "zero-shot"
+    budget_dependent = False
+
+    def __init__(self, ctx: Context):
+        super().__init__(ctx)
+        self._cache: dict[str, str] = {}
+
+    def learn(self, task_index, task_name, train) -> dict:
+        return {}
+
+    def answer(self, examples):
+        c = self.ctx.cfg
+        todo = [ex for ex in examples if ex.id not in self._cache]
+        if todo:
+            for ex, a in zip(todo, evaluate.answer(self.ctx.backbone, todo, None, c.top_k, c.max_new_tokens,
+                                                   c.eval_batch_size), strict=True):
+                self._cache[ex.id] = a
+        return [self._cache[ex.id] for ex in examples]
+
+    def ttft(self, examples):
+        from edgekv.induce.entries import query_ids
+
+        evaluate.require_text(examples, "the TTFT measurement")
+        bb = self.ctx.backbone
+
+        def run(ex: Example) -> None:
+            evaluate.greedy_batch(bb.model, [query_ids(bb.tokenizer, ex.prompt)], None, None, 1, set())
+
+        return evaluate.time_to_first_token(run, examples)
+
+
+# ---------------------------------------------------------------------------------
+# KV memories in one .ekv file
+# ---------------------------------------------------------------------------------
+class MemoryMethod(Method):
+    """A fixed-size ``.ekv`` memory (InduceKV or a baseline filling it)."""
+
+    pooled_len_field = "pooled_len"
+    payload_dtype = "int8"
+
+    @property
+    def memory_path(self) -> str:
+        return os.path.join(self.ctx.work_dir, "memory.ekv")
+
+    @property
+    def pooled_len(self) -> int:
+        return getattr(self.ctx.cfg, self.pooled_len_field)
+
+    def adapt_config(self, task_index: int):
+        from edgekv.induce.adapt import AdaptConfig
+        from edgekv.induce.calibrate import CalibrationConfig
+        from edgekv.induce.entries import EntryConfig
+        from edgekv.induce.select import SelectionConfig
+
+        c = self.ctx.cfg
+        seed = c.seed + task_index
+        return AdaptConfig(entry=EntryConfig(pooled_len=self.pooled_len, payload_dtype=self.payload_dtype),
+                           selection=SelectionConfig(steps=c.selection_steps, batch_size=c.induce_batch_size,
+                                                     seed=seed),
+                           calibration=CalibrationConfig(steps=c.calibration_steps, batch_size=c.induce_batch_size,
+                                                         seed=seed),
+                           top_k=c.top_k, max_candidates=c.max_train_per_task, max_queries=c.max_queries,
+                           anchors_per_task=c.anchors_per_task, eval_queries=c.eval_queries, seed=seed)
+
+    def spec(self):
+        from edgekv.induce.adapt import memory_spec
+
+        return memory_spec(self.ctx.backbone, self.adapt_config(0))
+
+    def min_budget(self) -> int:
+        return self.spec().file_bytes_for(1)
+
+    def params(self) -> dict:
+        return {"pooled_len": self.pooled_len, "payload_dtype": self.payload_dtype}
+
+    def answer(self, examples):
+        c = self.ctx.cfg
+        path = self.memory_path if os.path.exists(self.memory_path) else None
+        return evaluate.answer(self.ctx.backbone, examples, path, c.top_k, c.max_new_tokens, c.eval_batch_size)
+
+    def deployed_bytes(self) -> int:
+        return os.path.getsize(self.memory_path) if os.path.exists(self.memory_path) else 0
+
+    def info(self) -> dict:
+        from edgekv.format import Memory
+
+        if not os.path.exists(self.memory_path):
+            return {}
+        with Memory(self.memory_path) as mem:
+            return {"num_slots": mem.num_slots, "num_used": mem.num_used, "slot_bytes": mem.spec.slot_bytes,
+                    "per_task_counts": mem.per_task_counts(), "tau": mem.calibration.tau,
+                    "pooled_len": mem.spec.pooled_len, "payload_dtype": mem.spec.payload_dtype}
+
+    def ttft(self, examples):
+        if not os.path.exists(self.memory_path):
+            return None
+        evaluate.require_text(examples, "the TTFT measurement")
+        reader = evaluate.MemoryReader(self.ctx.backbone, self.memory_path, self.ctx.cfg.top_k)
+        return evaluate.time_to_first_token(evaluate.memory_first_token(self.ctx.backbone, reader), examples)
+
+    def _state_files(self) -> list[str]:
+        return [self.memory_path, self.memory_path + ".anchors.jsonl", os.path.join(self.ctx.work_dir, "state.json")]
+
+    def save(self, folder: str) -> None:
+        os.makedirs(folder, exist_ok=True)
+        for p in self._state_files():
+            if os.path.exists(p):
+                shutil.copyfile(p, os.path.join(folder, os.path.basename(p)))
+
+    def load(self, folder: str) -> None:
+        for p in self._state_files():
+            src = os.path.join(folder, os.path.basename(p))
+            if os.path.exists(src):
+                shutil.copyfile(src, p)
+            elif os.path.exists(p):
+                os.remove(p)
+
+
+class Induce(MemoryMethod):
+    """InduceKV (full): bilevel selection (coverage term on), calibration, int8 payloads."""
+
+    name = "induce"
+    random_selection = False
+    coverage = True
+    calibration = True
+
+    def adapt_config(self, task_index: int):
+        cfg = super().adapt_config(task_index)
+        sel = replace(cfg.selection, random=self.random_selection,
+                      gamma=cfg.selection.gamma if self.coverage else 0.0)
+        cal = replace(cfg.calibration, enabled=self.calibration)
+        return replace(cfg, selection=sel, calibration=cal)
+
+    def params(self) -> dict:
+        return {**super().params(), "random_selection": self.random_selection, "coverage": self.coverage,
+                "calibration": self.calibration}
+
+    def learn(self, task_index, task_name, train) -> dict:
+        from edgekv.induce.adapt import adapt
+
+        budget = None if os.path.exists(self.memory_path) else self.ctx.budget
+        s = adapt(self.ctx.backbone, list(train), self.memory_path, budget, task_name[:32],
+                  self.adapt_config(task_index))
+        return {"kept_new": s["kept_new"], "dropped_old": s["dropped_old"], "J_after": s["J_after"]["J"],
+                "adapt_seconds": s["seconds"]}
+
+    def host_bytes(self) -> int:
+        p = self.memory_path + ".anchors.jsonl"
+        return os.path.getsize(p) if os.path.exists(p) else 0
+
+
+class InduceRandom(Induce):
+    """Ablation: a seeded random subset of current memory + candidates instead of the bilevel selection."""
+
+    name = "induce-random"
+    random_selection = True
+
+
+class InduceNoCov(Induce):
+    """Ablation: the coverage term off (gamma = 0)."""
+
+    name = "induce-nocov"
+    coverage = False
+
+
+class InduceNoCal(Induce):
+    """Ablation: no calibration (tau and gates keep their initial values)."""
+
+    name = "induce-nocal"
+    calibration = False
+
+
+class InduceFp16(Induce):
+    """Ablation: fp16 payloads (about half the entries fit)."""
+
+    name = "induce-fp16"
+    payload_dtype = "fp16"
+
+
+class InduceShort(Induce):
+    """Ablation: the short pooled length (BenchConfig.short_pooled_len)."""
+
+    pooled_len_field = "short_pooled_len"
+
+
+class InduceLong(Induce):
+    """Ablation: the long pooled length (BenchConfig.long_pooled_len)."""
+
+    pooled_len_field = "long_pooled_len"
+
+
+class StreamMemory(MemoryMethod):
+    """Reservoir / FIFO KV memory: the same entries and file format, slots chosen by the
+    stream order instead of the bilevel selection; no calibration (tau, gates initial), the
+    key projection refitted on the kept keys as InduceKV does."""
+
+    policy = "reservoir"
+
+    def __init__(self, ctx: Context):
+        super().__init__(ctx)
+        self.seen = 0  # examples offered so far
+        self.slots: list[dict | None] = []  # per slot: {"task", "example"} or None
+        self._entries: dict[str, object] = {}  # example id -> Entry (computed once)
+
+    @property
+    def state_path(self) -> str:
+        return os.path.join(self.ctx.work_dir, "state.json")
+
+    def params(self) -> dict:
+        return {**super().params(), "policy": self.policy}
+
+    def choose(self, num_slots: int, rng: np.random.Generator) -> int | None:
+        """Slot for the next offered example (``self.seen`` already counts it), or None to skip."""
+        n = self.seen
+        if self.policy == "fifo":
+            return (n - 1) % num_slots
+        if n <= num_slots:
+            return n - 1
+        j = int(rng.integers(0, n))  # reservoir sampling (Algorithm R)
+        return j if j < num_slots else None
+
+    def learn(self, task_index, task_name, train) -> dict:
+        from edgekv.export.keymodel import KeyModel
+        from edgekv.format import Calibration, Memory, commit_update, create_memory
+        from edgekv.induce.entries import EntryConfig, compute_entries
+        from edgekv.retrieval import fit_projection
+
+        bb, c = self.ctx.backbone, self.ctx.cfg
+        acfg = self.adapt_config(task_index)
+        spec = self.spec()
+        if not os.path.exists(self.memory_path):
+            create_memory(self.memory_path, spec, self.ctx.budget,
+                          Calibration(acfg.init_tau, (acfg.init_gate,) * bb.shape.num_layers)).close()
+        with Memory(self.memory_path) as mem:
+            num_slots, gen = mem.num_slots, mem.generation
+        if not self.slots:
+            self.slots = [None] * num_slots
+        rng = np.random.default_rng(c.seed * 1000 + task_index)
+        changed: dict[int, Example] = {}
+        for ex in train:
+            self.seen += 1
+            s = self.choose(num_slots, rng)
+            if s is not None:
+                self.slots[s] = {"task": task_name[:32], "example": ex.__dict__}
+                changed[s] = ex
+        ecfg = EntryConfig(pooled_len=spec.pooled_len, payload_dtype=spec.payload_dtype)
+        km = KeyModel(bb.decoder, spec.key_layer, spec.key_pooling)
+        todo = [ex for ex in changed.values() if ex.id not in self._entries]
+        if todo:
+            for ex, e in zip(todo, compute_entries(bb, todo, km, ecfg, task_name[:32])[0], strict=True):
+                self._entries[ex.id] = e
+        put = {s: self._entries[ex.id] for s, ex in changed.items()}
+        with Memory(self.memory_path) as mem:
+            old = [int(s) for s in mem.occupied() if int(s) not in put]
+            keys = [mem.read_keys([s])[0] for s in old] + [np.asarray(e.key, np.float32) for e in put.values()]
+        proj = fit_projection(np.stack(keys), acfg.proj_dirs)
+        commit_update(self.memory_path, put=put, projection=proj, expect_generation=gen)
+        self._write_state()
+        return {"replaced_slots": len(put), "seen": self.seen}
+
+    def _write_state(self) -> None:
+        with open(self.state_path, "w", encoding="utf-8") as f:
+            json.dump({"seen": self.seen, "slots": self.slots}, f)
+
+    def load(self, folder: str) -> None:
+        super().load(folder)
+        if os.path.exists(self.state_path):
+            with open(self.state_path, encoding="utf-8") as f:
+                d = json.load(f)
+            self.seen, self.slots = d["seen"], d["slots"]
+
+
+class Reservoir(StreamMemory):
+    """Reservoir sampling over every train example seen (each kept with equal probability)."""
+
+    name = "reservoir"
+    policy = "reservoir"
+
+
+class Fifo(StreamMemory):
+    """First in, first out: the most recent examples fill the slots."""
+
+    name = "fifo"
+    policy = "fifo"
+
+
+# ---------------------------------------------------------------------------------
+# retrieval of the same examples as prompt text
+# ---------------------------------------------------------------------------------
+class PromptText(Method):
+    """Examples kept as text under the byte budget; the top-k by the same frozen retrieval key
+    (same layer, pooling and all-but-the-top projection as InduceKV) are put in the prompt as
+    earlier chat turns (best last, as InduceKV lays out entries)."""
+
+    name = "prompt-text"
+    supports_images = False
+
+    def __init__(self, ctx: Context):
+        super().__init__(ctx)
+        self.items: list[tuple[str, Example]] = []
+        self.keys = np.zeros((0, 0), np.float32)  # [N, R] raw keys of items
+
+    def _key_setup(self):
+        from edgekv.export.keymodel import KeyModel
+        from edgekv.export.models import default_key_layer
+
+        bb = self.ctx.backbone
+        return KeyModel(bb.decoder, default_key_layer(bb.shape.num_layers), "mean")
+
+    @property
+    def proj_dirs(self) -> int:
+        from edgekv.induce.adapt import AdaptConfig
+
+        return AdaptConfig().proj_dirs
+
+    @staticmethod
+    def item_bytes(ex: Example, key_dim: int) -> int:
+        """Text (prompt + answer, UTF-8) + fp32 key + the image file if any."""
+        img = os.path.getsize(ex.image) if ex.image is not None and os.path.isfile(ex.image) else 0
+        return len(ex.prompt.encode("utf-8")) + len(ex.answer.encode("utf-8")) + 4 * key_dim + img
+
+    def _fixed_bytes(self) -> int:
+        R = self.ctx.backbone.shape.hidden_size
+        return 4 * R * (self.proj_dirs + 1)  # projection: directions + mean
+
+    def min_budget(self) -> int:
+        return self._fixed_bytes() + 4 * self.ctx.backbone.shape.hidden_size + 64
+
+    def deployed_bytes(self) -> int:
+        R = self.ctx.backbone.shape.hidden_size
+        return self._fixed_bytes() + sum(self.item_bytes(ex, R) for _, ex in self.items)
+
+    def info(self) -> dict:
+        return {"num_examples": len(self.items)}
+
+    def learn(self, task_index, task_name, train) -> dict:
+        from edgekv.induce.entries import key_ids, raw_keys
+
+        evaluate.require_text(train, "prompt-text")
+        keys = raw_keys(self._key_setup(), [key_ids(self.ctx.backbone.tokenizer, ex.prompt) for ex in train])
+        self.items += [(task_name, ex) for ex in train]
+        self.keys = keys if len(self.keys) == 0 else np.concatenate([self.keys, keys])
+        rng = np.random.default_rng(self.ctx.cfg.seed * 1000 + task_index)
+        dropped = 0
+        while self.deployed_bytes() > self.ctx.budget and self.items:  # evict uniformly at random
+            i = int(rng.integers(0, len(self.items)))
+            del self.items[i]
+            self.keys = np.delete(self.keys, i, axis=0)
+            dropped += 1
+        self._write_state()
+        return {"dropped": dropped}
+
+    def _retrieve(self, examples: Sequence[Example]) -> list[list[int]]:
+        """Rows of the top-k items per query, increasing similarity (best last)."""
+        from edgekv.induce.entries import key_ids, raw_keys
+        from edgekv.retrieval import effective_keys, fit_projection
+
+        if not self.items:
+            return [[] for _ in examples]
+        proj = fit_projection(self.keys, self.proj_dirs)
+        P = effective_keys(self.keys, proj)  # [N, R]
+        q = effective_keys(raw_keys(self._key_setup(), [key_ids(self.ctx.backbone.tokenizer, ex.prompt)
+                                                        for ex in examples]), proj)  # [B, R]
+        sims = q @ P.T  # [B, N]
+        k = min(self.ctx.cfg.top_k, len(self.items))
+        top = np.argsort(-sims, axis=1, kind="stable")[:, :k]  # best first
+        return [row[::-1].tolist() for row in top]
+
+    def prompt_ids(self, examples: Sequence[Example]) -> list[list[int]]:
+        from edgekv.induce.entries import has_chat_template
+
+        tok = self.ctx.backbone.tokenizer
+        out = []
+        for ex, rows in zip(examples, self._retrieve(examples), strict=True):
+            shots = [self.items[r][1] for r in rows]
+            if has_chat_template(tok):
+                msgs = []
+                for s in shots:
+                    msgs += [{"role": "user", "content": s.prompt}, {"role": "assistant", "content": s.answer}]
+                msgs.append({"role": "user", "content": ex.prompt})
+                text = tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
+                out.append(list(tok(text, add_special_tokens=False).input_ids))
+            else:
+                text = "".join(f"{s.prompt}\n{s.answer}\n" for s in shots) + ex.prompt
+                out.append(list(tok(text, add_special_tokens=True).input_ids))
+        return out
+
+    def answer(self, examples):
+        c = self.ctx.cfg
+        evaluate.require_text(examples, "prompt-text")
+        return evaluate.answer_text(self.ctx.backbone, examples, None, c.top_k, c.max_new_tokens,
+                                    c.eval_batch_size, prompt_ids=self.prompt_ids)
+
+    def ttft(self, examples):
+        evaluate.require_text(examples, "the TTFT measurement")
+
+        def run(ex: Example) -> None:
+            evaluate.greedy_batch(self.ctx.backbone.model, self.prompt_ids([ex]), None, None, 1, set())
+
+        return evaluate.time_to_first_token(run, examples)
+
+    @property
+    def state_path(self) -> str:
+        return os.path.join(self.ctx.work_dir, "state.json")
+
+    def _write_state(self) -> None:
+        with open(self.state_path, "w", encoding="utf-8") as f:
+            json.dump({"items": [[t, ex.__dict__] for t, ex in self.items]}, f)
+        np.save(os.path.join(self.ctx.work_dir, "keys.npy"), self.keys)
+
+    def save(self, folder: str) -> None:
+        os.makedirs(folder, exist_ok=True)
+        shutil.copyfile(self.state_path, os.path.join(folder, "state.json"))
+        shutil.copyfile(os.path.join(self.ctx.work_dir, "keys.npy"), os.path.join(folder, "keys.npy"))
+
+    def load(self, folder: str) -> None:
+        with open(os.path.join(folder, "state.json"), encoding="utf-8") as f:
+            self.items = [(t, Example(**d)) for t, d in json.load(f)["items"]]
+        self.keys = np.load(os.path.join(folder, "keys.npy"))
+        self._write_state()
+
+
+# ---------------------------------------------------------------------------------
+# the registry
+# ---------------------------------------------------------------------------------
+def registry(cfg: BenchConfig) -> dict[str, Callable[[Context], Method]]:
+    """Method name -> factory, in report order. Pooled-length ablations are named by m."""
+    from edgekv.bench.lora import Lora, ReplayLora
+
+    short = type(f"InduceM{cfg.short_pooled_len}", (InduceShort,), {
+        "name": f"induce-m{cfg.short_pooled_len}", "__doc__": f"Ablation: pooled length m = {cfg.short_pooled_len}."})
+    long_ = type(f"InduceM{cfg.long_pooled_len}", (InduceLong,), {
+        "name": f"induce-m{cfg.long_pooled_len}", "__doc__": f"Ablation: pooled length m = {cfg.long_pooled_len}."})
+    classes = [ZeroShot, Induce, InduceRandom, InduceNoCov, InduceNoCal, InduceFp16, short, long_, Reservoir, Fifo,
+               PromptText, Lora, ReplayLora]
+    return {c.name: c for c in classes}
+
+
+def describe(cfg: BenchConfig) -> dict[str, str]:
+    """Method name -> one line (its docstring's first line)."""
+    return {n: (c.__doc__ or "").strip().splitlines()[0] for n, c in registry(cfg).items()}
+
+
+def parse_methods(text: str | None, cfg: BenchConfig) -> list[str]:
+    """Comma-separated method names (None or 'all': every method), in registry order."""
+    names = list(registry(cfg))
+    if text is None or text.strip() == "all":
+        return names
+    asked = [t.strip() for t in text.split(",") if t.strip()]
+    unknown = [t for t in asked if t not in names]
+    if unknown or not asked:
+        raise InputError(f"unknown method {', '.join(unknown) or repr(text)}: choose from {', '.join(names)}")
+    return [n for n in names if n in asked]
+
+
+def check_budget(method: Method, budget: int) -> None:
+    need = method.min_budget()
+    if budget < need:
+        raise BudgetError(f"budget {budget} B is too small for {method.name}: it needs at least {need} B "
+                          f"({_why(method)}); raise --budget/--budgets or leave the method out with --methods")
+
+
+def _why(method: Method) -> str:
+    if isinstance(method, MemoryMethod):
+        return f"one entry of m = {method.pooled_len} {method.payload_dtype} with the file header"
+    if isinstance(method, PromptText):
+        return "one short example with its key and the projection"
+    return "a rank-1 adapter"

@@ -1,0 +1,176 @@
+"""Benchmark outputs: results.json, results.md (tables), and plots (matplotlib, Agg).
+
+* ``heatmap_<method>[_<budget>].png``: the accuracy matrix A (rows: after task i,
+  columns: task j) of every run;
+* ``accuracy_vs_budget.png``: Last and Avg against deployed bytes for the methods run at
+  several budgets.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Sequence
+
+from edgekv.units import format_size
+
+
+def ttft_summary(records: Sequence[dict], main_budget: int) -> dict:
+    """Time to first token at the main budget: prompt-text vs injected KV (InduceKV)."""
+    def at_main(name: str) -> float | None:
+        for r in records:
+            if r["method"] == name and r["budget"] in (main_budget, None) and r.get("ttft_s") is not None:
+                return r["ttft_s"]
+        return None
+
+    out = {"induce_s": at_main("induce"), "prompt_text_s": at_main("prompt-text"), "zero_shot_s": at_main("zero-shot")}
+    pt, ik = out["prompt_text_s"], out["induce_s"]
+    out["prompt_text_over_induce"] = pt / ik if pt is not None and ik else None
+    return out
+
+
+def _pct(x: float | None) -> str:
+    return "-" if x is None else f"{100 * x:.1f}"
+
+
+def _signed(x: float | None) -> str:
+    return "-" if x is None else f"{100 * x:+.1f}"
+
+
+def markdown(results: dict) -> str:
+    """The results as Markdown: one row per run, then the accuracy matrices."""
+    runs = results["runs"]
+    s = results["stream"]
+    lines = [f"# edgekv bench: {results['model']} on {s['name'] or 'stream'} ({len(s['tasks'])} tasks)", "",
+             f"Tasks in order: {', '.join(s['tasks'])}. Test examples per task: {s['test_per_task']}. "
+             f"Main budget: {format_size(results['main_budget'])} ({results['main_budget']} B).", "",
+             "Accuracy in %; BWT and Forgetting in percentage points (definitions: "
+             "docs/induce-kv.md, 'Continual-learning metrics'). Deployed = bytes sent to the device "
+             "beyond the frozen backbone, after the last task; constant = identical after every task.", "",
+             "| method | budget | Avg | Last | BWT | Forgetting | deployed bytes | constant | host bytes | "
+             "learn s | eval s | notes |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in runs:
+        m = r["metrics"]
+        info = r["info"][-1] if r["info"] else {}
+        notes = []
+        if "rank" in info:
+            notes.append(f"rank {info['rank']}")
+        if "num_slots" in info:
+            notes.append(f"{info['num_slots']} slots, m {info['pooled_len']} {info['payload_dtype']}")
+        if "num_examples" in info:
+            notes.append(f"{info['num_examples']} examples stored")
+        if r.get("ttft_s") is not None:
+            notes.append(f"TTFT {1000 * r['ttft_s']:.0f} ms")
+        budget = "-" if r["budget"] is None else format_size(r["budget"])
+        lines.append(f"| {r['method']} | {budget} | {_pct(m['avg'])} | {_pct(m['last'])} | {_signed(m['bwt'])} | "
+                     f"{_signed(m['forgetting'])} | {r['deployed_bytes'][-1]} | "
+                     f"{'yes' if r['bytes_constant'] else 'no'} | {r['host_bytes'][-1]} | "
+                     f"{r['seconds']['learn']:.0f} | {r['seconds']['evaluate']:.0f} | {'; '.join(notes)} |")
+    t = results.get("ttft", {})
+    if t.get("prompt_text_over_induce") is not None:
+        lines += ["", f"Time to first token (median, host torch): prompt-text {1000 * t['prompt_text_s']:.0f} ms, "
+                      f"InduceKV {1000 * t['induce_s']:.0f} ms: ratio {t['prompt_text_over_induce']:.2f}."]
+    lines += ["", "## Deployed bytes after every task", ""]
+    for r in runs:
+        lines.append(f"- {r['method']} @ {'-' if r['budget'] is None else r['budget']}: "
+                     f"{', '.join(str(b) for b in r['deployed_bytes'])}")
+    lines += ["", "## Accuracy matrices (rows: after task i; columns: task j; %)", ""]
+    for r in runs:
+        lines.append(f"### {r['method']} @ {'-' if r['budget'] is None else format_size(r['budget'])}")
+        lines.append("")
+        lines.append("| after \\ on | " + " | ".join(r["tasks"]) + " |")
+        lines.append("|---" * (len(r["tasks"]) + 1) + "|")
+        for name, row in zip(r["tasks"], r["A"], strict=True):
+            lines.append(f"| {name} | " + " | ".join(_pct(x) for x in row) + " |")
+        lines.append("")
+    lines += [f"Command: `{results['command']}`", f"Total time: {results['seconds_total']} s", ""]
+    return "\n".join(lines)
+
+
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def run_label(r: dict) -> str:
+    return r["method"] if r["budget"] is None else f"{r['method']}_{r['budget']}B"
+
+
+def heatmap(r: dict, path: str) -> None:
+    import numpy as np
+
+    plt = _plt()
+    A = np.array([[np.nan if x is None else x for x in row] for row in r["A"]], np.float64)
+    T = len(A)
+    fig, ax = plt.subplots(figsize=(1.0 + 0.8 * T, 0.8 + 0.7 * T))
+    im = ax.imshow(A, vmin=0, vmax=1, cmap="viridis")
+    for i in range(T):
+        for j in range(T):
+            if not np.isnan(A[i, j]):
+                ax.text(j, i, f"{100 * A[i, j]:.0f}", ha="center", va="center",
+                        color="white" if A[i, j] < 0.5 else "black", fontsize=8)
+    ax.set_xticks(range(T))
+    ax.set_xticklabels(r["tasks"], rotation=45, ha="right", fontsize=8)
+    ax.set_yticks(range(T))
+    ax.set_yticklabels([f"after {t}" for t in r["tasks"]], fontsize=8)
+    budget = "" if r["budget"] is None else f" @ {format_size(r['budget'])}"
+    m = r["metrics"]
+    ax.set_title(f"{r['method']}{budget}\nAvg {_pct(m['avg'])}  Last {_pct(m['last'])}", fontsize=9)
+    fig.colorbar(im, ax=ax, fraction=0.046)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def budget_plot(runs: Sequence[dict], path: str) -> bool:
+    """Last and Avg vs deployed bytes for methods with >= 2 budgets; False when none."""
+    by: dict[str, list[dict]] = {}
+    for r in runs:
+        if r["budget"] is not None:
+            by.setdefault(r["method"], []).append(r)
+    by = {k: sorted(v, key=lambda r: r["budget"]) for k, v in by.items() if len(v) >= 2}
+    if not by:
+        return False
+    plt = _plt()
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    for ax, key in zip(axes, ("last", "avg"), strict=True):
+        for name, rs in by.items():
+            xs = [r["deployed_bytes"][-1] for r in rs]
+            ys = [r["metrics"][key] for r in rs]
+            ax.plot(xs, [float("nan") if y is None else 100 * y for y in ys], marker="o", label=name)
+        ax.set_xscale("log")
+        ax.set_xlabel("deployed bytes after the last task")
+        ax.set_ylabel(f"{key.capitalize()} accuracy (%)")
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=8)
+    fig.suptitle("accuracy vs budget")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
+def write_all(results: dict, out_dir: str) -> dict[str, str]:
+    """results.json, results.md, heatmaps, accuracy_vs_budget.png. -> name -> path"""
+    os.makedirs(out_dir, exist_ok=True)
+    paths = {"json": os.path.join(out_dir, "results.json"), "md": os.path.join(out_dir, "results.md")}
+    plots = os.path.join(out_dir, "plots")
+    os.makedirs(plots, exist_ok=True)
+    for r in results["runs"]:
+        p = os.path.join(plots, f"heatmap_{run_label(r)}.png")
+        heatmap(r, p)
+        paths[f"heatmap:{run_label(r)}"] = p
+    p = os.path.join(plots, "accuracy_vs_budget.png")
+    if budget_plot(results["runs"], p):
+        paths["budget_plot"] = p
+    results["outputs"] = {k: os.path.relpath(v, out_dir) for k, v in paths.items()}
+    with open(paths["json"], "w", encoding="utf-8") as f:
+        json.dump(results, f, indent=1, sort_keys=True)
+    with open(paths["md"], "w", encoding="utf-8") as f:
+        f.write(markdown(results))
+    return paths

@@ -1,0 +1,247 @@
+"""Run the benchmark: every method learns the tasks in order and is evaluated on every task.
+
+For a method at a budget, stage i = learn task i, then answer the test split of every
+task j (row i of A; j <= i only when ``BenchConfig.full_matrix`` is off). Each finished
+stage writes ``OUT/stages/<method>/<budget>/task<i>/stage.json`` (its A row, the
+deployed and host bytes, timings, facts) and the method's state after task i
+(``state/``: memory file + anchors, adapter, replay buffer, stored texts). A rerun
+skips every stage whose fingerprint (sha256 of the bench config, the method's
+settings, the budget, the stream, the model and the task index) matches, and resumes
+from the last finished stage's state; only the last finished stage keeps its state (the
+earlier ones keep their stage.json).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
+
+import numpy as np
+
+from edgekv.bench import metrics
+from edgekv.bench.config import BenchConfig
+from edgekv.bench.evaluate import accuracy
+from edgekv.bench.methods import Context, Method, check_budget, registry
+from edgekv.data import Example
+from edgekv.errors import InputError
+
+
+@dataclass(frozen=True)
+class BenchTask:
+    """One task as the benchmark uses it: a seeded sample of train, the first test examples."""
+
+    name: str
+    train: tuple[Example, ...]
+    test: tuple[Example, ...]
+
+
+def bench_tasks(stream, cfg: BenchConfig) -> list[BenchTask]:
+    """Tasks of a stream (anything with ``.tasks`` of objects with name/train/test, or a list of them)."""
+    tasks = getattr(stream, "tasks", stream)
+    out = []
+    for i, t in enumerate(tasks):
+        train, test = list(t.train), list(t.test)
+        if not train or not test:
+            raise InputError(f"task {t.name!r} needs train and test examples (has {len(train)} / {len(test)})")
+        n = cfg.max_train_per_task
+        rows = sorted(np.random.default_rng(cfg.seed + 7919 * i).choice(len(train), size=n, replace=False).tolist()) \
+            if len(train) > n else list(range(len(train)))
+        out.append(BenchTask(t.name, tuple(train[r] for r in rows), tuple(test[: cfg.max_test_per_task])))
+    if not out:
+        raise InputError("the stream has no tasks")
+    if len({t.name for t in out}) != len(out):
+        raise InputError("task names in the stream must be unique")
+    return out
+
+
+def answer_tokens(tokenizer, tasks: Sequence[BenchTask]) -> int:
+    """Tokens of the longest test answer (greedy decoding must be able to produce it)."""
+    return max(len(tokenizer(ex.answer, add_special_tokens=False).input_ids) for t in tasks for ex in t.test)
+
+
+def stream_fingerprint(tasks: Sequence[BenchTask]) -> str:
+    h = hashlib.sha256()
+    for t in tasks:
+        h.update(json.dumps([t.name, [ex.__dict__ for ex in t.train], [ex.__dict__ for ex in t.test]],
+                            sort_keys=True).encode())
+    return h.hexdigest()
+
+
+def stage_fingerprint(cfg: BenchConfig, method: Method, budget: int, stream_fp: str, model_fp: str,
+                      task_index: int) -> str:
+    budget = budget if method.budget_dependent else None  # zero-shot does not depend on it
+    d = {"bench": cfg.to_dict(), "method": method.name, "params": method.params(), "budget": budget,
+         "stream": stream_fp, "model": model_fp, "task_index": task_index}
+    return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:32]
+
+
+def ttft_examples(tasks: Sequence[BenchTask], num: int) -> list[Example]:
+    """The first ``num`` text test examples, last task first (TTFT is timed on text queries)."""
+    out = [ex for t in reversed(tasks) for ex in t.test if ex.image is None]
+    return out[:num]
+
+
+def budget_tag(budget: int | None) -> str:
+    return "none" if budget is None else f"{budget}B"
+
+
+def plan(methods: Sequence[str], budgets: Sequence[int], main_budget: int, cfg: BenchConfig
+         ) -> list[tuple[str, int]]:
+    """(method, budget) runs: sweep methods at every budget, the others at the main budget."""
+    reg = registry(cfg)
+    runs = []
+    for name in methods:
+        if not reg[name].budget_dependent:
+            runs.append((name, main_budget))
+        elif name in cfg.sweep_methods:
+            runs += [(name, b) for b in sorted(set(budgets) | {main_budget})]
+        else:
+            runs.append((name, main_budget))
+    return runs
+
+
+def _write_json(path: str, obj: dict) -> None:
+    tmp = path + f".tmp-{os.getpid()}"
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(obj, f, indent=1, sort_keys=True)
+    os.replace(tmp, path)
+
+
+def _read_stage(path: str, fp: str) -> dict | None:
+    try:
+        with open(path, encoding="utf-8") as f:
+            d = json.load(f)
+    except (OSError, json.JSONDecodeError):
+        return None
+    return d if d.get("fingerprint") == fp else None
+
+
+def run_method(backbone, tasks: Sequence[BenchTask], name: str, budget: int, out_dir: str, cfg: BenchConfig,
+               stream_fp: str, measure_ttft: bool = True, progress: bool = True) -> dict:
+    """All stages of one method at one budget (skipping finished ones). -> the run's record"""
+    from tqdm.auto import tqdm
+
+    T = len(tasks)
+    reg = registry(cfg)
+    bdir = budget_tag(budget if reg[name].budget_dependent else None)
+    work = os.path.join(out_dir, "work", name, bdir)
+    shutil.rmtree(work, ignore_errors=True)  # the live state is rebuilt from the last finished stage
+    method = reg[name](Context(backbone, cfg, budget, work))
+    stage_dirs = [os.path.join(out_dir, "stages", name, bdir, f"task{i:02d}") for i in range(T)]
+    fps = [stage_fingerprint(cfg, method, budget, stream_fp, backbone.fingerprint, i) for i in range(T)]
+    stages: list[dict | None] = [_read_stage(os.path.join(d, "stage.json"), fp) for d, fp in zip(stage_dirs, fps,
+                                                                                                   strict=True)]
+    done = next((i for i, s in enumerate(stages) if s is None), T)
+    if 0 < done < T and not os.path.isdir(os.path.join(stage_dirs[done - 1], "state")):
+        done = 0  # no state to resume from: recompute the whole run
+    if 0 < done < T:
+        method.load(os.path.join(stage_dirs[done - 1], "state"))
+    bar = tqdm(range(done, T), desc=f"{name} @ {bdir}", unit="task", leave=False, disable=not progress)
+    for i in bar:
+        task = tasks[i]
+        t0, c0 = time.perf_counter(), time.process_time()
+        learn_info = method.learn(i, task.name, task.train)
+        t1, c1 = time.perf_counter(), time.process_time()
+        cols = list(range(T)) if cfg.full_matrix else list(range(i + 1))
+        examples = [ex for j in cols for ex in tasks[j].test]
+        preds = method.answer(examples)
+        t2, c2 = time.perf_counter(), time.process_time()
+        row: list[float | None] = [None] * T
+        answers = {}
+        k = 0
+        for j in cols:
+            n = len(tasks[j].test)
+            row[j] = accuracy(preds[k: k + n], tasks[j].test)
+            answers[tasks[j].name] = preds[k: k + n]
+            k += n
+        stage = {"fingerprint": fps[i], "method": name, "budget": budget if reg[name].budget_dependent else None,
+                 "task_index": i, "task": task.name, "row": row, "deployed_bytes": method.deployed_bytes(),
+                 "host_bytes": method.host_bytes(), "info": method.info(), "learn": learn_info,
+                 "seconds": {"learn": round(t1 - t0, 3), "evaluate": round(t2 - t1, 3)},
+                 "cpu_seconds": {"learn": round(c1 - c0, 3), "evaluate": round(c2 - c1, 3)}, "answers": answers}
+        if i == T - 1 and measure_ttft:
+            stage["ttft_s"] = method.ttft(ttft_examples(tasks, cfg.ttft_queries)) \
+                if ttft_examples(tasks, cfg.ttft_queries) else None
+        os.makedirs(stage_dirs[i], exist_ok=True)
+        state = os.path.join(stage_dirs[i], "state")
+        shutil.rmtree(state, ignore_errors=True)
+        method.save(state)
+        _write_json(os.path.join(stage_dirs[i], "stage.json"), stage)  # written last: the stage is complete
+        if i > 0:
+            shutil.rmtree(os.path.join(stage_dirs[i - 1], "state"), ignore_errors=True)
+        stages[i] = stage
+        bar.set_postfix(acc=f"{np.nanmean([x for x in row if x is not None]):.2f}")
+    bar.close()
+    shutil.rmtree(work, ignore_errors=True)
+    return run_record(name, budget if reg[name].budget_dependent else None, stages, T)
+
+
+def run_record(name: str, budget: int | None, stages: Sequence[dict], T: int) -> dict:
+    """The report's view of one run: A, metrics, bytes after every task, timings."""
+    A = np.array([[np.nan if x is None else x for x in s["row"]] for s in stages], np.float64)  # [T, T]
+    deployed = [s["deployed_bytes"] for s in stages]
+    return {
+        "method": name,
+        "budget": budget,
+        "tasks": [s["task"] for s in stages],
+        "A": [[None if np.isnan(x) else float(x) for x in r] for r in A],
+        "metrics": metrics.summary(A),
+        "deployed_bytes": deployed,
+        "bytes_constant": len(set(deployed)) == 1,
+        "host_bytes": [s["host_bytes"] for s in stages],
+        "info": [s["info"] for s in stages],
+        "learn": [s["learn"] for s in stages],
+        "seconds": {"learn": round(sum(s["seconds"]["learn"] for s in stages), 2),
+                    "evaluate": round(sum(s["seconds"]["evaluate"] for s in stages), 2)},
+        "cpu_seconds": {"learn": round(sum(s.get("cpu_seconds", {}).get("learn", 0) for s in stages), 2),
+                        "evaluate": round(sum(s.get("cpu_seconds", {}).get("evaluate", 0) for s in stages), 2)},
+        "ttft_s": stages[-1].get("ttft_s"),
+    }
+
+
+def run_bench(backbone, stream, methods: Sequence[str], budgets: Sequence[int], main_budget: int, out_dir: str,
+              cfg: BenchConfig, model_name: str = "", command: str = "", progress: bool = True) -> dict:
+    """Run every (method, budget) of the plan; write results.json, results.md and plots. -> results"""
+    from tqdm.auto import tqdm
+
+    from edgekv.bench import report
+
+    t0 = time.perf_counter()
+    tasks = bench_tasks(stream, cfg)
+    if cfg.max_new_tokens == 0:
+        cfg = replace(cfg, max_new_tokens=answer_tokens(backbone.tokenizer, tasks) + 2)
+    sfp = stream_fingerprint(tasks)
+    runs = plan(methods, budgets, main_budget, cfg)
+    reg = registry(cfg)
+    image_tasks = [t.name for t in tasks if any(ex.image is not None for ex in t.train + t.test)]
+    text_only = [n for n in methods if not reg[n].supports_images]
+    if image_tasks and text_only:
+        raise InputError(f"{', '.join(text_only)} cannot learn image examples yet (image tasks: "
+                         f"{', '.join(image_tasks)}): leave them out with --methods, or use a text stream")
+    for name, b in runs:  # every budget check before any work
+        check_budget(reg[name](Context(backbone, cfg, b, os.path.join(out_dir, "work", "_check"))), b)
+    shutil.rmtree(os.path.join(out_dir, "work", "_check"), ignore_errors=True)
+    records = []
+    for name, b in tqdm(runs, desc="bench", unit="run", disable=not progress):
+        records.append(run_method(backbone, tasks, name, b, out_dir, cfg, sfp,
+                                  measure_ttft=(b == main_budget), progress=progress))
+    results = {
+        "command": command,
+        "model": model_name or getattr(backbone, "source", ""),
+        "model_fingerprint": backbone.fingerprint,
+        "stream": {"name": getattr(stream, "name", ""), "tasks": [t.name for t in tasks], "fingerprint": sfp,
+                   "train_per_task": [len(t.train) for t in tasks], "test_per_task": [len(t.test) for t in tasks]},
+        "config": cfg.to_dict(),
+        "main_budget": main_budget,
+        "budgets": sorted(set(budgets) | {main_budget}),
+        "runs": records,
+        "ttft": report.ttft_summary(records, main_budget),
+        "seconds_total": round(time.perf_counter() - t0, 1),
+    }
+    report.write_all(results, out_dir)
+    return results

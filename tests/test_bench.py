@@ -1,0 +1,351 @@
+"""edgekv bench: metrics against hand-computed matrices, the method registry, budget
+matching, batched decoding against the per-query reference, a tiny end-to-end run,
+resumability (nothing recomputed), fixed InduceKV footprint, CLI errors."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+
+import numpy as np
+import pytest
+
+from edgekv.bench import metrics
+from edgekv.bench.config import BenchConfig
+from edgekv.data import Example
+
+NAN = float("nan")
+
+# ---------------------------------------------------------------------------------
+# metrics (docs/induce-kv.md, "Continual-learning metrics")
+# ---------------------------------------------------------------------------------
+A3 = np.array([[0.8, 0.1, 0.0],
+               [0.6, 0.9, 0.2],
+               [0.5, 0.7, 0.95]])
+
+
+def test_metrics_hand_computed():
+    assert metrics.last(A3) == pytest.approx((0.5 + 0.7 + 0.95) / 3)
+    assert metrics.avg(A3) == pytest.approx((0.8 + (0.6 + 0.9) / 2 + (0.5 + 0.7 + 0.95) / 3) / 3)
+    assert metrics.bwt(A3) == pytest.approx(((0.5 - 0.8) + (0.7 - 0.9)) / 2)  # -0.25
+    assert metrics.forgetting(A3) == pytest.approx(((0.8 - 0.5) + (0.9 - 0.7)) / 2)  # 0.25
+
+
+def test_metrics_nan_cells_and_upper_triangle():
+    lower = A3.copy()
+    lower[np.triu_indices(3, 1)] = NAN  # not evaluated
+    assert metrics.avg(lower) == pytest.approx(metrics.avg(A3))
+    assert metrics.bwt(lower) == pytest.approx(-0.25)
+    # Forgetting's max runs over every t < T, as written: a high A[0][1] (before task 1 was
+    # learned) counts
+    up = A3.copy()
+    up[0, 1] = 0.95
+    assert metrics.forgetting(up) == pytest.approx(((0.8 - 0.5) + (0.95 - 0.7)) / 2)
+    assert metrics.forgetting(lower) == pytest.approx(0.25)
+
+
+def test_metrics_single_task_and_bad_shape():
+    s = metrics.summary(np.array([[0.4]]))
+    assert s == {"avg": pytest.approx(0.4), "last": pytest.approx(0.4), "bwt": None, "forgetting": None}
+    with pytest.raises(ValueError, match="square"):
+        metrics.avg(np.zeros((2, 3)))
+    # improvement: positive BWT, negative forgetting allowed by the definition
+    B = np.array([[0.2, 0.0], [0.6, 0.5]])
+    assert metrics.bwt(B) == pytest.approx(0.4)
+    assert metrics.forgetting(B) == pytest.approx(-0.4)
+
+
+# ---------------------------------------------------------------------------------
+# registry, config, budgets
+# ---------------------------------------------------------------------------------
+def test_registry_and_parse_methods():
+    from edgekv.bench.methods import describe, parse_methods, registry
+    from edgekv.errors import InputError
+
+    cfg = BenchConfig()
+    names = list(registry(cfg))
+    assert names == ["zero-shot", "induce", "induce-random", "induce-nocov", "induce-nocal", "induce-fp16",
+                     "induce-m8", "induce-m32", "reservoir", "fifo", "prompt-text", "lora", "replay-lora"]
+    assert all(describe(cfg)[n] for n in names)
+    assert parse_methods("lora, induce", cfg) == ["induce", "lora"]  # registry order
+    assert parse_methods(None, cfg) == names
+    with pytest.raises(InputError, match="unknown method foo: choose from zero-shot, induce"):
+        parse_methods("induce,foo", cfg)
+    assert list(registry(BenchConfig(short_pooled_len=4)))[6] == "induce-m4"
+
+
+def test_config_roundtrip_and_validation():
+    from edgekv.errors import InputError
+
+    for cfg in (BenchConfig(), BenchConfig().quick()):
+        assert BenchConfig.from_dict(json.loads(json.dumps(cfg.to_dict()))) == cfg
+    with pytest.raises(InputError, match="max_test_per_task"):
+        BenchConfig(max_test_per_task=0)
+    with pytest.raises(InputError, match="unknown BenchConfig fields: nope"):
+        BenchConfig.from_dict({"nope": 1})
+
+
+def test_plan_sweeps_only_sweep_methods():
+    from edgekv.bench.runner import plan
+
+    cfg = BenchConfig()
+    runs = plan(["zero-shot", "induce", "fifo", "lora"], [100, 300], 200, cfg)
+    assert runs == [("zero-shot", 200), ("induce", 100), ("induce", 200), ("induce", 300), ("fifo", 200),
+                    ("lora", 100), ("lora", 200), ("lora", 300)]
+
+
+def test_choose_rank():
+    from edgekv.bench.lora import choose_rank
+
+    lin = [("q", 64, 64), ("v", 64, 32)]  # per rank: 128 + 96 = 224 params
+    assert choose_rank(lin, 224 * 2 * 5, 2) == 5
+    assert choose_rank(lin, 224 * 2 * 5 - 1, 2) == 4
+    assert choose_rank(lin, 10**9, 2) == 32  # capped at min(in, out)
+    assert choose_rank(lin, 100, 2) == 0
+
+
+def test_answer_tokens_sets_decode_length(backbone):
+    from edgekv.bench.runner import answer_tokens
+
+    tok = backbone("llama").tokenizer
+    tasks = tiny_stream()
+    longest = max(len(tok(ex.answer, add_special_tokens=False).input_ids) for t in tasks for ex in t.test)
+    assert answer_tokens(tok, tasks) == longest >= 1
+    assert BenchConfig().max_new_tokens == 0  # auto: the longest answer + 2 (a date needs 10 SmolLM2 tokens)
+
+
+def test_parse_budgets():
+    from edgekv.commands.bench import parse_budgets
+    from edgekv.errors import InputError
+
+    assert parse_budgets("1000", None, (0.25, 0.5)) == (1000, [250, 500, 1000])
+    assert parse_budgets("1KiB", "2KiB,512", (0.5,)) == (1024, [512, 1024, 2048])
+    with pytest.raises(InputError, match="cannot parse size"):
+        parse_budgets("lots", None, (0.5,))
+
+
+# ---------------------------------------------------------------------------------
+# decoding: the batched path equals the per-query reference
+# ---------------------------------------------------------------------------------
+def test_greedy_batch_matches_induction_generate(backbone):
+    import torch
+
+    from edgekv.bench.evaluate import greedy_batch
+    from edgekv.induce.entries import query_ids
+    from edgekv.induce.torch_induction import Bank, Induction
+
+    torch.set_num_threads(1)
+    bb = backbone("llama")
+    s = bb.shape
+    g = torch.Generator().manual_seed(0)
+    N, m = 6, 3
+    K = torch.randn((N, s.num_layers, s.num_kv_heads, m, s.head_dim), generator=g)
+    V = torch.randn((N, s.num_layers, s.num_kv_heads, m, s.head_dim), generator=g)
+    P = torch.nn.functional.normalize(torch.randn((N, 8), generator=g), dim=1)
+    ind = Induction(bb.model, Bank(np.zeros((N, 8), np.float32), K, V, [str(i) for i in range(N)]), P, 2, bb.rope)
+    prompts = ["code for apple?", "a red circle sits left of what", "hi"]
+    ids = [query_ids(bb.tokenizer, p) for p in prompts]
+    q = torch.nn.functional.normalize(torch.randn((3, 8), generator=g), dim=1)
+    gates = [0.9] * s.num_layers
+    eos = set(bb.eos_token_ids)
+    ref = [ind.generate(q[i], ids[i], 0.1, gates, 6, eos)[0] for i in range(3)]
+    _, _, k_mem, v_mem = ind.memory_for(q, None, torch.zeros(N), torch.tensor(0.1),
+                                        torch.tensor(gates), leave_one_out=False)
+    assert greedy_batch(bb.model, ids, k_mem, v_mem, 6, eos, pad_id=3) == ref
+    ref0 = [ind.generate(q[i], ids[i], 0.1, gates, 6, eos, use_memory=False)[0] for i in range(3)]
+    assert greedy_batch(bb.model, ids, None, None, 6, eos, pad_id=3) == ref0
+    assert all(len(r) == 6 for r in ref)  # a random model never stops early: every step compared
+
+
+# ---------------------------------------------------------------------------------
+# end to end on a tiny random model and a 2-task text stream
+# ---------------------------------------------------------------------------------
+def tiny_stream():
+    from edgekv.bench.runner import BenchTask
+
+    def task(name):
+        mk = lambda i, s: Example(f"{name}-{s}{i}", f"code for {name} {i}?", f"K{i}")  # noqa: E731
+        return BenchTask(name, tuple(mk(i, "tr") for i in range(8)), tuple(mk(i, "te") for i in range(4)))
+
+    return [task("apple"), task("river")]
+
+
+METHODS = ["zero-shot", "induce", "reservoir", "prompt-text", "lora"]
+BUDGET = 40_000
+
+
+@pytest.fixture(scope="module")
+def bench_run(backbone, tmp_path_factory):
+    import torch
+
+    from edgekv.bench.runner import run_bench
+
+    torch.set_num_threads(1)
+    out = str(tmp_path_factory.mktemp("bench"))
+    bb = backbone("llama")
+    res = run_bench(bb, tiny_stream(), METHODS, [BUDGET], BUDGET, out, BenchConfig().quick(), progress=False)
+    return bb, out, res
+
+
+def _run(res, name):
+    return next(r for r in res["runs"] if r["method"] == name)
+
+
+def test_end_to_end_outputs(bench_run):
+    bb, out, res = bench_run
+    assert [r["method"] for r in res["runs"]] == METHODS
+    for r in res["runs"]:
+        A = np.array(r["A"], dtype=float)
+        assert A.shape == (2, 2) and not np.isnan(A).any() and ((A >= 0) & (A <= 1)).all()
+        for key, fn in (("avg", metrics.avg), ("last", metrics.last), ("bwt", metrics.bwt)):
+            assert r["metrics"][key] == pytest.approx(fn(A))
+        assert len(r["deployed_bytes"]) == 2 and max(r["deployed_bytes"]) <= BUDGET
+    assert _run(res, "zero-shot")["deployed_bytes"] == [0, 0]
+    with open(os.path.join(out, "results.json")) as f:
+        saved = json.load(f)
+    assert saved["runs"][1]["A"] == res["runs"][1]["A"]
+    md = open(os.path.join(out, "results.md")).read()
+    assert "| induce | 39.06 KiB |" in md and "| lora |" in md
+    for r in res["runs"]:
+        label = r["method"] if r["budget"] is None else f"{r['method']}_{BUDGET}B"
+        assert os.path.getsize(os.path.join(out, "plots", f"heatmap_{label}.png")) > 1000
+    t = res["ttft"]
+    assert t["induce_s"] > 0 and t["prompt_text_s"] > 0
+    assert t["prompt_text_over_induce"] == pytest.approx(t["prompt_text_s"] / t["induce_s"])
+
+
+def test_memory_footprint_fixed_and_matched(bench_run):
+    from edgekv.bench.lora import choose_rank, target_linears
+    from edgekv.induce.adapt import AdaptConfig, memory_spec
+    from edgekv.induce.entries import EntryConfig
+
+    bb, out, res = bench_run
+    cfg = BenchConfig().quick()
+    spec = memory_spec(bb, AdaptConfig(entry=EntryConfig(pooled_len=cfg.pooled_len)))
+    expect = spec.file_bytes_for(spec.num_slots_for(BUDGET))
+    for name in ("induce", "reservoir"):
+        r = _run(res, name)
+        assert r["deployed_bytes"] == [expect, expect] and r["bytes_constant"]
+        assert sum(r["info"][-1]["per_task_counts"].values()) == r["info"][-1]["num_used"] > 0
+    lin = target_linears(bb.model, cfg.lora_targets)
+    rank = choose_rank(lin, BUDGET, 2)
+    lora = _run(res, "lora")
+    assert lora["info"][-1]["rank"] == rank > 0
+    assert lora["deployed_bytes"] == [rank * sum(i + o for _, i, o in lin) * 2] * 2
+    pt = _run(res, "prompt-text")
+    R = bb.shape.hidden_size
+    texts = sum(len(ex.prompt) + len(ex.answer) for t in tiny_stream() for ex in t.train[:12])
+    assert pt["deployed_bytes"][-1] == texts + 16 * 4 * R + 4 * R * 4  # 16 examples' keys, projection (3 dirs + mean)
+
+
+def test_rerun_recomputes_nothing_and_resumes(bench_run):
+    from edgekv.bench.runner import run_bench
+
+    bb, out, res = bench_run
+    stages = os.path.join(out, "stages")
+    files = [os.path.join(d, f) for d, _, fs in os.walk(stages) for f in fs]
+    before = {p: os.stat(p).st_mtime_ns for p in files}
+    assert any(p.endswith("memory.ekv") for p in files)  # the last stage keeps the method state
+    res2 = run_bench(bb, tiny_stream(), METHODS, [BUDGET], BUDGET, out, BenchConfig().quick(), progress=False)
+    assert {p: os.stat(p).st_mtime_ns for p in files} == before
+    assert [r["A"] for r in res2["runs"]] == [r["A"] for r in res["runs"]]
+    # interrupted after task 0: only task 1 is recomputed, from task 0's saved state
+    last = os.path.join(stages, "induce", f"{BUDGET}B", "task01", "stage.json")
+    first = os.path.join(stages, "induce", f"{BUDGET}B", "task00", "stage.json")
+    os.remove(last)
+    os.makedirs(os.path.join(stages, "induce", f"{BUDGET}B", "task00", "state"))  # as a crash would leave it
+    for p in ("memory.ekv", "memory.ekv.anchors.jsonl"):
+        src = os.path.join(stages, "induce", f"{BUDGET}B", "task01", "state", p)
+        os.replace(src, os.path.join(stages, "induce", f"{BUDGET}B", "task00", "state", p))
+    t_first = os.stat(first).st_mtime_ns
+    res3 = run_bench(bb, tiny_stream(), ["induce"], [BUDGET], BUDGET, out, BenchConfig().quick(), progress=False)
+    assert os.stat(first).st_mtime_ns == t_first and os.path.exists(last)
+    assert res3["runs"][0]["deployed_bytes"] == _run(res, "induce")["deployed_bytes"]
+    # a changed config is a different fingerprint: the stage is recomputed
+    res4 = run_bench(bb, tiny_stream(), ["zero-shot"], [BUDGET], BUDGET, out,
+                     dataclasses.replace(BenchConfig().quick(), max_new_tokens=2),
+                     progress=False)
+    assert os.stat(os.path.join(stages, "zero-shot", "none", "task00", "stage.json")).st_mtime_ns != \
+        before[os.path.join(stages, "zero-shot", "none", "task00", "stage.json")]
+    assert not math.isnan(res4["runs"][0]["metrics"]["last"])
+
+
+# ---------------------------------------------------------------------------------
+# CLI
+# ---------------------------------------------------------------------------------
+def _cli(args):
+    from typer.testing import CliRunner
+
+    from edgekv.cli import app
+
+    return CliRunner().invoke(app, args)
+
+
+def test_cli_errors(tiny_model_dir, tmp_path):
+    from edgekv.data.stream import SplitSizes, write_stream
+
+    r = _cli(["bench", "--model", "x", "--stream", "x", "--budget", "1MiB", "--methods", "induce,nope",
+              "--out", str(tmp_path)])
+    assert r.exit_code == 3 and "unknown method nope: choose from zero-shot, induce" in r.output
+    r = _cli(["bench", "--model", "x", "--stream", "x", "--budget", "lots", "--out", str(tmp_path)])
+    assert r.exit_code == 3 and "cannot parse size 'lots'" in r.output
+    stream = write_stream("tiny", str(tmp_path / "stream"), order=["glorp-words", "home-city"],
+                          sizes=SplitSizes(16, 1, 2))
+    r = _cli(["bench", "--model", tiny_model_dir("llama"), "--stream", os.path.dirname(stream), "--budget", "2000",
+              "--methods", "induce", "--budgets", "2000", "--out", str(tmp_path / "o"), "--quick", "--no-progress"])
+    assert r.exit_code == 6
+    assert "budget 2000 B is too small for induce: it needs at least" in r.output
+    assert "Traceback" not in r.output
+
+
+def test_text_only_methods_refuse_image_streams_before_work(backbone, tmp_path):
+    from edgekv.bench.runner import BenchTask, run_bench
+    from edgekv.errors import InputError
+
+    img = Example("i0", "what shape?", "ZORP", str(tmp_path / "a.png"))
+    tasks = [BenchTask("shapes", (img,), (img,))]
+    with pytest.raises(InputError, match="lora, replay-lora cannot learn image examples yet .image tasks: shapes."):
+        run_bench(backbone("llama"), tasks, ["zero-shot", "lora", "replay-lora"], [BUDGET], BUDGET, str(tmp_path),
+                  BenchConfig().quick(), progress=False)
+    assert not os.path.exists(tmp_path / "stages")
+
+
+def test_cli_quick_run(tiny_model_dir, tmp_path):
+    from edgekv.data.stream import SplitSizes, write_stream
+
+    stream = os.path.dirname(write_stream("tiny", str(tmp_path / "stream"), order=["glorp-words", "home-city"],
+                                          sizes=SplitSizes(16, 1, 2)))
+    args = ["bench", "--model", tiny_model_dir("llama"), "--stream", stream, "--budget", "40000", "--budgets",
+            "40000", "--methods", "fifo,zero-shot", "--out", str(tmp_path / "o"), "--quick", "--no-progress",
+            "--threads", "1"]
+    r = _cli(args)
+    assert r.exit_code == 0, r.output
+    with open(tmp_path / "o" / "results.json") as f:
+        res = json.load(f)
+    assert [x["method"] for x in res["runs"]] == ["zero-shot", "fifo"]
+    assert res["stream"]["tasks"] == ["glorp-words", "home-city"] and res["stream"]["test_per_task"] == [2, 2]
+    assert res["runs"][1]["bytes_constant"] and res["command"].startswith("edgekv bench")
+    assert "fifo @ 39.06 KiB" in r.output
+
+
+def test_report_budget_plot_and_markdown(tmp_path):
+    from edgekv.bench import report
+
+    def run(method, budget, last):
+        A = [[last, None], [last, last]]
+        return {"method": method, "budget": budget, "tasks": ["a", "b"], "A": A,
+                "metrics": metrics.summary(np.array([[last, NAN], [last, last]])),
+                "deployed_bytes": [budget or 0] * 2, "bytes_constant": True, "host_bytes": [0, 0],
+                "info": [{}, {"rank": 3}], "seconds": {"learn": 1.0, "evaluate": 2.0}, "ttft_s": None}
+
+    runs = [run("zero-shot", None, 0.0)] + [run("induce", b, x) for b, x in ((1000, 0.2), (2000, 0.4), (4000, 0.5))]
+    res = {"model": "m", "stream": {"name": "s", "tasks": ["a", "b"], "test_per_task": [2, 2]}, "main_budget": 4000,
+           "runs": runs, "ttft": report.ttft_summary(runs, 4000), "command": "edgekv bench", "seconds_total": 1}
+    paths = report.write_all(res, str(tmp_path))
+    assert os.path.getsize(paths["budget_plot"]) > 1000
+    md = open(paths["md"]).read()
+    assert "| induce | 3.91 KiB | 50.0 | 50.0 | +0.0 | +0.0 | 4000 | yes | 0 | 1 | 2 | rank 3 |" in md
+    assert "| a | 20.0 | - |" in md  # the 1000 B matrix, NaN shown as '-'
+    assert res["ttft"]["prompt_text_over_induce"] is None
