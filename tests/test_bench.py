@@ -212,8 +212,10 @@ def test_end_to_end_outputs(bench_run):
         label = r["method"] if r["budget"] is None else f"{r['method']}_{BUDGET}B"
         assert os.path.getsize(os.path.join(out, "plots", f"heatmap_{label}.png")) > 1000
     t = res["ttft"]
-    assert t["induce_s"] > 0 and t["prompt_text_s"] > 0
-    assert t["prompt_text_over_induce"] == pytest.approx(t["prompt_text_s"] / t["induce_s"])
+    assert set(t) == {"zero-shot_s", "induce_s", "reservoir_s", "prompt-text_s", "prompt_text_over_induce"}
+    assert min(t["zero-shot_s"], t["induce_s"], t["reservoir_s"], t["prompt-text_s"]) > 0
+    assert t["prompt_text_over_induce"] == pytest.approx(t["prompt-text_s"] / t["induce_s"])
+    assert not os.path.exists(os.path.join(out, "work"))
 
 
 def test_memory_footprint_fixed_and_matched(bench_run):
@@ -342,10 +344,33 @@ def test_report_budget_plot_and_markdown(tmp_path):
 
     runs = [run("zero-shot", None, 0.0)] + [run("induce", b, x) for b, x in ((1000, 0.2), (2000, 0.4), (4000, 0.5))]
     res = {"model": "m", "stream": {"name": "s", "tasks": ["a", "b"], "test_per_task": [2, 2]}, "main_budget": 4000,
-           "runs": runs, "ttft": report.ttft_summary(runs, 4000), "command": "edgekv bench", "seconds_total": 1}
+           "runs": runs, "ttft": report.ttft_summary({"induce_s": 0.5}), "command": "edgekv bench", "seconds_total": 1}
     paths = report.write_all(res, str(tmp_path))
     assert os.path.getsize(paths["budget_plot"]) > 1000
     md = open(paths["md"]).read()
-    assert "| induce | 3.91 KiB | 50.0 | 50.0 | +0.0 | +0.0 | 4000 | yes | 0 | 1 | 2 | rank 3 |" in md
+    assert "| induce | 3.91 KiB | 50.0 | 50.0 | +0.0 | +0.0 | 4000 | yes | 0 | 1 | 2 | rank 3; TTFT 500 ms |" in md
     assert "| a | 20.0 | - |" in md  # the 1000 B matrix, NaN shown as '-'
     assert res["ttft"]["prompt_text_over_induce"] is None
+
+
+def test_ablation_switches_in_induce_configs():
+    import torch
+
+    from edgekv.induce.calibrate import CalibrationConfig, Phi, calibrate
+    from edgekv.induce.select import SelectionConfig, select
+
+    P = torch.nn.functional.normalize(torch.randn((10, 4), generator=torch.Generator().manual_seed(0)), dim=1)
+
+    def no_loss(w, step):
+        raise AssertionError("random selection must not evaluate J")
+
+    a = select(4, P, no_loss, SelectionConfig(random=True, seed=3))
+    b = select(4, P, no_loss, SelectionConfig(random=True, seed=3))
+    expect = np.sort(np.random.default_rng(3).choice(10, size=4, replace=False))
+    assert a.keep.tolist() == b.keep.tolist() == expect.tolist()
+    assert a.w.tolist() == [1.0 if i in expect else 0.0 for i in range(10)] and a.history == []
+    phi = Phi(0.1, [0.9, 0.9])
+    before = [p.detach().clone() for p in phi.parameters()]
+    assert calibrate(phi, lambda p, rows: (p.tau() + p.gates().sum()), 8, CalibrationConfig(enabled=False)) == []
+    assert all(torch.equal(x, y.detach()) for x, y in zip(before, phi.parameters(), strict=True))
+    assert len(calibrate(phi, lambda p, rows: (p.tau() + p.gates().sum()), 8, CalibrationConfig(steps=3))) == 3

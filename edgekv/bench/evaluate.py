@@ -179,18 +179,23 @@ def accuracy(predictions: Sequence[str], examples: Sequence[Example]) -> float:
 
 
 @torch.no_grad()
-def time_to_first_token(first_token: Callable[[Example], None], examples: Sequence[Example]) -> float:
-    """Median wall seconds of ``first_token(example)`` (everything from query text to the first
-    token's logits), after one untimed warm-up call."""
-    if not examples:
-        return float("nan")
-    first_token(examples[0])
-    times = []
-    for ex in examples:
-        t0 = time.perf_counter()
-        first_token(ex)
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+def time_to_first_token(first_token: dict[str, Callable[[Example], None]], examples: Sequence[Example],
+                        repeats: int = 2) -> dict[str, float]:
+    """Median wall seconds of ``first_token[name](example)`` (query text to the first token's
+    logits) per name. The names are timed interleaved, query by query, so that load from
+    other processes falls on all of them alike; one untimed warm-up call each."""
+    if not examples or not first_token:
+        return {}
+    for fn in first_token.values():
+        fn(examples[0])
+    times: dict[str, list[float]] = {name: [] for name in first_token}
+    for _ in range(repeats):
+        for ex in examples:
+            for name, fn in first_token.items():
+                t0 = time.perf_counter()
+                fn(ex)
+                times[name].append(time.perf_counter() - t0)
+    return {name: statistics.median(t) for name, t in times.items()}
 
 
 def memory_first_token(backbone, reader: MemoryReader) -> Callable[[Example], None]:

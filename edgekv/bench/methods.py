@@ -74,8 +74,9 @@ class Method:
         """Facts to report after a task (slots, rank, ...)."""
         return {}
 
-    def ttft(self, examples: Sequence[Example]) -> float | None:
-        """Median seconds to the first token, or None when not measured."""
+    def first_token(self) -> Callable[[Example], None] | None:
+        """A function running one text query from its text to its first token's logits
+        (everything the device would do before the first token), or None."""
         return None
 
     def save(self, folder: str) -> None:
@@ -110,16 +111,15 @@ class ZeroShot(Method):
                 self._cache[ex.id] = a
         return [self._cache[ex.id] for ex in examples]
 
-    def ttft(self, examples):
+    def first_token(self):
         from edgekv.induce.entries import query_ids
 
-        evaluate.require_text(examples, "the TTFT measurement")
         bb = self.ctx.backbone
 
         def run(ex: Example) -> None:
             evaluate.greedy_batch(bb.model, [query_ids(bb.tokenizer, ex.prompt)], None, None, 1, set())
 
-        return evaluate.time_to_first_token(run, examples)
+        return run
 
 
 # ---------------------------------------------------------------------------------
@@ -184,12 +184,11 @@ class MemoryMethod(Method):
                     "per_task_counts": mem.per_task_counts(), "tau": mem.calibration.tau,
                     "pooled_len": mem.spec.pooled_len, "payload_dtype": mem.spec.payload_dtype}
 
-    def ttft(self, examples):
+    def first_token(self):
         if not os.path.exists(self.memory_path):
             return None
-        evaluate.require_text(examples, "the TTFT measurement")
         reader = evaluate.MemoryReader(self.ctx.backbone, self.memory_path, self.ctx.cfg.top_k)
-        return evaluate.time_to_first_token(evaluate.memory_first_token(self.ctx.backbone, reader), examples)
+        return evaluate.memory_first_token(self.ctx.backbone, reader)
 
     def _state_files(self) -> list[str]:
         return [self.memory_path, self.memory_path + ".anchors.jsonl", os.path.join(self.ctx.work_dir, "state.json")]
@@ -484,13 +483,11 @@ class PromptText(Method):
         return evaluate.answer_text(self.ctx.backbone, examples, None, c.top_k, c.max_new_tokens,
                                     c.eval_batch_size, prompt_ids=self.prompt_ids)
 
-    def ttft(self, examples):
-        evaluate.require_text(examples, "the TTFT measurement")
-
+    def first_token(self):
         def run(ex: Example) -> None:
             evaluate.greedy_batch(self.ctx.backbone.model, self.prompt_ids([ex]), None, None, 1, set())
 
-        return evaluate.time_to_first_token(run, examples)
+        return run
 
     @property
     def state_path(self) -> str:

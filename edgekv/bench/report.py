@@ -15,16 +15,10 @@ from collections.abc import Sequence
 from edgekv.units import format_size
 
 
-def ttft_summary(records: Sequence[dict], main_budget: int) -> dict:
-    """Time to first token at the main budget: prompt-text vs injected KV (InduceKV)."""
-    def at_main(name: str) -> float | None:
-        for r in records:
-            if r["method"] == name and r["budget"] in (main_budget, None) and r.get("ttft_s") is not None:
-                return r["ttft_s"]
-        return None
-
-    out = {"induce_s": at_main("induce"), "prompt_text_s": at_main("prompt-text"), "zero_shot_s": at_main("zero-shot")}
-    pt, ik = out["prompt_text_s"], out["induce_s"]
+def ttft_summary(ttft: dict[str, float]) -> dict:
+    """Median time to first token per method (``<method>_s``), and prompt-text over InduceKV."""
+    out = dict(ttft)
+    pt, ik = out.get("prompt-text_s"), out.get("induce_s")
     out["prompt_text_over_induce"] = pt / ik if pt is not None and ik else None
     return out
 
@@ -60,8 +54,9 @@ def markdown(results: dict) -> str:
             notes.append(f"{info['num_slots']} slots, m {info['pooled_len']} {info['payload_dtype']}")
         if "num_examples" in info:
             notes.append(f"{info['num_examples']} examples stored")
-        if r.get("ttft_s") is not None:
-            notes.append(f"TTFT {1000 * r['ttft_s']:.0f} ms")
+        ttft = results.get("ttft", {}).get(f"{r['method']}_s")
+        if ttft is not None and r["budget"] in (None, results["main_budget"]):
+            notes.append(f"TTFT {1000 * ttft:.0f} ms")
         budget = "-" if r["budget"] is None else format_size(r["budget"])
         lines.append(f"| {r['method']} | {budget} | {_pct(m['avg'])} | {_pct(m['last'])} | {_signed(m['bwt'])} | "
                      f"{_signed(m['forgetting'])} | {r['deployed_bytes'][-1]} | "
@@ -69,7 +64,7 @@ def markdown(results: dict) -> str:
                      f"{r['seconds']['learn']:.0f} | {r['seconds']['evaluate']:.0f} | {'; '.join(notes)} |")
     t = results.get("ttft", {})
     if t.get("prompt_text_over_induce") is not None:
-        lines += ["", f"Time to first token (median, host torch): prompt-text {1000 * t['prompt_text_s']:.0f} ms, "
+        lines += ["", f"Time to first token (median, host torch): prompt-text {1000 * t['prompt-text_s']:.0f} ms, "
                       f"InduceKV {1000 * t['induce_s']:.0f} ms: ratio {t['prompt_text_over_induce']:.2f}."]
     lines += ["", "## Deployed bytes after every task", ""]
     for r in runs:

@@ -122,7 +122,7 @@ def _read_stage(path: str, fp: str) -> dict | None:
 
 
 def run_method(backbone, tasks: Sequence[BenchTask], name: str, budget: int, out_dir: str, cfg: BenchConfig,
-               stream_fp: str, measure_ttft: bool = True, progress: bool = True) -> dict:
+               stream_fp: str, progress: bool = True) -> dict:
     """All stages of one method at one budget (skipping finished ones). -> the run's record"""
     from tqdm.auto import tqdm
 
@@ -164,12 +164,10 @@ def run_method(backbone, tasks: Sequence[BenchTask], name: str, budget: int, out
                  "host_bytes": method.host_bytes(), "info": method.info(), "learn": learn_info,
                  "seconds": {"learn": round(t1 - t0, 3), "evaluate": round(t2 - t1, 3)},
                  "cpu_seconds": {"learn": round(c1 - c0, 3), "evaluate": round(c2 - c1, 3)}, "answers": answers}
-        if i == T - 1 and measure_ttft:
-            stage["ttft_s"] = method.ttft(ttft_examples(tasks, cfg.ttft_queries)) \
-                if ttft_examples(tasks, cfg.ttft_queries) else None
         os.makedirs(stage_dirs[i], exist_ok=True)
         state = os.path.join(stage_dirs[i], "state")
         shutil.rmtree(state, ignore_errors=True)
+        os.makedirs(state)  # present even for a method with no state (zero-shot): the run can resume
         method.save(state)
         _write_json(os.path.join(stage_dirs[i], "stage.json"), stage)  # written last: the stage is complete
         if i > 0:
@@ -200,8 +198,37 @@ def run_record(name: str, budget: int | None, stages: Sequence[dict], T: int) ->
                     "evaluate": round(sum(s["seconds"]["evaluate"] for s in stages), 2)},
         "cpu_seconds": {"learn": round(sum(s.get("cpu_seconds", {}).get("learn", 0) for s in stages), 2),
                         "evaluate": round(sum(s.get("cpu_seconds", {}).get("evaluate", 0) for s in stages), 2)},
-        "ttft_s": stages[-1].get("ttft_s"),
     }
+
+
+def stage_dir(out_dir: str, name: str, budget: int | None, task_index: int) -> str:
+    return os.path.join(out_dir, "stages", name, budget_tag(budget), f"task{task_index:02d}")
+
+
+def measure_ttft(backbone, tasks: Sequence[BenchTask], names: Sequence[str], main_budget: int, out_dir: str,
+                 cfg: BenchConfig) -> dict:
+    """Time to first token of every method at the main budget that has one, from its state
+    after the last task, timed interleaved on the same text queries. -> {"<name>_s": s, ...}"""
+    examples = ttft_examples(tasks, cfg.ttft_queries)
+    if not examples:
+        return {}
+    reg = registry(cfg)
+    fns = {}
+    for name in names:
+        cls = reg[name]
+        state = os.path.join(stage_dir(out_dir, name, main_budget if cls.budget_dependent else None, len(tasks) - 1),
+                             "state")
+        work = os.path.join(out_dir, "work", "ttft", name)
+        shutil.rmtree(work, ignore_errors=True)
+        method = cls(Context(backbone, cfg, main_budget, work))
+        if os.path.isdir(state):
+            method.load(state)
+        fn = method.first_token() if os.path.isdir(state) or not cls.budget_dependent else None
+        if fn is not None:
+            fns[name] = fn
+    from edgekv.bench.evaluate import time_to_first_token
+
+    return {f"{k}_s": v for k, v in time_to_first_token(fns, examples).items()}
 
 
 def run_bench(backbone, stream, methods: Sequence[str], budgets: Sequence[int], main_budget: int, out_dir: str,
@@ -228,8 +255,9 @@ def run_bench(backbone, stream, methods: Sequence[str], budgets: Sequence[int], 
     shutil.rmtree(os.path.join(out_dir, "work", "_check"), ignore_errors=True)
     records = []
     for name, b in tqdm(runs, desc="bench", unit="run", disable=not progress):
-        records.append(run_method(backbone, tasks, name, b, out_dir, cfg, sfp,
-                                  measure_ttft=(b == main_budget), progress=progress))
+        records.append(run_method(backbone, tasks, name, b, out_dir, cfg, sfp, progress=progress))
+    ttft = measure_ttft(backbone, tasks, methods, main_budget, out_dir, cfg)
+    shutil.rmtree(os.path.join(out_dir, "work"), ignore_errors=True)
     results = {
         "command": command,
         "model": model_name or getattr(backbone, "source", ""),
@@ -240,7 +268,7 @@ def run_bench(backbone, stream, methods: Sequence[str], budgets: Sequence[int], 
         "main_budget": main_budget,
         "budgets": sorted(set(budgets) | {main_budget}),
         "runs": records,
-        "ttft": report.ttft_summary(records, main_budget),
+        "ttft": report.ttft_summary(ttft),
         "seconds_total": round(time.perf_counter() - t0, 1),
     }
     report.write_all(results, out_dir)
