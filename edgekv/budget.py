@@ -12,7 +12,7 @@ from edgekv.modelshape import ModelShape
 class BudgetConfig:
     """Choices that set a slot's size."""
 
-    pooled_len: int = 64  # m: KV positions per entry
+    pooled_len: int = 16  # m: KV positions per entry (the same default as edgekv adapt)
     payload_dtype: str = "int8"  # int8 | fp16
     top_k: int = 4  # entries retrieved per query
     proj_max_dirs: int = 8

@@ -19,6 +19,12 @@ BUILTIN_CONFIGS: dict[str, dict] = {
         "num_key_value_heads": 3, "hidden_size": 576, "head_dim": 64, "rope_theta": 100000.0,
         "vocab_size": 49152, "max_position_embeddings": 8192,
     },
+    # SmolLM2-135M with one added <image> token (the memory holds the language model's KV)
+    "tiny-vlm": {
+        "model_type": "llama", "num_hidden_layers": 30, "num_attention_heads": 9,
+        "num_key_value_heads": 3, "hidden_size": 576, "head_dim": 64, "rope_theta": 100000.0,
+        "vocab_size": 49153, "max_position_embeddings": 8192,
+    },
 }
 
 

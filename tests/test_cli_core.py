@@ -57,11 +57,13 @@ def test_no_arguments_shows_help():
 
 
 def test_profile_table_and_json_agree():
-    res = invoke("profile", "--model", "smollm2-135m", "--budget", "16MiB")
+    res = invoke("profile", "--model", "smollm2-135m", "--budget", "16MiB", "--pooled-len", "64")
     assert res.exit_code == 0, res.output
     table = rows(res.stdout)
-    data = json.loads(invoke("profile", "--model", "smollm2-135m", "--budget", "16MiB", "--json").stdout)
-    assert data == json.loads(json.dumps(budget_report(model_shape("smollm2-135m"), 16 << 20, BudgetConfig())))
+    data = json.loads(invoke("profile", "--model", "smollm2-135m", "--budget", "16MiB", "--pooled-len", "64",
+                             "--json").stdout)
+    assert data == json.loads(json.dumps(budget_report(model_shape("smollm2-135m"), 16 << 20,
+                                                       BudgetConfig(pooled_len=64))))
     assert table["model"] == "llama: 30 layers x 3 KV heads x head dim 64"
     assert table["budget"] == "16.00 MiB"
     assert table["payload"] == "int8, m = 64 positions per entry"

@@ -176,7 +176,7 @@ def test_budget_too_small_or_too_large(tiny_model_dir, task_file, tmp_path, budg
 
 def test_profile_budget_too_small_for_one_slot():
     for extra in ([], ["--json"]):
-        res = runner.invoke(app, ["profile", "--model", "smollm2-135m", "--budget", "100KiB", *extra])
+        res = runner.invoke(app, ["profile", "--model", "smollm2-135m", "--budget", "100KiB", "--pooled-len", "64", *extra])
         assert_error(res, 6, "budget 102400 B is too small for one slot: a slot needs 791936 B with the header")
 
 

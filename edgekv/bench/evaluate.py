@@ -72,7 +72,8 @@ def greedy_batch(model, prompts: Sequence[Sequence[int]], k_mem: torch.Tensor | 
     T = 0 if k_mem is None else int(k_mem.shape[3])
     attn = torch.cat([torch.ones((B, T), dtype=torch.long), mask], dim=1)  # [B, T + S]
     pos = T + (mask.cumsum(1) - 1).clamp(min=0)  # [B, S]
-    cache = make_cache(k_mem, v_mem, model.config.num_hidden_layers)
+    cfg = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    cache = make_cache(k_mem, v_mem, cfg.num_hidden_layers)
     out_ids: list[list[int]] = [[] for _ in range(B)]
     done = [False] * B
     for step in range(max_new_tokens):
@@ -160,8 +161,9 @@ def answer_text(backbone, examples: Sequence[Example], memory_path: str | None, 
 def answer(backbone, examples: Sequence[Example], memory_path: str | None, top_k: int, max_new_tokens: int,
            batch_size: int) -> list[str]:
     """Answers of examples with an optional memory: the batched text path, or the
-    multimodal helper for streams with images."""
-    if any(ex.image is not None for ex in examples):
+    multimodal helper for streams with images and for every query on a vision-language
+    backbone (its keys and prompts are the runtime's, see edgekv.induce.evaluate)."""
+    if getattr(backbone, "vision", None) is not None or any(ex.image is not None for ex in examples):
         try:
             from edgekv.induce.evaluate import answer_examples
         except ImportError:

@@ -141,7 +141,7 @@ def profile_cmd(
     device: str = typer.Option(None, "--device", help="Board profile name (e.g. rpi4-4gb) or a profile JSON file."),
     model: str = typer.Option(None, "--model", help="Budget arithmetic: HF model folder, config.json, or built-in name."),
     budget: str = typer.Option(None, "--budget", help="Budget arithmetic: memory budget, bytes, 16MB or 16MiB."),
-    pooled_len: int = typer.Option(64, "--pooled-len", help="KV positions per entry (m)."),
+    pooled_len: int = typer.Option(16, "--pooled-len", help="KV positions per entry (m; adapt's default is 16)."),
     payload: str = typer.Option("int8", "--payload", help="Payload dtype: int8 or fp16."),
     k: int = typer.Option(4, "-k", "--top-k", help="Entries retrieved per query."),
     threads: int = typer.Option(None, "--threads", help="onnxruntime threads while measuring."),
