@@ -32,7 +32,7 @@ class DemoConfig:
 
     model: str = "tiny-vlm"  # built-in name or model folder (adapt and export take the same)
     stream: str = "edge6"  # built-in stream name or a stream folder (see docs/stream.md)
-    budget: str = "8MiB"  # memory file budget; the file has exactly this footprint after every task
+    budget: str = "16MiB"  # memory file budget; the file has exactly this footprint after every task
     seed: int = 0  # stream instances and adapt sampling
     num_test: int = 12  # held-out queries per task answered by the runtime (0: all)
     top_k: int = 4  # entries retrieved per query (adapt and runtime use the same k)

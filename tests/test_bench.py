@@ -90,7 +90,7 @@ def test_config_roundtrip_and_validation():
 def test_plan_sweeps_only_sweep_methods():
     from edgekv.bench.runner import plan
 
-    cfg = BenchConfig()
+    cfg = BenchConfig(sweep_methods=("induce", "lora"))  # independent of the default sweep
     runs = plan(["zero-shot", "induce", "fifo", "lora"], [100, 300], 200, cfg)
     assert runs == [("zero-shot", 200), ("induce", 100), ("induce", 200), ("induce", 300), ("fifo", 200),
                     ("lora", 100), ("lora", 200), ("lora", 300)]
@@ -198,7 +198,9 @@ def test_end_to_end_outputs(bench_run):
     assert [r["method"] for r in res["runs"]] == METHODS
     for r in res["runs"]:
         A = np.array(r["A"], dtype=float)
-        assert A.shape == (2, 2) and not np.isnan(A).any() and ((A >= 0) & (A <= 1)).all()
+        low = A[np.tril_indices(2)]
+        assert A.shape == (2, 2) and not np.isnan(low).any() and ((low >= 0) & (low <= 1)).all()
+        assert bool(np.isnan(A[0, 1])) != BenchConfig().quick().full_matrix  # upper triangle as configured
         for key, fn in (("avg", metrics.avg), ("last", metrics.last), ("bwt", metrics.bwt)):
             assert r["metrics"][key] == pytest.approx(fn(A))
         assert len(r["deployed_bytes"]) == 2 and max(r["deployed_bytes"]) <= BUDGET
@@ -302,16 +304,10 @@ def test_cli_errors(tiny_model_dir, tmp_path):
     assert "Traceback" not in r.output
 
 
-def test_text_only_methods_refuse_image_streams_before_work(backbone, tmp_path):
-    from edgekv.bench.runner import BenchTask, run_bench
-    from edgekv.errors import InputError
+def test_every_method_accepts_image_streams():
+    from edgekv.bench.methods import registry
 
-    img = Example("i0", "what shape?", "ZORP", str(tmp_path / "a.png"))
-    tasks = [BenchTask("shapes", (img,), (img,))]
-    with pytest.raises(InputError, match="lora, replay-lora cannot learn image examples yet .image tasks: shapes."):
-        run_bench(backbone("llama"), tasks, ["zero-shot", "lora", "replay-lora"], [BUDGET], BUDGET, str(tmp_path),
-                  BenchConfig().quick(), progress=False)
-    assert not os.path.exists(tmp_path / "stages")
+    assert all(cls.supports_images for cls in registry(BenchConfig()).values())
 
 
 def test_cli_quick_run(tiny_model_dir, tmp_path):
@@ -374,3 +370,118 @@ def test_ablation_switches_in_induce_configs():
     assert calibrate(phi, lambda p, rows: (p.tau() + p.gates().sum()), 8, CalibrationConfig(enabled=False)) == []
     assert all(torch.equal(x, y.detach()) for x, y in zip(before, phi.parameters(), strict=True))
     assert len(calibrate(phi, lambda p, rows: (p.tau() + p.gates().sum()), 8, CalibrationConfig(steps=3))) == 3
+
+
+# ---------------------------------------------------------------------------------
+# prompt-text and LoRA on image+text examples (a tiny random LLaVA)
+# ---------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def vlm(tmp_path_factory):
+    """(backbone with vision inputs, 6 image examples, 2 image queries) on a tiny random LLaVA."""
+    import torch
+    from PIL import Image
+    from tiny_vlms import make_tiny_vlm
+
+    from edgekv.induce.vision import load_adapt_backbone
+
+    torch.set_num_threads(1)
+    root = tmp_path_factory.mktemp("bench-vlm")
+    bb = load_adapt_backbone(make_tiny_vlm("llava", str(root / "model")))
+    rng = np.random.default_rng(0)
+    exs = []
+    for i in range(8):
+        path = str(root / f"img{i}.png")
+        Image.fromarray(rng.integers(0, 255, (30, 30, 3), dtype=np.uint8)).save(path)
+        exs.append(Example(f"e{i}", f"what shape {i}?", f"ZORP{i % 3}", path))
+    return bb, exs[:6], exs[6:]
+
+
+def _ctx(bb, tmp_path, budget, **cfg):
+    from edgekv.bench.methods import Context
+
+    return Context(bb, dataclasses.replace(BenchConfig().quick(), max_new_tokens=4, top_k=2, **cfg), budget,
+                   str(tmp_path / "work"))
+
+
+def test_chat_ids_place_several_images_like_query_ids(vlm):
+    import torch
+
+    bb, train, _ = vlm
+    v, tok = bb.vision, bb.tokenizer
+    a, b = train[0], train[1]
+    ids, imgs = v.chat_ids(tok, [(a.prompt, a.image, None)])
+    assert ids == v.query_ids(tok, a.prompt, a.image) and imgs == [a.image]
+    ids, imgs = v.chat_ids(tok, [(a.prompt, a.image, a.answer), ("no image here", None, "x"), (b.prompt, b.image, None)])
+    assert imgs == [a.image, b.image]
+    n = v.image(a.image)[1].shape[0]  # 25 features per image
+    at = [i for i, t in enumerate(ids) if t == v.token_id]
+    assert len(at) == 2 * n
+    e = v.embed_images(ids, imgs)[0]  # [S, H]
+    assert torch.equal(e[at[:n]], v.image(a.image)[1]) and torch.equal(e[at[n:]], v.image(b.image)[1])
+    assert not torch.equal(v.image(a.image)[1], v.image(b.image)[1])
+    text = tok.decode(ids)
+    assert text.index(a.prompt) < text.index(a.answer) < text.index("no image here") < text.index(b.prompt)
+
+
+def test_prompt_text_on_image_examples(vlm, tmp_path):
+    from edgekv.bench.methods import PromptText
+    from edgekv.induce.evaluate import answer_examples
+
+    bb, train, queries = vlm
+    m = PromptText(_ctx(bb, tmp_path, 10**6))
+    # no stored example yet: the prompt is the query alone, answered exactly like answer_examples
+    ref = [a.text for a in answer_examples(bb, queries, max_new_tokens=4)]
+    assert m.answer(queries) == ref
+    assert m.learn(0, "shapes", train) == {"dropped": 0}
+    R = bb.shape.hidden_size
+    pngs = sum(os.path.getsize(ex.image) for ex in train)
+    assert m.deployed_bytes() == 4 * R * 4 + sum(len(ex.prompt) + len(ex.answer) + 4 * R for ex in train) + pngs
+    # a query equal to a stored example retrieves it best (last), with its image
+    q = Example("q", train[3].prompt, "?", train[3].image)
+    got = m.retrieved([q])[0]
+    assert len(got) == 2 and got[-1] == "e3" and got[0] != "e3"
+    ids, imgs = m.chat(q)
+    shots = {ex.id: ex for ex in train}
+    assert imgs == [shots[i].image for i in got] + [q.image]
+    text = bb.tokenizer.decode(ids)
+    first, best = shots[got[0]], shots[got[1]]
+    assert text.index(first.answer) < text.index(best.answer) < text.rindex(q.prompt)
+    assert sum(t == bb.vision.token_id for t in ids) == 3 * bb.vision.image(q.image)[1].shape[0]
+    answers = m.answer(queries)
+    assert len(answers) == 2 and all(isinstance(a, str) for a in answers)
+    m.first_token()(queries[0])  # the TTFT path runs on an image query
+    # text queries on the VLM: the shots keep their images
+    t = Example("t", "a text question", "x")
+    assert m.chat(t)[1] == [shots[i].image for i in m.retrieved([t])[0]]
+
+
+def test_lora_on_image_examples_trains_the_language_model(vlm, tmp_path):
+    import torch
+
+    from edgekv.bench.lora import Lora
+    from edgekv.induce.evaluate import answer_examples
+    from edgekv.induce.torch_induction import answer_nll
+
+    bb, train, _ = vlm
+    m = Lora(_ctx(bb, tmp_path, 60_000, lora_epochs=30, lora_lr=0.005, lora_batch_size=3))
+    assert m.linears and all(".language_model." in n for n, _, _ in m.linears)  # no vision-tower adapters
+    assert m.rank > 0 and m.deployed_bytes() == 0
+    encs = m.encode(train)
+    assert all(e.image == ex.image for e, ex in zip(encs, train, strict=True))
+    with torch.no_grad():
+        before = float(m.batch_loss(encs, range(len(train))))
+        plain = answer_nll(m._build(), [list(e.ids[: e.answer_end]) for e in encs], [e.answer_start for e in encs],
+                           None, None).mean()  # image tokens' own embeddings instead of the features
+    assert abs(float(plain) - before) > 1e-3  # the features are spliced in
+    info = m.learn(0, "shapes", train)
+    with torch.no_grad():
+        after = float(m.batch_loss(encs, range(len(train))))
+    assert after < before - 0.5 and info["loss_last"] < info["loss_first"]
+    assert m.deployed_bytes() == m.rank * sum(i + o for _, i, o in m.linears) * 2 <= 60_000
+    # answer_examples with the adapted model in the backbone's place uses the adapters ...
+    base = [a.token_ids for a in answer_examples(bb, train, max_new_tokens=4)]
+    adapted = [a.token_ids for a in answer_examples(m.adapted(), train, max_new_tokens=4)]
+    assert adapted != base
+    assert m.answer(train) == [bb.tokenizer.decode(t, skip_special_tokens=True).strip() for t in adapted]
+    with m._peft.disable_adapter():  # ... and only them: switched off, the base answers come back
+        assert [a.token_ids for a in answer_examples(m.adapted(), train, max_new_tokens=4)] == base

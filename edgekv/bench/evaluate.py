@@ -9,8 +9,10 @@
 * :func:`is_correct`: the stream's answer normalisation (:mod:`edgekv.data.stream`);
 * :func:`time_to_first_token`: median seconds from a query's text to its first token.
 
-Image examples are answered by the multimodal helper (``edgekv.induce.evaluate``) when it
-is installed; the batched text path here refuses them with an :class:`InputError`.
+Image examples (and every query on a vision-language backbone) are answered by the
+multimodal helper (``edgekv.induce.evaluate``); the batched text path here refuses images.
+:func:`greedy_one` decodes one prompt given as ids or as embeddings (several spliced images,
+prompt-text's image shots).
 """
 
 from __future__ import annotations
@@ -94,6 +96,29 @@ def greedy_batch(model, prompts: Sequence[Sequence[int]], k_mem: torch.Tensor | 
         attn = torch.cat([attn, torch.ones((B, 1), dtype=torch.long)], dim=1)
         pos = pos[:, -1:] + 1
     return out_ids
+
+
+@torch.no_grad()
+def greedy_one(model, ids: Sequence[int], embeds: torch.Tensor | None, max_new_tokens: int,
+               eos_ids: set[int]) -> list[int]:
+    """Greedy answer (token ids, without EOS) of one prompt, no memory; ``embeds`` [1, S, hidden]
+    (image features spliced in) replaces the prompt's token ids when given."""
+    x = torch.as_tensor([list(ids)], dtype=torch.long)
+    pos = torch.arange(x.shape[1])[None]  # [1, S]
+    inputs = {"input_ids": x} if embeds is None else {"inputs_embeds": embeds}
+    from transformers import DynamicCache
+
+    cache, out = DynamicCache(), []
+    for _ in range(max_new_tokens):
+        res = model(**inputs, position_ids=pos, past_key_values=cache, use_cache=True)
+        cache = res.past_key_values
+        tok = int(res.logits[0, -1].argmax())
+        if tok in eos_ids:
+            break
+        out.append(tok)
+        pos = pos[:, -1:] + 1
+        inputs = {"input_ids": torch.as_tensor([[tok]], dtype=torch.long)}
+    return out
 
 
 class MemoryReader:

@@ -9,12 +9,20 @@ over each task's train set, seeded; a fresh optimiser per task. Replay + LoRA mi
 replay buffer (reservoir over earlier tasks' train examples, ``replay_size`` examples,
 kept on the host and reported as host bytes) into every task's training set.
 
-Text examples only for now: image examples raise an :class:`~edgekv.errors.InputError`.
+Image+text examples (vision-language backbones): the adapters sit on the language model
+only (its ``lora_targets`` layers; the vision encoder and projector stay frozen and carry
+none, so the rank is budget-matched over the language model's layers); an example's
+conversation is encoded as adapt and the runtime encode it (:meth:`ImageInputs.encode`,
+the image features spliced into the input embeddings) and the loss is on its answer tokens.
+Answers go through :func:`edgekv.induce.evaluate.answer_examples` with the adapted model
+in the backbone's place (peft injects the adapters into that model's layers in place).
+A text backbone ignores the examples' images.
 """
 
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import os
 from collections.abc import Sequence
@@ -29,11 +37,16 @@ from edgekv.errors import MissingDependencyError
 
 
 def target_linears(model, targets: Sequence[str]) -> list[tuple[str, int, int]]:
-    """(name, in_features, out_features) of the linear layers whose name ends with a target."""
+    """(full name, in_features, out_features) of the language model's linear layers whose
+    name ends with a target (a VLM's vision tower is left out)."""
+    from edgekv.induce.torch_induction import text_decoder
+
+    dec = text_decoder(model)
+    prefix = next(n for n, m in model.named_modules() if m is dec)
     out = []
-    for name, mod in model.named_modules():
+    for name, mod in dec.named_modules():
         if isinstance(mod, torch.nn.Linear) and name.split(".")[-1] in targets:
-            out.append((name, mod.in_features, mod.out_features))
+            out.append((f"{prefix}.{name}" if prefix else name, mod.in_features, mod.out_features))
     return out
 
 
@@ -52,7 +65,6 @@ class Lora(Method):
 
     name = "lora"
     replay = False
-    supports_images = False
 
     def __init__(self, ctx: Context):
         super().__init__(ctx)
@@ -83,7 +95,7 @@ class Lora(Method):
         torch.manual_seed(self.ctx.cfg.seed)
         base = copy.deepcopy(self.ctx.backbone.model)
         conf = LoraConfig(r=self.rank, lora_alpha=2 * self.rank, lora_dropout=0.0, bias="none",
-                          target_modules=list(self.ctx.cfg.lora_targets))
+                          target_modules=[n for n, _, _ in self.linears])  # full names: the language model only
         self._peft = get_peft_model(base, conf)
         self._model = self._peft.base_model.model  # the HF model, adapters injected in place
         self._model.eval()  # no dropout anywhere; gradients still flow to the adapters
@@ -102,15 +114,32 @@ class Lora(Method):
         return {"rank": self.rank, "targets": list(self.ctx.cfg.lora_targets), "num_params": self.num_params(),
                 "replay_buffer": len(self.buffer)}
 
-    def _train(self, examples: Sequence[Example], task_index: int) -> list[float]:
-        from edgekv.induce.entries import encode_example, template_prefix_len
+    def adapted(self):
+        """The backbone with the adapted model in its place (same tokenizer, vision inputs)."""
+        return dataclasses.replace(self.ctx.backbone, model=self._build())
+
+    def batch_loss(self, encs: Sequence, rows: Sequence[int]) -> torch.Tensor:
+        """Mean answer NLL of encoded examples ``rows`` under the adapted model. -> scalar"""
         from edgekv.induce.torch_induction import answer_nll
 
-        c, bb = self.ctx.cfg, self.ctx.backbone
+        ids = [list(encs[r].ids[: encs[r].answer_end]) for r in rows]
+        images = [encs[r].image for r in rows]
+        vision = getattr(self.ctx.backbone, "vision", None)
+        embeds = vision.embed_batch(ids, images)[0] if vision is not None and any(images) else None  # [B, S, H]
+        return answer_nll(self._build(), ids, [encs[r].answer_start for r in rows], None, None, embeds).mean()
+
+    def encode(self, examples: Sequence[Example]) -> list:
+        """Conversation tokens (image ones through the backbone's vision inputs)."""
+        from edgekv.induce.entries import encode_examples
+
+        if getattr(self.ctx.backbone, "vision", None) is None:  # a text backbone ignores images
+            examples = [dataclasses.replace(ex, image=None) for ex in examples]
+        return encode_examples(self.ctx.backbone, list(examples))
+
+    def _train(self, examples: Sequence[Example], task_index: int) -> list[float]:
+        c = self.ctx.cfg
         model = self._build()
-        tok, eos = bb.tokenizer, tuple(bb.eos_token_ids)
-        plen = template_prefix_len(tok)
-        encs = [encode_example(tok, ex.prompt, ex.answer, eos, plen) for ex in examples]
+        encs = self.encode(examples)
         params = [p for p in model.parameters() if p.requires_grad]
         opt = torch.optim.AdamW(params, lr=c.lora_lr, weight_decay=0.0)
         rng = np.random.default_rng(c.seed * 1000 + task_index)
@@ -120,15 +149,13 @@ class Lora(Method):
             for i in range(0, len(order), c.lora_batch_size):
                 rows = order[i: i + c.lora_batch_size]
                 opt.zero_grad()
-                loss = answer_nll(model, [list(encs[r].ids[: encs[r].answer_end]) for r in rows],
-                                  [encs[r].answer_start for r in rows], None, None).mean()
+                loss = self.batch_loss(encs, rows)
                 loss.backward()
                 opt.step()
                 losses.append(float(loss.detach()))
         return losses
 
     def learn(self, task_index, task_name, train) -> dict:
-        evaluate.require_text(train, self.name)
         data = list(train) + (list(self.buffer) if self.replay else [])
         losses = self._train(data, task_index)
         if self.replay:  # reservoir over every earlier train example
@@ -147,9 +174,7 @@ class Lora(Method):
 
     def answer(self, examples):
         c = self.ctx.cfg
-        evaluate.require_text(examples, self.name)
-        return evaluate.answer_text(self.ctx.backbone, examples, None, c.top_k, c.max_new_tokens,
-                                    c.eval_batch_size, model=self._build())
+        return evaluate.answer(self.adapted(), examples, None, c.top_k, c.max_new_tokens, c.eval_batch_size)
 
     def save(self, folder: str) -> None:
         from peft import get_peft_model_state_dict

@@ -382,10 +382,11 @@ class Fifo(StreamMemory):
 class PromptText(Method):
     """Examples kept as text under the byte budget; the top-k by the same frozen retrieval key
     (same layer, pooling and all-but-the-top projection as InduceKV) are put in the prompt as
-    earlier chat turns (best last, as InduceKV lays out entries)."""
+    earlier chat turns (best last, as InduceKV lays out entries). On a vision-language backbone
+    the stored examples keep their images: retrieval keys cover prompt + image (as InduceKV's),
+    and a retrieved example's image goes into its chat turn (features spliced in)."""
 
     name = "prompt-text"
-    supports_images = False
 
     def __init__(self, ctx: Context):
         super().__init__(ctx)
@@ -405,10 +406,14 @@ class PromptText(Method):
 
         return AdaptConfig().proj_dirs
 
+    @property
+    def vision(self):
+        return getattr(self.ctx.backbone, "vision", None)
+
     @staticmethod
-    def item_bytes(ex: Example, key_dim: int) -> int:
-        """Text (prompt + answer, UTF-8) + fp32 key + the image file if any."""
-        img = os.path.getsize(ex.image) if ex.image is not None and os.path.isfile(ex.image) else 0
+    def item_bytes(ex: Example, key_dim: int, with_image: bool = True) -> int:
+        """Text (prompt + answer, UTF-8) + fp32 key + the image file (PNG bytes) if any and kept."""
+        img = os.path.getsize(ex.image) if with_image and ex.image is not None and os.path.isfile(ex.image) else 0
         return len(ex.prompt.encode("utf-8")) + len(ex.answer.encode("utf-8")) + 4 * key_dim + img
 
     def _fixed_bytes(self) -> int:
@@ -420,16 +425,22 @@ class PromptText(Method):
 
     def deployed_bytes(self) -> int:
         R = self.ctx.backbone.shape.hidden_size
-        return self._fixed_bytes() + sum(self.item_bytes(ex, R) for _, ex in self.items)
+        keep = self.vision is not None
+        return self._fixed_bytes() + sum(self.item_bytes(ex, R, keep) for _, ex in self.items)
 
     def info(self) -> dict:
         return {"num_examples": len(self.items)}
 
-    def learn(self, task_index, task_name, train) -> dict:
-        from edgekv.induce.entries import key_ids, raw_keys
+    def _keys(self, examples: Sequence[Example]) -> np.ndarray:
+        """Raw retrieval keys of prompts (and images on a VLM). -> [N, R]"""
+        from edgekv.induce.entries import example_keys
 
-        evaluate.require_text(train, "prompt-text")
-        keys = raw_keys(self._key_setup(), [key_ids(self.ctx.backbone.tokenizer, ex.prompt) for ex in train])
+        if self.vision is None:  # a text backbone ignores images
+            examples = [replace(ex, image=None) for ex in examples]
+        return example_keys(self.ctx.backbone, self._key_setup(), list(examples))
+
+    def learn(self, task_index, task_name, train) -> dict:
+        keys = self._keys(train)
         self.items += [(task_name, ex) for ex in train]
         self.keys = keys if len(self.keys) == 0 else np.concatenate([self.keys, keys])
         rng = np.random.default_rng(self.ctx.cfg.seed * 1000 + task_index)
@@ -444,21 +455,37 @@ class PromptText(Method):
 
     def _retrieve(self, examples: Sequence[Example]) -> list[list[int]]:
         """Rows of the top-k items per query, increasing similarity (best last)."""
-        from edgekv.induce.entries import key_ids, raw_keys
         from edgekv.retrieval import effective_keys, fit_projection
 
         if not self.items:
             return [[] for _ in examples]
         proj = fit_projection(self.keys, self.proj_dirs)
         P = effective_keys(self.keys, proj)  # [N, R]
-        q = effective_keys(raw_keys(self._key_setup(), [key_ids(self.ctx.backbone.tokenizer, ex.prompt)
-                                                        for ex in examples]), proj)  # [B, R]
+        q = effective_keys(self._keys(examples), proj)  # [B, R]
         sims = q @ P.T  # [B, N]
         k = min(self.ctx.cfg.top_k, len(self.items))
         top = np.argsort(-sims, axis=1, kind="stable")[:, :k]  # best first
         return [row[::-1].tolist() for row in top]
 
+    def retrieved(self, examples: Sequence[Example]) -> list[list[str]]:
+        """Ids of the stored examples each query gets as shots (best last)."""
+        return [[self.items[r][1].id for r in rows] for rows in self._retrieve(examples)]
+
+    def chat(self, ex: Example) -> tuple[list[int], list[str]]:
+        """(prompt ids, image paths in token order) of one query on a VLM: the retrieved
+        examples as answered chat turns with their images, then the query with its image."""
+        shots = [self.items[r][1] for r in self._retrieve([ex])[0]]
+        turns = [(s.prompt, s.image, s.answer) for s in shots] + [(ex.prompt, ex.image, None)]
+        return self.vision.chat_ids(self.ctx.backbone.tokenizer, turns)
+
+    def _answer_one(self, ex: Example, max_new_tokens: int) -> list[int]:
+        ids, images = self.chat(ex)
+        embeds = self.vision.embed_images(ids, images) if images else None
+        return evaluate.greedy_one(self.ctx.backbone.model, ids, embeds, max_new_tokens,
+                                   set(self.ctx.backbone.eos_token_ids))
+
     def prompt_ids(self, examples: Sequence[Example]) -> list[list[int]]:
+        """Prompt ids of text queries on a text backbone (batched path; images ignored)."""
         from edgekv.induce.entries import has_chat_template
 
         tok = self.ctx.backbone.tokenizer
@@ -479,13 +506,22 @@ class PromptText(Method):
 
     def answer(self, examples):
         c = self.ctx.cfg
-        evaluate.require_text(examples, "prompt-text")
+        if self.vision is not None:  # per query: shots with images, features spliced in
+            tok = self.ctx.backbone.tokenizer
+            return [tok.decode(self._answer_one(ex, c.max_new_tokens), skip_special_tokens=True).strip()
+                    for ex in examples]
+        examples = [replace(ex, image=None) for ex in examples]  # a text backbone ignores images
         return evaluate.answer_text(self.ctx.backbone, examples, None, c.top_k, c.max_new_tokens,
                                     c.eval_batch_size, prompt_ids=self.prompt_ids)
 
     def first_token(self):
+        """Key + retrieval + prompt prefill (shots' images included; image features are cached
+        per path, so their encoder time is not counted)."""
         def run(ex: Example) -> None:
-            evaluate.greedy_batch(self.ctx.backbone.model, self.prompt_ids([ex]), None, None, 1, set())
+            if self.vision is not None:
+                self._answer_one(ex, 1)
+            else:
+                evaluate.greedy_batch(self.ctx.backbone.model, self.prompt_ids([ex]), None, None, 1, set())
 
         return run
 

@@ -13,7 +13,7 @@ from edgekv.cli import command, emit
 def demo_cmd(
     model: str = typer.Option("tiny-vlm", "--model", help="Built-in name or model folder."),
     stream: str = typer.Option("edge6", "--stream", help="Built-in stream name or a stream folder."),
-    budget: str = typer.Option("8MiB", "--budget", help="Memory file budget (fixed footprint), e.g. 8MiB."),
+    budget: str = typer.Option("16MiB", "--budget", help="Memory file budget (fixed footprint), e.g. 16MiB."),
     num_test: int = typer.Option(12, "--num-test", help="Held-out queries per task (0: all)."),
     seed: int = typer.Option(0, "--seed", help="Seed of the stream's instances and of adapt."),
     work_dir: str = typer.Option(None, "--work-dir", help="Where artifacts and memory go (default $EDGEKV_CACHE/demo)."),

@@ -157,6 +157,50 @@ class ImageInputs:
         first_image = full.index(self.token_id)
         return encode_ids(q, full, eos_ids, min(prefix_len, first_image), ex.answer, ex.image)
 
+    def chat_ids(self, tokenizer, turns: Sequence[tuple[str, str | None, str | None]]) -> tuple[list[int], list[str]]:
+        """Tokens of a chat of user turns ``(prompt, image or None, answer)``, each answered
+        except the last (answer None: the generation prompt follows), every image placed as
+        :meth:`query_ids` places one and expanded; and the image paths in token order.
+        One unanswered image turn gives exactly :meth:`query_ids`."""
+        images = [img for _, img, _ in turns if img is not None]
+        if has_chat_template(tokenizer):
+            msgs = []
+            for prompt, img, ans in turns:
+                msgs.append(self._user(tokenizer, prompt) if img is not None else {"role": "user", "content": prompt})
+                if ans is not None:
+                    msgs.append({"role": "assistant", "content": ans})
+            text = tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=turns[-1][2] is None)
+            special = False
+        else:
+            text = "".join((f"{self.image_token}\n" if img is not None else "") + p + (f"\n{a}\n" if a is not None else "")
+                           for p, img, a in turns)
+            special = True
+        parts = text.split(self.image_token)
+        if len(parts) != len(images) + 1:
+            raise InputError(f"expected {len(images)} image tokens {self.image_token!r} in the chat text, "
+                             f"found {len(parts) - 1}; leave the token out of prompts")
+        text = parts[0] + "".join(self.tokens.text(self.image(p)[0]) + rest for p, rest in zip(images, parts[1:],
+                                                                                                  strict=True))
+        ids = _ids(tokenizer, text, special)
+        n = sum(int(self.image(p)[1].shape[0]) for p in images)
+        if sum(1 for t in ids if t == self.token_id) != n:
+            raise InputError(f"the tokenizer does not keep the {n} image tokens of the chat apart")
+        return ids, images
+
+    @torch.no_grad()
+    def embed_images(self, ids: Sequence[int], images: Sequence[str]) -> torch.Tensor:
+        """Embeddings [1, S, hidden] of one sequence whose image-token runs hold the features
+        of ``images`` in order (several images, as :meth:`chat_ids` lays them out)."""
+        x = torch.as_tensor([list(ids)], dtype=torch.long)
+        embeds = self.table(x).float()  # [1, S, hidden]
+        if images:
+            feats = torch.cat([self.image(p)[1] for p in images])  # [N, hidden]
+            at = (x[0] == self.token_id).nonzero().squeeze(1)
+            if len(at) != feats.shape[0]:
+                raise InputError(f"{len(at)} image tokens in the sequence but {feats.shape[0]} image features")
+            embeds[0, at] = feats
+        return embeds
+
     # --- embeddings -------------------------------------------------------------------------
     @torch.no_grad()
     def embed_batch(self, id_lists: Sequence[Sequence[int]], images: Sequence[str | None]
