@@ -13,9 +13,9 @@ import os
 
 import pytest
 import torch
+from tiny_vlms import make_tiny_vlm
 
 from edgekv.data.stream import SplitSizes, write_stream
-from tiny_vlms import make_tiny_vlm
 
 
 @pytest.fixture(scope="module")
