@@ -36,6 +36,8 @@ class DemoConfig:
     seed: int = 0  # stream instances and adapt sampling
     num_test: int = 12  # held-out queries per task answered by the runtime (0: all)
     top_k: int = 4  # entries retrieved per query (adapt and runtime use the same k)
+    pooled_len: int = 8  # m: KV positions per entry; on edge6 more, shorter entries beat fewer long ones
+    # (benchmarks/results/bench: induce-m8 Avg 47.9 vs m16 at the same 8 MiB)
     max_new_tokens: int = 8
     selection_steps: int = 12  # bilevel selection steps per task
     work_dir: str | None = None  # default: $EDGEKV_CACHE/demo
@@ -43,8 +45,8 @@ class DemoConfig:
 
     def __post_init__(self) -> None:
         parse_size(self.budget)  # InputError on a bad size
-        if self.num_test < 0 or self.top_k < 1 or self.max_new_tokens < 1 or self.selection_steps < 0:
-            raise InputError("demo: num_test must be >= 0, top_k and max_new_tokens >= 1, selection_steps >= 0")
+        if self.num_test < 0 or self.top_k < 1 or self.pooled_len < 1 or self.max_new_tokens < 1 or self.selection_steps < 0:
+            raise InputError("demo: num_test must be >= 0, top_k, pooled_len and max_new_tokens >= 1, selection_steps >= 0")
 
 
 @dataclass
@@ -96,7 +98,8 @@ def adapt_config(cfg: DemoConfig):
     from edgekv.induce.adapt import AdaptConfig
 
     base = AdaptConfig(top_k=cfg.top_k, seed=cfg.seed)
-    return replace(base, selection=replace(base.selection, steps=cfg.selection_steps))
+    return replace(base, entry=replace(base.entry, pooled_len=cfg.pooled_len),
+                   selection=replace(base.selection, steps=cfg.selection_steps))
 
 
 def run_demo(cfg: DemoConfig, say: Say = _quiet, progress: bool = False) -> DemoResult:
