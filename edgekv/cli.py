@@ -32,20 +32,26 @@ def fail(message: str, code: int = 1) -> None:
     raise typer.Exit(code)
 
 
+def guarded(fn: Callable) -> Callable:
+    """``fn`` with edgekv errors turned into one line on stderr and their exit code."""
+
+    @functools.wraps(fn)
+    def wrapper(*a: Any, **kw: Any) -> Any:
+        try:
+            return fn(*a, **kw)
+        except EdgeKVError as e:
+            fail(str(e), e.exit_code)
+        except KeyboardInterrupt:
+            fail("interrupted", 130)
+
+    return wrapper
+
+
 def command(*args: Any, **kwargs: Any) -> Callable:
     """``app.command`` that turns edgekv errors into one line on stderr and an exit code."""
 
     def decorate(fn: Callable) -> Callable:
-        @functools.wraps(fn)
-        def wrapper(*a: Any, **kw: Any) -> Any:
-            try:
-                return fn(*a, **kw)
-            except EdgeKVError as e:
-                fail(str(e), e.exit_code)
-            except KeyboardInterrupt:
-                fail("interrupted", 130)
-
-        return app.command(*args, **kwargs)(wrapper)
+        return app.command(*args, **kwargs)(guarded(fn))
 
     return decorate
 

@@ -2,14 +2,11 @@
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Callable
-from typing import Any
 
 import typer
 
-from edgekv.cli import app, emit, fail, table
-from edgekv.errors import EdgeKVError
+from edgekv.cli import app, emit, guarded, table
 
 stream_app = typer.Typer(help="Built-in continual task streams: list them, write one out as LLaVA data.",
                          no_args_is_help=True)
@@ -18,20 +15,7 @@ app.add_typer(stream_app, name="stream")
 
 def _sub(name: str) -> Callable:
     """``stream_app.command`` with edgekv errors as one line on stderr and an exit code."""
-
-    def decorate(fn: Callable) -> Callable:
-        @functools.wraps(fn)
-        def wrapper(*a: Any, **kw: Any) -> Any:
-            try:
-                return fn(*a, **kw)
-            except EdgeKVError as e:
-                fail(str(e), e.exit_code)
-            except KeyboardInterrupt:
-                fail("interrupted", 130)
-
-        return stream_app.command(name)(wrapper)
-
-    return decorate
+    return lambda fn: stream_app.command(name)(guarded(fn))
 
 
 def _human_write(d: dict) -> str:
