@@ -68,7 +68,8 @@ def test_pip_install_is_torch_free_and_runtime_imports(tmp_path):
     assert out[0].startswith(str(venv)), f"imported {out[0]}, not the installed package"
     assert out[1] == "[]"
     assert run([str(venv / "bin" / "edgekv"), "--version"], str(tmp_path)).stdout.startswith("edgekv ")
-    prof = run([str(venv / "bin" / "edgekv"), "profile", "--model", "smollm2-135m", "--budget", "16MiB", "--json"],
+    prof = run([str(venv / "bin" / "edgekv"), "profile", "--model", "smollm2-135m", "--budget", "16MiB",
+                "--pooled-len", "64", "--json"],
                str(tmp_path)).stdout
     assert json.loads(prof)["slot_bytes"] == 762_624
 

@@ -138,7 +138,7 @@ def test_bad_values_are_refused(bad, msg):
 # the budget this buys: edgekv profile
 # --------------------------------------------------------------------------------------
 def profile(*args: str) -> dict:
-    res = CliRunner().invoke(app, ["profile", "--model", "smollm2-135m", *args, "--json"])
+    res = CliRunner().invoke(app, ["profile", "--model", "smollm2-135m", "--pooled-len", "64", *args, "--json"])
     assert res.exit_code == 0, res.output
     return json.loads(res.stdout)
 
