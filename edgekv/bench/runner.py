@@ -228,7 +228,19 @@ def measure_ttft(backbone, tasks: Sequence[BenchTask], names: Sequence[str], mai
             fns[name] = fn
     from edgekv.bench.evaluate import time_to_first_token
 
-    return {f"{k}_s": v for k, v in time_to_first_token(fns, examples).items()}
+    times = time_to_first_token(fns, examples)
+    for name in names:
+        shutil.rmtree(os.path.join(out_dir, "work", "ttft", name), ignore_errors=True)
+    return {f"{k}_s": v for k, v in times.items()}
+
+
+def remove_empty_dirs(root: str) -> None:
+    """Remove ``root`` and its sub-folders where they are empty (bottom-up); keep anything with files."""
+    for d, _, _ in sorted(os.walk(root), key=lambda t: -len(t[0])):
+        try:
+            os.rmdir(d)
+        except OSError:
+            pass
 
 
 def run_bench(backbone, stream, methods: Sequence[str], budgets: Sequence[int], main_budget: int, out_dir: str,
@@ -257,7 +269,7 @@ def run_bench(backbone, stream, methods: Sequence[str], budgets: Sequence[int], 
     for name, b in tqdm(runs, desc="bench", unit="run", disable=not progress):
         records.append(run_method(backbone, tasks, name, b, out_dir, cfg, sfp, progress=progress))
     ttft = measure_ttft(backbone, tasks, methods, main_budget, out_dir, cfg)
-    shutil.rmtree(os.path.join(out_dir, "work"), ignore_errors=True)
+    remove_empty_dirs(os.path.join(out_dir, "work"))  # other runs may share out_dir: keep their live state
     results = {
         "command": command,
         "model": model_name or getattr(backbone, "source", ""),
