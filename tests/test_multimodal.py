@@ -14,6 +14,7 @@ import sys
 import numpy as np
 import pytest
 from reference import cache_layers
+from tiny_vlms import card
 
 from edgekv.errors import InputError
 from edgekv.rope import remove_rope
@@ -119,19 +120,6 @@ class Hf:
             out = self.model(input_ids=torch.tensor([ids]), pixel_values=pixels, use_cache=True)
         layers = cache_layers(out.past_key_values)
         return np.stack([k[0].numpy() for k, _ in layers]), np.stack([v[0].numpy() for _, v in layers])
-
-
-def card(seed: int, size: tuple[int, int] = (41, 57)):
-    """A random RGB picture (gradient + noise + a coloured square), not square-shaped."""
-    from PIL import Image
-
-    rng = np.random.default_rng(seed)
-    h, w = size
-    y, x = np.mgrid[0:h, 0:w]
-    arr = np.stack([x * 255 // w, y * 255 // h, rng.integers(0, 256, (h, w))], axis=-1).astype(np.float64)
-    arr += rng.normal(0, 30, arr.shape)
-    arr[h // 4:h // 2, w // 3:w // 2] = rng.integers(0, 256, 3)
-    return Image.fromarray(np.clip(arr, 0, 255).astype(np.uint8))
 
 
 def user(prompt: str, image: bool = True) -> dict:

@@ -17,6 +17,7 @@ import sys
 import numpy as np
 import pytest
 from reference import cache_layers
+from tiny_vlms import card
 
 from edgekv.data import Example
 
@@ -25,19 +26,6 @@ M = 12  # pooled length of the test memories (fp16 payload: the KV check is not 
 PROMPTS = ["what colour is the square?", "describe the picture"]
 ANSWERS = {("a", 0): "red", ("a", 1): "blue", ("a", 2): "green", ("b", 0): "a dog", ("b", 1): "a cat",
            ("b", 2): "a bird"}
-
-
-def card(seed: int, size: tuple[int, int] = (41, 57)):
-    """A random RGB picture (gradient + noise + a coloured square), not square-shaped."""
-    from PIL import Image
-
-    rng = np.random.default_rng(seed)
-    h, w = size
-    y, x = np.mgrid[0:h, 0:w]
-    arr = np.stack([x * 255 // w, y * 255 // h, rng.integers(0, 256, (h, w))], axis=-1).astype(np.float64)
-    arr += rng.normal(0, 30, arr.shape)
-    arr[h // 4:h // 2, w // 3:w // 2] = rng.integers(0, 256, 3)
-    return Image.fromarray(np.clip(arr, 0, 255).astype(np.uint8))
 
 
 def write_task(folder) -> list[dict]:

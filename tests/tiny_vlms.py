@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import os
 
+import numpy as np
+
 IMAGE_TOKEN = "<image>"
 
 # ChatML that also takes Hugging Face's list content ({"type": "image"} / {"type": "text"}),
@@ -100,3 +102,16 @@ def make_tiny_vlm(family: str, out_dir: str, seed: int = 0) -> str:
     tok.save_pretrained(out_dir)
     proc.save_pretrained(out_dir)
     return out_dir
+
+
+def card(seed: int, size: tuple[int, int] = (41, 57)):
+    """A random RGB picture (gradient + noise + a coloured square), not square-shaped."""
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    h, w = size
+    y, x = np.mgrid[0:h, 0:w]
+    arr = np.stack([x * 255 // w, y * 255 // h, rng.integers(0, 256, (h, w))], axis=-1).astype(np.float64)
+    arr += rng.normal(0, 30, arr.shape)
+    arr[h // 4:h // 2, w // 3:w // 2] = rng.integers(0, 256, 3)
+    return Image.fromarray(np.clip(arr, 0, 255).astype(np.uint8))
