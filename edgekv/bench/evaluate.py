@@ -103,22 +103,12 @@ def greedy_one(model, ids: Sequence[int], embeds: torch.Tensor | None, max_new_t
                eos_ids: set[int]) -> list[int]:
     """Greedy answer (token ids, without EOS) of one prompt, no memory; ``embeds`` [1, S, hidden]
     (image features spliced in) replaces the prompt's token ids when given."""
+    from edgekv.induce.torch_induction import greedy_decode, make_cache
+
     x = torch.as_tensor([list(ids)], dtype=torch.long)
     pos = torch.arange(x.shape[1])[None]  # [1, S]
     inputs = {"input_ids": x} if embeds is None else {"inputs_embeds": embeds}
-    from transformers import DynamicCache
-
-    cache, out = DynamicCache(), []
-    for _ in range(max_new_tokens):
-        res = model(**inputs, position_ids=pos, past_key_values=cache, use_cache=True)
-        cache = res.past_key_values
-        tok = int(res.logits[0, -1].argmax())
-        if tok in eos_ids:
-            break
-        out.append(tok)
-        pos = pos[:, -1:] + 1
-        inputs = {"input_ids": torch.as_tensor([[tok]], dtype=torch.long)}
-    return out
+    return greedy_decode(model, inputs, pos, make_cache(None, None, 0), max_new_tokens, eos_ids)
 
 
 class MemoryReader:

@@ -174,6 +174,26 @@ def make_cache(k_mem: torch.Tensor | None, v_mem: torch.Tensor | None, num_layer
     return cache
 
 
+@torch.no_grad()
+def greedy_decode(model, inputs: dict, pos: torch.Tensor, cache, max_new_tokens: int, eos_ids: set[int]) -> list[int]:
+    """The runtime's greedy loop for one sequence: token ids generated (without EOS).
+
+    inputs: the prompt as ``{"input_ids": [1, S]}`` or ``{"inputs_embeds": [1, S, hidden]}``;
+    pos: [1, S] its positions (after any past in ``cache``); later steps feed token ids.
+    """
+    out: list[int] = []
+    for _ in range(max_new_tokens):
+        res = model(**inputs, position_ids=pos, past_key_values=cache, use_cache=True)
+        cache = res.past_key_values
+        tok = int(res.logits[0, -1].argmax())
+        if tok in eos_ids:
+            break
+        out.append(tok)
+        pos = pos[:, -1:] + 1
+        inputs = {"input_ids": torch.as_tensor([[tok]], dtype=torch.long)}
+    return out
+
+
 def text_decoder(model):
     """The base transformer with layers, embeddings and rotary (a VLM's language model)."""
     inner = getattr(model, "model", None)
@@ -341,14 +361,4 @@ class Induction:
         pos = torch.arange(T, T + x.shape[1])[None]
         # the prompt with an image enters as embeddings; generated tokens as ids
         inputs = {"input_ids": x} if image is None else {"inputs_embeds": self._embeds([list(prompt_ids)], [image])}
-        out_ids: list[int] = []
-        for _ in range(max_new_tokens):
-            res = self.model(**inputs, position_ids=pos, past_key_values=cache, use_cache=True)
-            cache = res.past_key_values
-            tok = int(res.logits[0, -1].argmax())
-            if tok in eos_ids:
-                break
-            out_ids.append(tok)
-            pos = pos[:, -1:] + 1
-            inputs = {"input_ids": torch.as_tensor([[tok]], dtype=torch.long)}
-        return out_ids, (None if idx is None else idx[0])
+        return greedy_decode(self.model, inputs, pos, cache, max_new_tokens, eos_ids), (None if idx is None else idx[0])
