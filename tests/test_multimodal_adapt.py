@@ -388,11 +388,11 @@ def test_tiny_vlm_family_entries_keys_and_runtime_agree(tiny_model_dir, tmp_path
     projector): stored entries == its own PyTorch forward with pixel_values (prefix KV, RoPE removed,
     pooled), runtime query keys == stored keys, runtime greedy answer == answer_examples."""
     import torch
+    from tiny_vlms import make_tiny_vlm_folder
     from typer.testing import CliRunner
 
     from edgekv.cli import app
     from edgekv.export.pipeline import export_model
-    from edgekv.export.tiny_vlm import Projector, TinyVLMConfig, save_folder, save_projector
     from edgekv.format import Memory
     from edgekv.induce.entries import EntryConfig, entry_pooling_matrix, template_prefix_len
     from edgekv.induce.evaluate import answer_examples
@@ -405,13 +405,7 @@ def test_tiny_vlm_family_entries_keys_and_runtime_agree(tiny_model_dir, tmp_path
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        cfg = TinyVLMConfig(hidden_size=64, projector_dim=32)
-        torch.manual_seed(0)
-        proj = Projector(cfg)
-        with torch.no_grad():
-            proj.pos.normal_(0, 0.5)
-        save_projector(proj, str(tmp_path / "proj.safetensors"))
-        folder = save_folder(tiny_model_dir("llama"), str(tmp_path / "model"), cfg, str(tmp_path / "proj.safetensors"))
+        folder = make_tiny_vlm_folder(tiny_model_dir("llama"), str(tmp_path / "tiny-vlm"))
         recs = write_task(tmp_path / "task")
         mem = str(tmp_path / "m.ekv")
         res = CliRunner().invoke(app, ["adapt", "--model", folder, "--data", str(tmp_path / "task" / "data.jsonl"),

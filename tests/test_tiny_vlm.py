@@ -151,18 +151,9 @@ def test_projector_asset_loads_and_is_small():
 # --- the model folder, export and runtime on a tiny random language model -------------------------
 @pytest.fixture(scope="module")
 def tiny_vlm_folder(tiny_model_dir, tmp_path_factory):
-    import torch
+    from tiny_vlms import make_tiny_vlm_folder
 
-    from edgekv.export.tiny_vlm import Projector, TinyVLMConfig, save_folder, save_projector
-
-    base = tmp_path_factory.mktemp("tiny-vlm")
-    cfg = TinyVLMConfig(hidden_size=64, projector_dim=32)
-    torch.manual_seed(0)
-    proj = Projector(cfg)
-    with torch.no_grad():
-        proj.pos.normal_(0, 0.5)
-    save_projector(proj, str(base / "proj.safetensors"))
-    return save_folder(tiny_model_dir("llama"), str(base / "model"), cfg, str(base / "proj.safetensors"))
+    return make_tiny_vlm_folder(tiny_model_dir("llama"), str(tmp_path_factory.mktemp("tiny-vlm")))
 
 
 @pytest.fixture(scope="module")

@@ -115,3 +115,20 @@ def card(seed: int, size: tuple[int, int] = (41, 57)):
     arr += rng.normal(0, 30, arr.shape)
     arr[h // 4:h // 2, w // 3:w // 2] = rng.integers(0, 256, 3)
     return Image.fromarray(np.clip(arr, 0, 255).astype(np.uint8))
+
+
+def make_tiny_vlm_folder(llama_dir: str, out_dir: str) -> str:
+    """A tiny-vlm model folder (real MobileNetV2, seeded random projector) around a tiny Llama."""
+    import torch
+
+    from edgekv.export.tiny_vlm import Projector, TinyVLMConfig, save_folder, save_projector
+
+    os.makedirs(out_dir, exist_ok=True)
+    cfg = TinyVLMConfig(hidden_size=64, projector_dim=32)
+    torch.manual_seed(0)
+    proj = Projector(cfg)
+    with torch.no_grad():
+        proj.pos.normal_(0, 0.5)
+    path = os.path.join(out_dir, "proj.safetensors")
+    save_projector(proj, path)
+    return save_folder(llama_dir, os.path.join(out_dir, "model"), cfg, path)
