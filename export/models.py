@@ -67,13 +67,18 @@ class Backbone:
 
     @property
     def decoder(self) -> Any:
-        """The base transformer (``model.model``) holding layers, embeddings, rotary
-        (of a vision-language model: its language model)."""
-        inner = getattr(self.model, "model", None)
-        lm = getattr(inner, "language_model", None) or getattr(inner, "text_model", None)
-        if lm is not None:
-            return lm
-        return self.model.get_decoder() if hasattr(self.model, "get_decoder") else self.model.model
+        """The base transformer holding layers, embeddings, rotary (see :func:`text_decoder`)."""
+        return text_decoder(self.model)
+
+
+def text_decoder(model: Any) -> Any:
+    """The base transformer (``model.model``) with layers, embeddings and rotary; of a
+    vision-language model, its language model."""
+    inner = getattr(model, "model", None)
+    lm = getattr(inner, "language_model", None) or getattr(inner, "text_model", None)
+    if lm is not None:
+        return lm
+    return model.get_decoder() if hasattr(model, "get_decoder") else model.model
 
 
 def model_fingerprint(model: Any) -> str:

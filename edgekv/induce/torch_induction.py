@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from edgekv.export.models import text_decoder
 from edgekv.format import Entry
 from edgekv.induction import entry_kv
 from edgekv.rope import RopeSpec
@@ -192,15 +193,6 @@ def greedy_decode(model, inputs: dict, pos: torch.Tensor, cache, max_new_tokens:
         pos = pos[:, -1:] + 1
         inputs = {"input_ids": torch.as_tensor([[tok]], dtype=torch.long)}
     return out
-
-
-def text_decoder(model):
-    """The base transformer with layers, embeddings and rotary (a VLM's language model)."""
-    inner = getattr(model, "model", None)
-    lm = getattr(inner, "language_model", None) or getattr(inner, "text_model", None)
-    if lm is not None:
-        return lm
-    return model.get_decoder() if hasattr(model, "get_decoder") else model.model
 
 
 def num_layers_of(model) -> int:
