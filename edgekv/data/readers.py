@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 from edgekv.errors import InputError
@@ -249,3 +249,14 @@ def write_jsonl(path: str | os.PathLike, examples: list[Example]) -> None:
             if ex.image is not None:
                 rec["image"] = ex.image
             f.write(json.dumps(rec, ensure_ascii=False) + "\n")
+
+
+def resolve_images(examples: Sequence[Example], root: str | None) -> list[Example]:
+    """The examples with relative image paths joined to ``root`` (the data file's folder) and
+    normalised; absolute paths, and every path when ``root`` is None, stay as given."""
+    from dataclasses import replace
+
+    if root is None:
+        return list(examples)
+    return [replace(ex, image=os.path.normpath(os.path.join(root, ex.image)))
+            if ex.image is not None and not os.path.isabs(ex.image) else ex for ex in examples]

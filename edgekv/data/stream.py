@@ -32,7 +32,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from edgekv.data.readers import Example, read_examples
+from edgekv.data.readers import Example, read_examples, resolve_images
 from edgekv.errors import InputError
 
 FORMAT = "edgekv-stream"
@@ -496,15 +496,6 @@ def _cache_root(cache_dir: str | None) -> str:
                                                                          "edgekv")
 
 
-def _resolve_images(examples: list[Example], folder: str) -> list[Example]:
-    out = []
-    for ex in examples:
-        if ex.image is not None and not os.path.isabs(ex.image):
-            ex = Example(ex.id, ex.prompt, ex.answer, os.path.normpath(os.path.join(folder, ex.image)))
-        out.append(ex)
-    return out
-
-
 def _read_meta(path: str) -> dict:
     meta_path = os.path.join(path, "stream.json")
     try:
@@ -536,7 +527,7 @@ def read_stream_dir(path: str | os.PathLike) -> Stream:
         splits = {}
         for s in SPLITS:
             file = os.path.normpath(os.path.join(path, t["files"][s]))
-            splits[s] = _resolve_images(read_examples(file), os.path.dirname(file))
+            splits[s] = resolve_images(read_examples(file), os.path.dirname(file))
         tasks.append(StreamTask(t["name"], str(t.get("kind", "text")), str(t.get("description", "")),
                                 splits["train"], splits["val"], splits["test"], dict(t.get("label_map") or {})))
     return Stream(str(meta.get("name", os.path.basename(path))), int(meta.get("seed", 0)), path, tasks,

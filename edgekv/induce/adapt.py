@@ -276,8 +276,8 @@ def adapt(backbone, examples: Sequence[Example], memory_path: str, budget_bytes:
     data file's); they are stored resolved in the anchors file.
     Returns the per-task summary (see ``edgekv adapt --json``).
     """
+    from edgekv.data import resolve_images
     from edgekv.export.keymodel import KeyModel
-    from edgekv.induce.vision import resolve_images
 
     cfg = cfg or AdaptConfig()
     examples = resolve_images(examples, os.path.abspath(image_root) if image_root else None)

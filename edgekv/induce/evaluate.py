@@ -39,12 +39,12 @@ def answer_examples(backbone, examples: Sequence[Example], memory_path: str | No
     """
     from tqdm.auto import tqdm
 
+    from edgekv.data import resolve_images
     from edgekv.export.keymodel import KeyModel
     from edgekv.format import Memory
     from edgekv.induce.adapt import effective, read_bank
     from edgekv.induce.entries import example_keys, query_ids
     from edgekv.induce.torch_induction import Bank, Induction
-    from edgekv.induce.vision import resolve_images
 
     examples = resolve_images(examples, image_root)
     tok, eos = backbone.tokenizer, set(backbone.eos_token_ids)

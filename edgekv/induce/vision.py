@@ -45,19 +45,6 @@ def load_adapt_backbone(model: str) -> Any:
     return bb
 
 
-def resolve_image(path: str | None, root: str | None) -> str | None:
-    """An example's image path: absolute as given, relative ones against ``root`` (the data file's folder)."""
-    if path is None or os.path.isabs(path) or root is None:
-        return path
-    return os.path.join(root, path)
-
-
-def resolve_images(examples: Sequence[Example], root: str | None) -> list[Example]:
-    from dataclasses import replace
-
-    return [replace(ex, image=resolve_image(ex.image, root)) if ex.image else ex for ex in examples]
-
-
 class ImageInputs:
     """Image features, prompt ids and embeddings of a VLM backbone, as the device computes them."""
 
