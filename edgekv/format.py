@@ -450,11 +450,11 @@ class Memory:
         slot = int(slot)
         self._check_occupied(slot)
         start, end = self._slot_range(slot)
-        raw = self._mm[start:end]
-        if verify and zlib.crc32(raw) != int(self.table["crc32"][slot]):
-            raise CorruptFileError(f"{self.path}: slot {slot} fails its checksum (corrupt slot)")
-        parts = {name: np.frombuffer(raw, dt, int(np.prod(shape)), off).reshape(shape).copy()
-                 for name, (off, _, dt, shape) in self.spec.slot_layout().items()}
+        with memoryview(self._mm) as whole, whole[start:end] as raw:  # no copy of the slot's bytes
+            if verify and zlib.crc32(raw) != int(self.table["crc32"][slot]):
+                raise CorruptFileError(f"{self.path}: slot {slot} fails its checksum (corrupt slot)")
+            parts = {name: np.frombuffer(raw, dt, int(np.prod(shape)), off).reshape(shape).copy()
+                     for name, (off, _, dt, shape) in self.spec.slot_layout().items()}
         info = self.slot_info(slot)
         return Entry(parts["key"], parts["k"], parts["v"], parts.get("k_scale"), parts.get("v_scale"),
                      info["task"], info["source_id"], info["entry_id"], info["insert_seq"])

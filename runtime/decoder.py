@@ -23,7 +23,9 @@ All three index like the list: ``past[layer] -> (K, V)`` [1, H, P, D], ``len(pas
 
 from __future__ import annotations
 
+import functools
 import os
+import threading
 
 import numpy as np
 
@@ -32,6 +34,7 @@ from edgekv.errors import CorruptFileError, InputError
 Past = list[tuple[np.ndarray, np.ndarray]]  # per layer: K, V [1, H, P, D] float32
 KV_BUFFER_META = "edgekv.kv_buffer"  # written by export/decoder_graph.py
 MIN_CAPACITY = 256  # positions a new KVCache holds beyond what it is created with
+CACHE_POOL = 2  # finished sequences' caches a DecoderSession keeps for the next ones
 
 
 def map_row_tables(folder: str, tables: dict) -> dict:
@@ -61,14 +64,20 @@ def map_row_tables(folder: str, tables: dict) -> dict:
     return out
 
 
-def session_options(threads: int | None, initializers: dict | None = None):
-    """CPU session options; ``initializers`` {name: OrtValue} replace the graph's own (shared buffers)."""
+def session_options(threads: int | None, initializers: dict | None = None, spin: bool = True):
+    """CPU session options; ``initializers`` {name: OrtValue} replace the graph's own (shared buffers).
+
+    ``spin=False`` for graphs run once per query (the retrieval key, the vision encoder): their
+    idle worker threads would otherwise spin-wait on the cores the decoder runs on next (a
+    15-token prefill right after the key pass took 118 ms instead of 32 ms with 2 threads)."""
     import onnxruntime as ort
 
     so = ort.SessionOptions()
     so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     if threads:
         so.intra_op_num_threads = int(threads)
+    if not spin:
+        so.add_session_config_entry("session.intra_op.allow_spinning", "0")
     so.inter_op_num_threads = 1
     so.log_severity_level = 3
     for name, value in (initializers or {}).items():
@@ -107,6 +116,7 @@ class KVCache:
         self.ort_keys = [ort.OrtValue.ortvalue_from_numpy(a) for a in self.keys]
         self.ort_values = [ort.OrtValue.ortvalue_from_numpy(a) for a in self.values]
         self.binding = None  # the session's IOBinding with the buffers bound (set by DecoderSession)
+        self._scratch = None  # write_entries' rotation buffer [L, H, m, D]
 
     def fill(self, K: np.ndarray, V: np.ndarray) -> None:
         """Write K, V [L, H, T, D] at positions 0..T-1 (the injected memory); length = T."""
@@ -122,24 +132,26 @@ class KVCache:
 
         The arithmetic of :func:`edgekv.induction.assemble_memory_kv` (its ``entry_scale`` and
         ``entry_kv``; keys rotated to their positions) without its concatenation and copies:
-        one pass per entry into the buffers (tests hold the two equal). length = k*m.
+        each entry's int8 payload is scaled into the buffers and its keys rotated there in
+        place, with one cos/sin table per runtime (tests hold the two equal). length = k*m.
         """
-        from edgekv.induction import entry_kv, entry_scale
+        from edgekv.induction import entry_scale
 
         gates = np.asarray(gates, np.float32)
+        total = sum(e.k.shape[2] for e in entries)
+        if total > self.capacity:
+            raise InputError(f"{total} positions do not fit a cache of {self.capacity}")
+        table = None if rope is None else rope_table(rope, total, self.k_all.shape[-1])
+        rd = None if rope is None else rope.rotary_dim
         pos = 0
         for e, a in zip(entries, alphas, strict=True):
             f = entry_scale(a, len(entries))
-            k, v = entry_kv(e, f, f * gates)  # [L, H, m, D] float32 (position-free keys)
-            m = k.shape[2]
-            if pos + m > self.capacity:
-                raise InputError(f"{pos + m} positions do not fit a cache of {self.capacity}")
-            self.v_all[:, 0, :, pos:pos + m] = v
-            dst = self.k_all[:, 0, :, pos:pos + m]
-            if rope is None:
-                dst[...] = k
-            else:
-                rotate_into(dst, k, rope, pos)
+            m = e.k.shape[2]
+            rows = None if table is None else (table[0][pos:pos + m], table[1][pos:pos + m], rd)
+            if rows is not None and (self._scratch is None or self._scratch.shape != e.k.shape):
+                self._scratch = np.empty(e.k.shape, np.float32)  # kept: the next query reuses its pages
+            write_entry_into(self.k_all[:, 0, :, pos:pos + m], self.v_all[:, 0, :, pos:pos + m], e, f, f * gates,
+                             rows, self._scratch)
             pos += m
         self.length = pos
 
@@ -183,6 +195,8 @@ class DecoderSession:
         meta = self.sess.get_modelmeta().custom_metadata_map
         self.shared_buffer = meta.get(KV_BUFFER_META) == "shared"
         self.vocab_size = self.sess.get_outputs()[0].shape[-1]
+        self._pool: list[KVCache] = []  # released caches: bound, their pages already mapped
+        self._pool_lock = threading.Lock()
 
     def empty_past(self) -> Past:
         z = np.zeros((1, self.num_kv_heads, 0, self.head_dim), np.float32)
@@ -198,6 +212,29 @@ class DecoderSession:
             cache.fill(K, V)
         self._bind_cache(cache)
         return cache
+
+    def acquire_cache(self, capacity: int) -> KVCache:
+        """An empty :class:`KVCache` for at least ``capacity`` positions: the smallest released
+        one that fits (already bound, no allocation or page faults), else a new one (capacity
+        rounded up to a multiple of ``MIN_CAPACITY``)."""
+        with self._pool_lock:
+            fits = [c for c in self._pool if c.capacity >= capacity]
+            if fits:
+                cache = min(fits, key=lambda c: c.capacity)
+                self._pool.remove(cache)
+                cache.length = 0
+                return cache
+        return self.new_cache(-(-capacity // MIN_CAPACITY) * MIN_CAPACITY)  # rounded up: later queries fit
+
+    def release_cache(self, cache) -> None:
+        """Hand back a cache from :meth:`acquire_cache` whose sequence is finished (it must not be
+        used again by the caller); the session keeps the ``CACHE_POOL`` most recent."""
+        if not isinstance(cache, KVCache):
+            return
+        with self._pool_lock:
+            if all(c is not cache for c in self._pool):
+                self._pool.append(cache)
+            del self._pool[:-CACHE_POOL]
 
     def _bind_cache(self, cache: KVCache) -> None:
         io = self.sess.io_binding()
@@ -291,21 +328,58 @@ class DecoderSession:
         return out[0], present
 
 
-def rotate_into(dst: np.ndarray, k: np.ndarray, rope, start: int) -> None:
-    """dst[..., T, D] = RoPE(k [..., T, D]) at positions start..start+T-1 (HF's rotate_half layout,
-    :func:`edgekv.rope.apply_rope`), written in place with two temporaries of half the size."""
-    rd = rope.rotary_dim
-    half = rd // 2
-    ang = np.arange(start, start + k.shape[-2], dtype=np.float32)[:, None] * np.asarray(rope.inv_freq, np.float32)
+@functools.lru_cache(maxsize=8)
+def _rope_table(rope, n: int, head_dim: int) -> tuple[np.ndarray, np.ndarray]:
+    inv = np.asarray(rope.inv_freq, np.float32)
+    ang = np.arange(n, dtype=np.float32)[:, None] * inv[None, :]  # [n, rd/2] float32 angles, as transformers
     scale = np.float32(rope.attention_scaling)
-    c, s = np.cos(ang) * scale, np.sin(ang) * scale  # [T, rd/2]
-    k1, k2 = k[..., :half], k[..., half:rd]
-    np.multiply(k1, c, out=dst[..., :half])
-    dst[..., :half] -= k2 * s
-    np.multiply(k2, c, out=dst[..., half:rd])
-    dst[..., half:rd] += k1 * s
-    if rd < k.shape[-1]:
-        dst[..., rd:] = k[..., rd:]  # past the rotary dims: unrotated, unscaled
+    c, s = np.cos(ang) * scale, np.sin(ang) * scale
+    pad = head_dim - 2 * c.shape[1]  # dims past the rotary ones: kept as they are
+    C = np.concatenate([c, c, np.ones((n, pad), np.float32)], axis=1)
+    S = np.concatenate([-s, s, np.zeros((n, pad), np.float32)], axis=1)
+    C.flags.writeable = S.flags.writeable = False
+    return C, S
+
+
+def rope_table(rope, n: int, head_dim: int) -> tuple[np.ndarray, np.ndarray]:
+    """C, S [>= n, head_dim] float32 for positions 0..: RoPE(x) = x * C + swap_halves(x) * S
+    (HF's rotate_half: S = [-sin, sin], attention scaling folded in; past the rotary dims
+    C = 1, S = 0). Computed once per model for a power-of-two length, then sliced."""
+    return _rope_table(rope, max(1024, 1 << (max(n, 1) - 1).bit_length()), head_dim)
+
+
+def rotate_in_place(x: np.ndarray, C: np.ndarray, S: np.ndarray, rotary_dim: int,
+                    scratch: np.ndarray | None = None) -> None:
+    """x [..., T, D] <- RoPE(x) with C, S [>= T, D] from :func:`rope_table` (rows = positions).
+
+    Whole rows at a time (long inner loops): one swapped copy of x (into ``scratch``, x's shape,
+    when given), then x*C + swapped*S."""
+    T = x.shape[-2]
+    half = rotary_dim // 2
+    swapped = np.empty_like(x) if scratch is None else scratch
+    swapped[..., :half] = x[..., half:2 * half]
+    swapped[..., half:2 * half] = x[..., :half]
+    swapped[..., 2 * half:] = 0
+    swapped *= S[:T]
+    x *= C[:T]
+    x += swapped
+
+
+def write_entry_into(dst_k: np.ndarray, dst_v: np.ndarray, entry, factor_k: float, factor_v: np.ndarray,
+                     rope_rows: tuple[np.ndarray, np.ndarray, int] | None, scratch: np.ndarray | None = None) -> None:
+    """One entry's K, V into dst_k, dst_v [L, H, m, D] (views of the cache): int8 payloads scaled
+    straight into the destination (:func:`edgekv.quant.dequantize_keys` / ``dequantize_values``
+    times factor_k / factor_v [L]), keys then rotated in place with rope_rows = (C, S [m, D] of
+    :func:`rope_table`, rotary_dim) (None: no RoPE); ``scratch``: a reusable array of dst_k's shape."""
+    fv = np.asarray(factor_v, np.float32)[:, None, None]
+    if entry.k_scale is not None:
+        np.multiply(entry.k, (entry.k_scale.astype(np.float32) * np.float32(factor_k))[:, :, None, :], out=dst_k)
+        np.multiply(entry.v, (entry.v_scale.astype(np.float32) * fv)[..., None], out=dst_v)
+    else:
+        np.multiply(entry.k, np.float32(factor_k), out=dst_k)
+        np.multiply(entry.v, fv[..., None], out=dst_v)
+    if rope_rows is not None:
+        rotate_in_place(dst_k, *rope_rows, scratch=scratch)
 
 
 def past_from_memory(K: np.ndarray, V: np.ndarray) -> Past:

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from edgekv.errors import CorruptFileError, InputError
-from edgekv.runtime.decoder import Past, open_session
+from edgekv.runtime.decoder import Past, open_session, session_options
 from edgekv.runtime.vision import ImageProcessorConfig, preprocess
 
 
@@ -142,7 +142,7 @@ class MultimodalModel:
                                    f"{table.dtype} {table.shape}; re-export the model")
         decoder = EmbedsDecoderSession(os.path.join(folder, decoder_file), table, num_layers, num_kv_heads,
                                        head_dim, threads)
-        vision = open_session(os.path.join(folder, vision_file), threads)
+        vision = open_session(os.path.join(folder, vision_file), threads, session_options(threads, spin=False))
         return MultimodalModel(vision, decoder, int(image_token_id), tokens, processor)
 
     @staticmethod

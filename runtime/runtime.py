@@ -117,7 +117,7 @@ class Runtime:
         if memory is not None:
             self._check_memory(memory)
             self.key_session = open_session(os.path.join(artifacts, m["key"]["file"]), config.threads,
-                                            session_options(config.threads, self._tables))
+                                            session_options(config.threads, self._tables, spin=False))
             self.retriever = Retriever(memory, index_dir, IndexConfig(), force=config.retrieval)
             if config.k > len(self.retriever):
                 raise InputError(f"-k {config.k} is larger than the memory's {len(self.retriever)} entries; "
@@ -257,7 +257,10 @@ class Runtime:
         are appended in place. Other graphs get per-layer numpy views of the memory.
         """
         if getattr(self.decoder, "shared_buffer", False):
-            return self.decoder.new_cache(capacity, *(mem if mem is not None else (None, None)))
+            cache = self.decoder.acquire_cache(capacity)  # handed back by stream when it ends
+            if mem is not None:
+                cache.fill(*mem)
+            return cache
         return self.decoder.empty_past() if mem is None else past_from_memory(*mem)
 
     # --- generation ---------------------------------------------------------------
@@ -299,38 +302,43 @@ class Runtime:
             max_new_tokens = self.max_positions - num_mem - len(ids)
         res.retrieved, res.num_prompt_tokens, res.num_memory_tokens = retrieved, len(ids), num_mem
         past = self._start_past(mem, num_mem + len(ids) + max_new_tokens)
-        if direct:
-            past.write_entries(entries, np.array([r.alpha for r in retrieved]), self.memory.calibration.gates,
-                               self.rope)
-        rng = np.random.default_rng(sampling.seed)
-        logits, past = self.decoder.forward(np.asarray([ids], np.int64), past) if img is None else \
-            self.vision.forward_ids(ids, img.features, past)
-        out_ids: list[int] = []
-        text = ""
-        t_first = None
-        res.stop_reason = "length"
-        for _ in range(max_new_tokens):
-            tok = next_token(logits[0, -1], sampling, rng)
-            if t_first is None:
-                t_first = time.perf_counter()
-                res.ttft_ms = (t_first - t0) * 1000
-            if tok in self.eos_ids:
-                res.stop_reason = "eos"
-                break
-            out_ids.append(tok)
-            new_text = self.tokenizer.decode(out_ids)
-            if len(new_text) > len(text) and not new_text.endswith("\ufffd"):
-                piece, text = new_text[len(text):], new_text
-                res.text, res.token_ids = text, list(out_ids)
-                yield piece
-            if len(out_ids) == max_new_tokens:
-                break
-            logits, past = self.decoder.forward(np.asarray([[tok]], np.int64), past)
-        res.text, res.token_ids = self.tokenizer.decode(out_ids), out_ids
-        if len(res.text) > len(text):
-            yield res.text[len(text):]
-        if t_first is not None and len(out_ids) > 1:
-            res.tokens_per_s = (len(out_ids) - 1) / max(time.perf_counter() - t_first, 1e-9)
+        cache = past  # a pooled KVCache goes back to the decoder when the generation ends
+        try:
+            if direct:
+                past.write_entries(entries, np.array([r.alpha for r in retrieved]), self.memory.calibration.gates,
+                                   self.rope)
+            rng = np.random.default_rng(sampling.seed)
+            logits, past = self.decoder.forward(np.asarray([ids], np.int64), past) if img is None else \
+                self.vision.forward_ids(ids, img.features, past)
+            out_ids: list[int] = []
+            text = ""
+            t_first = None
+            res.stop_reason = "length"
+            for _ in range(max_new_tokens):
+                tok = next_token(logits[0, -1], sampling, rng)
+                if t_first is None:
+                    t_first = time.perf_counter()
+                    res.ttft_ms = (t_first - t0) * 1000
+                if tok in self.eos_ids:
+                    res.stop_reason = "eos"
+                    break
+                out_ids.append(tok)
+                new_text = self.tokenizer.decode(out_ids)
+                if len(new_text) > len(text) and not new_text.endswith("\ufffd"):
+                    piece, text = new_text[len(text):], new_text
+                    res.text, res.token_ids = text, list(out_ids)
+                    yield piece
+                if len(out_ids) == max_new_tokens:
+                    break
+                logits, past = self.decoder.forward(np.asarray([[tok]], np.int64), past)
+            res.text, res.token_ids = self.tokenizer.decode(out_ids), out_ids
+            if len(res.text) > len(text):
+                yield res.text[len(text):]
+            if t_first is not None and len(out_ids) > 1:
+                res.tokens_per_s = (len(out_ids) - 1) / max(time.perf_counter() - t_first, 1e-9)
+        finally:
+            if getattr(self.decoder, "shared_buffer", False):
+                self.decoder.release_cache(cache)
 
     def generate(self, prompt: str, max_new_tokens: int = 64, temperature: float = 0.0, top_p: float = 1.0,
                  seed: int | None = None, use_memory: bool = True,

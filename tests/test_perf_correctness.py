@@ -207,3 +207,47 @@ def test_row_tables_are_mapped_once_for_both_sessions(exported, backbone, tmp_pa
         json.dump(data, f)
     with pytest.raises(CorruptFileError, match="embed_tokens.qweight does not match manifest.json"):
         Runtime.load(art, k=0)
+
+
+@pytest.mark.parametrize("rotary_dim,scaling", [(16, 1.0), (8, 1.25)])
+def test_rotate_in_place_equals_apply_rope(rotary_dim, scaling):
+    """The whole-row rotation the cache writer uses == edgekv.rope.apply_rope, partial rotary
+    dims (left as they are) and attention scaling included, at an offset past 1,024 positions."""
+    from edgekv.rope import RopeSpec, apply_rope
+    from edgekv.runtime.decoder import rope_table, rotate_in_place
+
+    rope = RopeSpec(tuple(10000.0 ** (-np.arange(0, rotary_dim, 2) / rotary_dim)), scaling)
+    k = np.random.default_rng(0).normal(size=(2, 3, 7, 16)).astype(np.float32)
+    C, S = rope_table(rope, 1500, 16)
+    assert C.shape[0] >= 1500
+    x = k.copy()
+    rotate_in_place(x, C[1490:], S[1490:], rotary_dim)
+    want = apply_rope(k, rope, np.arange(1490, 1497))
+    assert np.abs(x - want).max() <= 1e-5 * np.abs(want).max()
+    assert np.abs(x - k).max() > 1e-2  # it rotated
+
+
+def test_runtime_reuses_its_cache_and_answers_alike(exported, tmp_path):
+    """A finished generation's KVCache goes back to the decoder and the next one reuses it
+    (stale positions past the valid length are never read): the same prompt and memory give
+    the same tokens before and after other generations with other memories, and a generation
+    the caller stops early hands its cache back too."""
+    from edgekv.runtime import Runtime
+
+    rt = Runtime.load(exported("qwen2"), k=0)
+    K, V = _memory(rt.decoder, 10, seed=3)
+    first = rt.generate("what is the code for river?", max_new_tokens=10, inject=(K, V))
+    assert len(rt.decoder._pool) == 1
+    pooled = rt.decoder._pool[0]
+    other = rt.generate("and for the lake?", max_new_tokens=12, inject=_memory(rt.decoder, 30, seed=4))
+    assert rt.decoder._pool == [pooled]  # reused, not a second buffer
+    stream = rt.stream("and for the lake?", max_new_tokens=12)
+    next(stream)
+    stream.close()  # stopped early: the cache is handed back all the same
+    assert rt.decoder._pool == [pooled]
+    again = rt.generate("what is the code for river?", max_new_tokens=10, inject=(K, V))
+    assert again.token_ids == first.token_ids and other.token_ids != first.token_ids
+    a, b = rt.decoder.acquire_cache(8), rt.decoder.acquire_cache(8)
+    assert a is pooled and b is not a  # one sequence per cache
+    rt.decoder.release_cache(a), rt.decoder.release_cache(b), rt.decoder.release_cache(b)
+    assert len(rt.decoder._pool) == 2
