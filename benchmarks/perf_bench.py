@@ -220,11 +220,14 @@ class Stepper:
     def start(self) -> None:
         self.state = self._start()
 
-    def run(self, n: int) -> None:
-        for _ in range(n):
+    def run(self, n: int, untimed: int = 0) -> None:
+        """n timed steps after ``untimed`` ones (the first steps after another configuration ran
+        can meet its thread pool still spin-waiting on the cores)."""
+        for i in range(untimed + n):
             t = time.perf_counter()
             self.state = self._step(self.state)
-            self.times.append(time.perf_counter() - t)
+            if i >= untimed:
+                self.times.append(time.perf_counter() - t)
 
 
 def ort_stepper(name: str, dec, prompt: list[int], memory, mode: str, capacity: int) -> Stepper:
@@ -275,14 +278,15 @@ def torch_stepper(model, prompt: list[int], memory) -> Stepper:
 
 
 def interleave(steppers: list[Stepper], rounds: int, tokens: int) -> dict[str, float]:
-    """Median ms/token of each stepper, run ``tokens`` at a time in turn for ``rounds`` rounds."""
+    """Median ms/token of each stepper, run ``tokens`` at a time (after one untimed) in turn for
+    ``rounds`` rounds."""
     for s in steppers:
         s.start()
         s.run(2)  # warm-up
         s.times.clear()
     for _ in range(rounds):
         for s in steppers:
-            s.run(tokens)
+            s.run(tokens, untimed=1)
     return {s.name: float(np.median(s.times) * 1000) for s in steppers}
 
 
@@ -307,6 +311,34 @@ def top1_agreement(bb, artifacts: dict[str, str], threads: int) -> dict:
             worst = max(worst, float(np.abs(got - want).max()))
         out[name] = {"top1": float(np.mean(hits)), "max_abs_logit_diff": worst}
     return out
+
+
+# --- time to first token, part by part ------------------------------------------------
+def ttft_parts(rt, query: str, reps: int = 7) -> dict:
+    """Median ms of each step Runtime.stream takes before its first token (retrieval with memory):
+    the key pass, the search + weighting, reading the entries' slots, writing them into the KV
+    buffer (dequantise + rotate), the prefill of the query over them."""
+    times: dict[str, list[float]] = {}
+    ids = np.asarray([rt.prompt_ids(query)], np.int64)
+    for _ in range(reps):
+        t = [time.perf_counter()]
+        rt.query_key(query)
+        t.append(time.perf_counter())
+        retrieved = rt.retrieve(query)
+        t.append(time.perf_counter())
+        entries = [rt.memory.read_entry(r.slot) for r in retrieved]
+        t.append(time.perf_counter())
+        cache = rt.decoder.acquire_cache(sum(e.k.shape[2] for e in entries) + ids.shape[1] + 1)
+        cache.write_entries(entries, np.array([r.alpha for r in retrieved]), rt.memory.calibration.gates, rt.rope,
+                            rt.config.threads or 1)
+        t.append(time.perf_counter())
+        rt.decoder.forward(ids, cache)
+        t.append(time.perf_counter())
+        rt.decoder.release_cache(cache)
+        for name, a, b in zip(("key_pass", "retrieve_with_key_pass", "read_slots", "write_entries", "prefill"),
+                              t[:-1], t[1:], strict=True):
+            times.setdefault(name, []).append((b - a) * 1000)
+    return {k: float(np.median(v[1:])) for k, v in times.items()}
 
 
 # --- resident memory (fresh processes) ------------------------------------------------
@@ -361,9 +393,10 @@ def main() -> None:
                  "load_average_at_start": os.getloadavg(), "decode": {"tokens_per_round": args.tokens,
                                                                        "rounds": args.rounds}}
 
-    # 1. bandwidth, bytes per token
+    # 1. bandwidth (again before and after every decode repeat: it drifts with the host's load)
     bw = read_bandwidth(args.threads)
     res["bandwidth"] = bw
+    bw_samples = [bw["best_gb_s"]]
     rt = Runtime.load(art["fp32"], threads=args.threads, k=0)
     prompt = rt.prompt_ids(QUERY)
     rng = np.random.default_rng(0)
@@ -387,7 +420,12 @@ def main() -> None:
         steppers.append(torch_stepper(bb.model, prompt, None))
         order = np.random.default_rng(rep).permutation(len(steppers))  # no configuration always follows another
         runs.append(interleave([steppers[i] for i in order], args.rounds, args.tokens))
+        bw_samples.append(read_bandwidth(args.threads, reps=3)["best_gb_s"])
     ms = {name: float(np.median([r[name] for r in runs])) for name in runs[0]}
+    # each repeat against the faster of the bandwidths measured just before and just after it
+    bw_repeat = [max(a, b) for a, b in zip(bw_samples[:-1], bw_samples[1:], strict=True)]
+    bw["around_repeats_gb_s"] = bw_samples
+    bw["best_gb_s"] = float(np.median(bw_repeat))
     res["decode"]["repeats"] = runs
     res["decode"]["ms_per_token"] = ms
     context = len(prompt) + (args.rounds * args.tokens) // 2  # mean context during the timed steps
@@ -399,8 +437,11 @@ def main() -> None:
             floor[w + tag] = {"bytes_per_token": b, "floor_ms": b / (bw["best_gb_s"] * 1e9) * 1000}
     res["floor"] = floor
     f32 = ms["edgekv_fp32"]
+    per_repeat = [r["edgekv_fp32"] / (floor["fp32"]["bytes_per_token"] / (b * 1e9) * 1000)
+                  for r, b in zip(runs, bw_repeat, strict=True)]
     res["ratios"] = {
-        "fp32_over_floor": f32 / floor["fp32"]["floor_ms"],
+        "fp32_over_floor": float(np.median(per_repeat)),
+        "fp32_over_floor_per_repeat": per_repeat,
         "optimum_fp32_numpy_over_floor": ms["optimum_fp32_numpy_loop"] / floor["optimum-fp32"]["floor_ms"],
         "speedup_over_fp32": {w: f32 / ms[f"edgekv_{w}"] for w in ("int8", "int4")},
         "memory_1024_over_0": {name: ms[f"{name}+1024mem"] / ms[name] for name in ms if f"{name}+1024mem" in ms},
@@ -422,12 +463,16 @@ def main() -> None:
             inj, txt = [], []
             for _ in range(10):  # interleaved; the first of each warms up
                 inj.append(rt_mem.generate(DOC_QUERY, max_new_tokens=1).ttft_ms)
+                time.sleep(0.2)  # neither meets the other runtime's thread pool still spin-waiting
                 txt.append(rt_text.generate(as_text, max_new_tokens=1).ttft_ms)
+                time.sleep(0.2)
             r = rt_mem.generate(DOC_QUERY, max_new_tokens=1)
+            parts = ttft_parts(rt_mem, DOC_QUERY)
             t_inj, t_txt = float(np.median(inj[1:])), float(np.median(txt[1:]))
             ttft[name] = {"injected_ms": t_inj, "as_prompt_text_ms": t_txt, "ratio_text_over_injected": t_txt / t_inj,
                           "memory_tokens": r.num_memory_tokens, "prompt_text_tokens": len(rt_text.prompt_ids(as_text)),
-                          "query_tokens": r.num_prompt_tokens, "best_entry_is_right": retrieved[-1].source_id == "ex0"}
+                          "query_tokens": r.num_prompt_tokens, "best_entry_is_right": retrieved[-1].source_id == "ex0",
+                          "injected_parts_ms": parts}
     res["ttft"] = ttft
 
     # 5. resident memory: fresh processes, k=4, the facts memory

@@ -116,7 +116,7 @@ class KVCache:
         self.ort_keys = [ort.OrtValue.ortvalue_from_numpy(a) for a in self.keys]
         self.ort_values = [ort.OrtValue.ortvalue_from_numpy(a) for a in self.values]
         self.binding = None  # the session's IOBinding with the buffers bound (set by DecoderSession)
-        self._scratch = None  # write_entries' rotation buffer [L, H, m, D]
+        self._scratch = None  # write_entries' rotation buffers, one per thread [L/threads, H, m, D]
 
     def fill(self, K: np.ndarray, V: np.ndarray) -> None:
         """Write K, V [L, H, T, D] at positions 0..T-1 (the injected memory); length = T."""
@@ -127,13 +127,15 @@ class KVCache:
         self.v_all[:, 0, :, :T] = V
         self.length = T
 
-    def write_entries(self, entries: list, alphas: np.ndarray, gates, rope) -> None:
+    def write_entries(self, entries: list, alphas: np.ndarray, gates, rope, threads: int = 1) -> None:
         """Dequantise retrieved entries (layout order) straight into positions 0..k*m-1.
 
         The arithmetic of :func:`edgekv.induction.assemble_memory_kv` (its ``entry_scale`` and
         ``entry_kv``; keys rotated to their positions) without its concatenation and copies:
         each entry's int8 payload is scaled into the buffers and its keys rotated there in
-        place, with one cos/sin table per runtime (tests hold the two equal). length = k*m.
+        place, with one cos/sin table per runtime (tests hold the two equal). ``threads`` > 1
+        splits the layers between threads (numpy releases the GIL; the decoder is idle while
+        this runs). length = k*m.
         """
         from edgekv.induction import entry_scale
 
@@ -142,18 +144,34 @@ class KVCache:
         if total > self.capacity:
             raise InputError(f"{total} positions do not fit a cache of {self.capacity}")
         table = None if rope is None else rope_table(rope, total, self.k_all.shape[-1])
-        rd = None if rope is None else rope.rotary_dim
-        pos = 0
-        for e, a in zip(entries, alphas, strict=True):
-            f = entry_scale(a, len(entries))
-            m = e.k.shape[2]
-            rows = None if table is None else (table[0][pos:pos + m], table[1][pos:pos + m], rd)
-            if rows is not None and (self._scratch is None or self._scratch.shape != e.k.shape):
-                self._scratch = np.empty(e.k.shape, np.float32)  # kept: the next query reuses its pages
-            write_entry_into(self.k_all[:, 0, :, pos:pos + m], self.v_all[:, 0, :, pos:pos + m], e, f, f * gates,
-                             rows, self._scratch)
-            pos += m
-        self.length = pos
+        factors = [entry_scale(a, len(entries)) for a in alphas]
+        if len(factors) != len(entries):
+            raise InputError(f"{len(entries)} entries but {len(factors)} weights")
+        L = self.k_all.shape[0]
+        n = max(1, min(int(threads or 1), L))
+        parts = [slice(b * L // n, (b + 1) * L // n) for b in range(n)]
+        if self._scratch is None or len(self._scratch) != len(parts):
+            self._scratch = [None] * len(parts)
+
+        def write(part: int) -> None:
+            layers, pos = parts[part], 0
+            for e, f in zip(entries, factors, strict=True):
+                m = e.k.shape[2]
+                rows = None if table is None else (table[0][pos:pos + m], table[1][pos:pos + m], rope.rotary_dim)
+                k = e.k[layers]
+                if rows is not None and (self._scratch[part] is None or self._scratch[part].shape != k.shape):
+                    self._scratch[part] = np.empty(k.shape, np.float32)  # kept: the next query reuses its pages
+                write_entry_into(self.k_all[layers, 0, :, pos:pos + m], self.v_all[layers, 0, :, pos:pos + m],
+                                 k, e.v[layers], None if e.k_scale is None else e.k_scale[layers],
+                                 None if e.v_scale is None else e.v_scale[layers], f, f * gates[layers], rows,
+                                 self._scratch[part])
+                pos += m
+
+        if len(parts) == 1:
+            write(0)
+        else:
+            list(_writer_pool(len(parts)).map(write, range(len(parts))))
+        self.length = total
 
     def __len__(self) -> int:
         return len(self.keys)
@@ -365,19 +383,30 @@ def rotate_in_place(x: np.ndarray, C: np.ndarray, S: np.ndarray, rotary_dim: int
     x += swapped
 
 
-def write_entry_into(dst_k: np.ndarray, dst_v: np.ndarray, entry, factor_k: float, factor_v: np.ndarray,
+@functools.lru_cache(maxsize=4)
+def _writer_pool(threads: int):
+    from concurrent.futures import ThreadPoolExecutor
+
+    return ThreadPoolExecutor(threads, thread_name_prefix="edgekv-kv-writer")
+
+
+def write_entry_into(dst_k: np.ndarray, dst_v: np.ndarray, k: np.ndarray, v: np.ndarray, k_scale: np.ndarray | None,
+                     v_scale: np.ndarray | None, factor_k: float, factor_v: np.ndarray,
                      rope_rows: tuple[np.ndarray, np.ndarray, int] | None, scratch: np.ndarray | None = None) -> None:
-    """One entry's K, V into dst_k, dst_v [L, H, m, D] (views of the cache): int8 payloads scaled
-    straight into the destination (:func:`edgekv.quant.dequantize_keys` / ``dequantize_values``
-    times factor_k / factor_v [L]), keys then rotated in place with rope_rows = (C, S [m, D] of
-    :func:`rope_table`, rotary_dim) (None: no RoPE); ``scratch``: a reusable array of dst_k's shape."""
+    """One entry's K, V into dst_k, dst_v [L, H, m, D] (views of the cache).
+
+    k, v [L, H, m, D]: int8 with k_scale [L, H, D] and v_scale [L, H, m] (f16), or float with
+    no scales; scaled straight into the destination (:func:`edgekv.quant.dequantize_keys` /
+    ``dequantize_values`` times factor_k / factor_v [L]); keys then rotated in place with
+    rope_rows = (C, S [m, D] of :func:`rope_table`, rotary_dim) (None: no RoPE);
+    ``scratch``: a reusable float32 array of dst_k's shape."""
     fv = np.asarray(factor_v, np.float32)[:, None, None]
-    if entry.k_scale is not None:
-        np.multiply(entry.k, (entry.k_scale.astype(np.float32) * np.float32(factor_k))[:, :, None, :], out=dst_k)
-        np.multiply(entry.v, (entry.v_scale.astype(np.float32) * fv)[..., None], out=dst_v)
+    if k_scale is not None:
+        np.multiply(k, (k_scale.astype(np.float32) * np.float32(factor_k))[:, :, None, :], out=dst_k)
+        np.multiply(v, (v_scale.astype(np.float32) * fv)[..., None], out=dst_v)
     else:
-        np.multiply(entry.k, np.float32(factor_k), out=dst_k)
-        np.multiply(entry.v, fv[..., None], out=dst_v)
+        np.multiply(k, np.float32(factor_k), out=dst_k)
+        np.multiply(v, fv[..., None], out=dst_v)
     if rope_rows is not None:
         rotate_in_place(dst_k, *rope_rows, scratch=scratch)
 

@@ -306,7 +306,7 @@ class Runtime:
         try:
             if direct:
                 past.write_entries(entries, np.array([r.alpha for r in retrieved]), self.memory.calibration.gates,
-                                   self.rope)
+                                   self.rope, self.config.threads or os.cpu_count() or 1)
             rng = np.random.default_rng(sampling.seed)
             logits, past = self.decoder.forward(np.asarray([ids], np.int64), past) if img is None else \
                 self.vision.forward_ids(ids, img.features, past)

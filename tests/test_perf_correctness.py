@@ -162,11 +162,12 @@ def test_entries_written_into_the_cache_equal_assemble_memory_kv(payload, export
         entries = [rt.memory.read_entry(r.slot) for r in retrieved]
         alphas = np.array([r.alpha for r in retrieved])
         K, V = assemble_memory_kv(entries, alphas, rt.memory.calibration.gates, rt.rope)
-        cache = rt.decoder.new_cache(K.shape[2] + 4)
-        cache.write_entries(entries, alphas, rt.memory.calibration.gates, rt.rope)
-        assert cache.length == K.shape[2] == 24
-        assert np.abs(cache.k_all[:, 0, :, :24] - K).max() <= 1e-5 * max(1.0, np.abs(K).max())
-        assert np.array_equal(cache.v_all[:, 0, :, :24], V)
+        for threads in (1, 2, 64):  # layers split between threads (64: more threads than layers)
+            cache = rt.decoder.new_cache(K.shape[2] + 4)
+            cache.write_entries(entries, alphas, rt.memory.calibration.gates, rt.rope, threads)
+            assert cache.length == K.shape[2] == 24
+            assert np.abs(cache.k_all[:, 0, :, :24] - K).max() <= 1e-5 * max(1.0, np.abs(K).max())
+            assert np.array_equal(cache.v_all[:, 0, :, :24], V)
         assert np.abs(K).max() > 0 and np.abs(cache.k_all[:, 0, :, :24] - K[:, :, ::-1]).max() > 1e-3  # control
         res = rt.generate("code for river?", max_new_tokens=8)
         want, _ = _greedy(rt.decoder, rt.decoder.forward_numpy, past_from_memory(K, V),
