@@ -326,7 +326,7 @@ def ttft_parts(rt, query: str, reps: int = 7) -> dict:
         t.append(time.perf_counter())
         retrieved = rt.retrieve(query)
         t.append(time.perf_counter())
-        entries = [rt.memory.read_entry(r.slot) for r in retrieved]
+        entries = rt.read_entries(retrieved)
         t.append(time.perf_counter())
         cache = rt.decoder.acquire_cache(sum(e.k.shape[2] for e in entries) + ids.shape[1] + 1)
         cache.write_entries(entries, np.array([r.alpha for r in retrieved]), rt.memory.calibration.gates, rt.rope,

@@ -34,6 +34,7 @@ from edgekv.errors import CorruptFileError, InputError
 Past = list[tuple[np.ndarray, np.ndarray]]  # per layer: K, V [1, H, P, D] float32
 KV_BUFFER_META = "edgekv.kv_buffer"  # written by export/decoder_graph.py
 MIN_CAPACITY = 256  # positions a new KVCache holds beyond what it is created with
+LOGITS_TO_KEEP = "logits_to_keep"  # optional decoder input (export/decoder_graph.py), as transformers' argument
 CACHE_POOL = 2  # finished sequences' caches a DecoderSession keeps for the next ones
 
 
@@ -170,7 +171,7 @@ class KVCache:
         if len(parts) == 1:
             write(0)
         else:
-            list(_writer_pool(len(parts)).map(write, range(len(parts))))
+            list(writer_pool(len(parts)).map(write, range(len(parts))))
         self.length = total
 
     def __len__(self) -> int:
@@ -212,6 +213,12 @@ class DecoderSession:
         self.output_names = ["logits"] + [n for pair in self.present_names for n in pair]
         meta = self.sess.get_modelmeta().custom_metadata_map
         self.shared_buffer = meta.get(KV_BUFFER_META) == "shared"
+        # an optional input (an initializer, default 0 = all rows): how many last positions get logits
+        self.keeps_logits = LOGITS_TO_KEEP in {i.name for i in self.sess.get_overridable_initializers()}
+        if self.keeps_logits:
+            import onnxruntime as ort
+
+            self._keep = [ort.OrtValue.ortvalue_from_numpy(np.asarray(n, np.int64)) for n in (0, 1)]
         self.vocab_size = self.sess.get_outputs()[0].shape[-1]
         self._pool: list[KVCache] = []  # released caches: bound, their pages already mapped
         self._pool_lock = threading.Lock()
@@ -274,8 +281,9 @@ class DecoderSession:
         cache.__dict__.update(bigger.__dict__)
         self._bind_cache(cache)
 
-    def _bind_step(self, io, input_ids: np.ndarray, past_len: int) -> None:
-        """Bind input_ids [1, S], attention_mask (ones, past + S) and position_ids past..past+S-1.
+    def _bind_step(self, io, input_ids: np.ndarray, past_len: int, last_only: bool = False) -> None:
+        """Bind input_ids [1, S], attention_mask (ones, past + S) and position_ids past..past+S-1
+        (and ``logits_to_keep`` 1 for ``last_only`` where the graph has it, else 0 = all).
         The arrays are kept on ``io`` until the next step (onnxruntime reads them in place)."""
         seq = input_ids.shape[1]
         io.edgekv_inputs = feed = {
@@ -284,24 +292,27 @@ class DecoderSession:
             "position_ids": np.arange(past_len, past_len + seq, dtype=np.int64)[None, :]}
         if not self.has_position_ids:
             del feed["position_ids"]
+        if self.keeps_logits:  # an initializer input: onnxruntime binds it only as an OrtValue
+            io.bind_ortvalue_input(LOGITS_TO_KEEP, self._keep[1 if last_only else 0])
         for name, value in feed.items():
             io.bind_cpu_input(name, value)
 
-    def _step_cache(self, input_ids: np.ndarray, cache: KVCache) -> np.ndarray:
+    def _step_cache(self, input_ids: np.ndarray, cache: KVCache, last_only: bool = False) -> np.ndarray:
         past_len, seq = cache.length, input_ids.shape[1]
         if past_len + seq > cache.capacity:
             self._grow(cache, past_len + seq)
         io = cache.binding
-        self._bind_step(io, input_ids, past_len)
+        self._bind_step(io, input_ids, past_len, last_only)
         io.bind_output("logits", "cpu")  # unallocated again: the last run's [1, S, V] may not fit
         self.sess.run_with_iobinding(io)
         cache.length = past_len + seq
         return io.get_outputs()[0].numpy()
 
-    def _step_bound(self, input_ids: np.ndarray, past: BoundPast) -> tuple[np.ndarray, BoundPast]:
+    def _step_bound(self, input_ids: np.ndarray, past: BoundPast, last_only: bool = False
+                    ) -> tuple[np.ndarray, BoundPast]:
         past_len, seq = past.length, input_ids.shape[1]
         io = self.sess.io_binding()
-        self._bind_step(io, input_ids, past_len)
+        self._bind_step(io, input_ids, past_len, last_only)
         for (pk, pv), i in zip(self.past_names, range(self.num_layers), strict=True):
             io.bind_ortvalue_input(pk, past.ort_values[2 * i])
             io.bind_ortvalue_input(pv, past.ort_values[2 * i + 1])
@@ -311,23 +322,27 @@ class DecoderSession:
         out = io.get_outputs()
         return out[0].numpy(), BoundPast([out[i] for i in range(1, len(self.output_names))], past_len + seq)
 
-    def forward(self, input_ids: np.ndarray, past) -> tuple[np.ndarray, object]:
+    def forward(self, input_ids: np.ndarray, past, last_only: bool = False) -> tuple[np.ndarray, object]:
         """input_ids: [1, S] int64; past: P positions (Past list, KVCache or BoundPast)
-        -> logits [1, S, V], the cache with P+S positions (a KVCache is updated in place)."""
+        -> logits [1, S, V], the cache with P+S positions (a KVCache is updated in place).
+
+        ``last_only``: logits [1, 1, V] of the last position only, where the graph can (an input
+        ``logits_to_keep``; a prefill then skips the output layer for the other S-1 rows);
+        graphs without it return all S rows."""
         if isinstance(past, KVCache):
-            return self._step_cache(input_ids, past), past
+            return self._step_cache(input_ids, past, last_only), past
         if isinstance(past, BoundPast):
-            return self._step_bound(input_ids, past)
+            return self._step_bound(input_ids, past, last_only)
         past_len = past[0][0].shape[2]
         if self.shared_buffer:
             K = np.stack([np.asarray(k, np.float32)[0] for k, _ in past])
             V = np.stack([np.asarray(v, np.float32)[0] for _, v in past])
             cache = self.new_cache(past_len + input_ids.shape[1] + MIN_CAPACITY, K, V)
-            return self._step_cache(input_ids, cache), cache
+            return self._step_cache(input_ids, cache, last_only), cache
         import onnxruntime as ort
 
         values = [ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(a, np.float32)) for pair in past for a in pair]
-        return self._step_bound(input_ids, BoundPast(values, past_len))
+        return self._step_bound(input_ids, BoundPast(values, past_len), last_only)
 
     # --- the plain path -------------------------------------------------------------
     def forward_numpy(self, input_ids: np.ndarray, past: Past) -> tuple[np.ndarray, Past]:
@@ -384,7 +399,8 @@ def rotate_in_place(x: np.ndarray, C: np.ndarray, S: np.ndarray, rotary_dim: int
 
 
 @functools.lru_cache(maxsize=4)
-def _writer_pool(threads: int):
+def writer_pool(threads: int):
+    """A thread pool of ``threads`` workers for the runtime's numpy work (shared, made once)."""
     from concurrent.futures import ThreadPoolExecutor
 
     return ThreadPoolExecutor(threads, thread_name_prefix="edgekv-kv-writer")

@@ -34,6 +34,7 @@ from edgekv.runtime.decoder import (
     open_session,
     past_from_memory,
     session_options,
+    writer_pool,
 )
 from edgekv.runtime.multimodal import EncodedImage, MultimodalModel
 from edgekv.runtime.sampling import SamplingConfig, next_token
@@ -227,11 +228,18 @@ class Runtime:
                                  float(sims[i]), float(a)))
         return out
 
+    def read_entries(self, retrieved: list[Retrieved]) -> list:
+        """The retrieved slots' entries (checksums verified), read in the runtime's threads."""
+        threads = min(len(retrieved), self.config.threads or os.cpu_count() or 1)
+        if threads <= 1:
+            return [self.memory.read_entry(r.slot) for r in retrieved]
+        return list(writer_pool(threads).map(lambda r: self.memory.read_entry(r.slot), retrieved))
+
     def memory_kv(self, retrieved: list[Retrieved]) -> tuple[np.ndarray, np.ndarray] | None:
         """K, V [L, H, k*m, D] for the retrieved entries (read from their slots only)."""
         if not retrieved:
             return None
-        entries = [self.memory.read_entry(r.slot) for r in retrieved]
+        entries = self.read_entries(retrieved)
         return assemble_memory_kv(entries, np.array([r.alpha for r in retrieved]),
                                   self.memory.calibration.gates, self.rope)
 
@@ -291,7 +299,7 @@ class Runtime:
             else []
         # a shared-buffer decoder takes the retrieved entries straight into its KV buffers
         direct = bool(retrieved) and getattr(self.decoder, "shared_buffer", False)
-        entries = [self.memory.read_entry(r.slot) for r in retrieved] if direct else None
+        entries = self.read_entries(retrieved) if direct else None
         mem = None if direct else self.memory_kv(retrieved) if inject is None else self.rotate(*inject)
         num_mem = sum(e.k.shape[2] for e in entries) if direct else 0 if mem is None else mem[0].shape[2]
         total = num_mem + len(ids) + max_new_tokens
@@ -308,7 +316,7 @@ class Runtime:
                 past.write_entries(entries, np.array([r.alpha for r in retrieved]), self.memory.calibration.gates,
                                    self.rope, self.config.threads or os.cpu_count() or 1)
             rng = np.random.default_rng(sampling.seed)
-            logits, past = self.decoder.forward(np.asarray([ids], np.int64), past) if img is None else \
+            logits, past = self.decoder.forward(np.asarray([ids], np.int64), past, last_only=True) if img is None else \
                 self.vision.forward_ids(ids, img.features, past)
             out_ids: list[int] = []
             text = ""
