@@ -221,10 +221,30 @@ def export_embeds_key_graph(decoder: Any, key_layer: int, pooling: str, path: st
 
 
 # --- edgekv's fused graphs -----------------------------------------------------------
-def export_fused(model: Any, rope: Any, key_layer: int, pooling: str, out_dir: str, weights: str = "fp32") -> dict:
+def _calibration_tokenizer(model: Any, tokenizer: Any) -> Any:
+    """``tokenizer``, else the one saved with the model's folder (``model.name_or_path``)."""
+    if tokenizer is not None:
+        return tokenizer
+    from transformers import AutoTokenizer
+
+    source = str(getattr(model, "name_or_path", "") or "")
+    try:
+        with quiet_export():
+            return AutoTokenizer.from_pretrained(source, local_files_only=True, trust_remote_code=False)
+    except (OSError, ValueError, TypeError) as e:
+        raise InputError(f"activation smoothing calibrates on built-in texts and needs the model's tokenizer, "
+                         f"which {source or 'the model'} does not provide ({str(e).splitlines()[0][:120]}); "
+                         f"pass tokenizer= to export_fused") from None
+
+
+def export_fused(model: Any, rope: Any, key_layer: int, pooling: str, out_dir: str, weights: str = "fp32",
+                 tokenizer: Any = None) -> dict:
     """Write the fused decoder, the key graph and their shared weights file into ``out_dir``.
 
     ``weights``: "fp32", "int8" or "int4" (:data:`edgekv.export.decoder_graph.WEIGHT_FORMATS`).
+    A format with ``smooth_alpha`` (int8) calibrates activation maxima once in PyTorch on
+    ``decoder_graph.CALIBRATION_TEXTS`` (tokenised by ``tokenizer``, else the model folder's)
+    and folds the same smoothing into both graphs.
     Returns {"decoder": [files], "key": [files], "stats": node counts and op types,
     "row_tables": the tables both graphs read only by row (for the manifest)}.
     """
@@ -232,14 +252,19 @@ def export_fused(model: Any, rope: Any, key_layer: int, pooling: str, out_dir: s
         WEIGHT_FORMATS,
         build_decoder_graph,
         build_key_graph,
+        calibrate_activations,
+        calibration_ids,
         graph_stats,
         save_graphs,
     )
 
     fmt = WEIGHT_FORMATS[weights]
     os.makedirs(out_dir, exist_ok=True)
-    decoder = build_decoder_graph(model, rope, fmt)
-    key = build_key_graph(model, rope, key_layer, pooling, fmt)
+    act_max = None
+    if fmt.smooth_alpha is not None:
+        act_max = calibrate_activations(model, calibration_ids(_calibration_tokenizer(model, tokenizer)))
+    decoder = build_decoder_graph(model, rope, fmt, act_max)
+    key = build_key_graph(model, rope, key_layer, pooling, fmt, act_max)
     stats = {"decoder": graph_stats(decoder), "key": graph_stats(key)}
     saved = save_graphs(decoder, key, out_dir, DECODER_FILE, KEY_FILE, WEIGHTS_FILE)
     model.config.save_pretrained(out_dir)  # optimum's folder layout: config.json (+ generation_config.json)

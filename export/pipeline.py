@@ -197,7 +197,7 @@ def check_fp32(bb: Backbone, folder: str) -> dict:
 def quantise_fused(bb: Backbone, key: tuple[int, str], weights: str, fp32_dir: str, folder: str,
                    check: bool) -> tuple[dict, dict]:
     """The fused graphs with ``weights`` into ``folder``; sizes and (``check``) the effect vs PyTorch fp32."""
-    files = export_fused(bb.model, bb.rope, key[0], key[1], folder, weights)
+    files = export_fused(bb.model, bb.rope, key[0], key[1], folder, weights, tokenizer=bb.tokenizer)
     info: dict = {"fp32_bytes": files_bytes(fp32_dir, files["decoder"]), "bytes": files_bytes(folder, files["decoder"]),
                   "graph": files["stats"]["decoder"]}
     if check:

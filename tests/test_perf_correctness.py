@@ -252,3 +252,23 @@ def test_runtime_reuses_its_cache_and_answers_alike(exported, tmp_path):
     assert a is pooled and b is not a  # one sequence per cache
     rt.decoder.release_cache(a), rt.decoder.release_cache(b), rt.decoder.release_cache(b)
     assert len(rt.decoder._pool) == 2
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_prefill_with_last_logits_only_equals_the_last_row(family, exported):
+    """logits_to_keep (an optional input, default all rows): a prompt run with last_only gives
+    one row, equal to the last row of the full run, and the same cache; callers that do not pass
+    it (forward_numpy, optimum) still get every position."""
+    dec = _decoder(exported(family))
+    assert dec.keeps_logits
+    K, V = _memory(dec, 9)
+    prompt = np.asarray([[5, 17, 3, 44, 8, 21]], np.int64)
+    full, c_full = dec.forward(prompt, dec.new_cache(32, K, V))
+    last, c_last = dec.forward(prompt, dec.new_cache(32, K, V), last_only=True)
+    assert full.shape[1] == 6 and last.shape[1] == 1
+    assert np.abs(last[0, 0] - full[0, -1]).max() <= 1e-5 * np.abs(full).max()
+    assert np.array_equal(c_last.k_all[:, :, :, :15], c_full.k_all[:, :, :, :15])
+    step = np.asarray([[int(last[0, 0].argmax())]], np.int64)
+    assert np.abs(dec.forward(step, c_last)[0] - dec.forward(step, c_full)[0]).max() <= 1e-5 * np.abs(full).max()
+    numpy_logits, _ = dec.forward_numpy(prompt, dec.empty_past())
+    assert numpy_logits.shape[1] == 6
