@@ -97,6 +97,19 @@ def open_session(path: str, threads: int | None, options=None):
         raise CorruptFileError(f"{path}: onnxruntime cannot load it ({str(e).splitlines()[0][:200]})") from None
 
 
+def lazy_zeros(shape: tuple[int, ...]) -> np.ndarray:
+    """A float32 array of zeros whose memory is resident only where it is written.
+
+    Anonymous ``mmap`` with 4 KiB pages: numpy's own allocations of this size ask for 2 MiB
+    transparent huge pages, with which the first write to a layer's slice would make its whole
+    neighbourhood resident (a cache with spare capacity cost its full size). -> zeros [shape]
+    """
+    import mmap
+
+    n = int(np.prod(shape)) * 4
+    return np.frombuffer(mmap.mmap(-1, max(n, 1)), np.float32, int(np.prod(shape))).reshape(shape)
+
+
 class KVCache:
     """Per-layer K, V buffers [1, H, capacity, D] that the decoder appends to in place.
 
@@ -110,8 +123,8 @@ class KVCache:
         self.length = 0
         self.capacity = capacity
         # one array per K / V, [L, 1, H, capacity, D]; layer l's buffer is the contiguous view [l]
-        self.k_all = np.zeros((num_layers, 1, num_kv_heads, capacity, head_dim), np.float32)
-        self.v_all = np.zeros_like(self.k_all)
+        shape = (num_layers, 1, num_kv_heads, capacity, head_dim)
+        self.k_all, self.v_all = lazy_zeros(shape), lazy_zeros(shape)
         self.keys, self.values = list(self.k_all), list(self.v_all)
         # OrtValues over the numpy buffers (no copy): bound as both past and present.
         self.ort_keys = [ort.OrtValue.ortvalue_from_numpy(a) for a in self.keys]
