@@ -495,6 +495,8 @@ def main() -> None:
     res["verdict"] = verdict(res)
     path = write_json("perf.json", res)
     plot(res, path.replace(".json", ".png"))
+    with open(path.replace(".json", ".md"), "w") as f:
+        f.write(markdown(res))
     print(json.dumps({"ratios": res["ratios"], "ms_per_token": ms, "top1": res["top1_vs_pytorch_fp32"],
                       "ttft": ttft, "verdict": res["verdict"]}, indent=2))
 
@@ -509,13 +511,76 @@ def verdict(res: dict) -> dict:
         out[f"{w}_ms_vs_llama_cpp"] = (ms[f"edgekv_{w}"], t["llama_cpp_ms"][w], ms[f"edgekv_{w}"] <= t["llama_cpp_ms"][w])
         out[f"{w}_top1"] = (top1[w]["top1"], t["top1"], top1[w]["top1"] >= t["top1"])
         out[f"{w}_rss_ratio"] = (r["rss_over_fp32"][w], t["rss_ratio"], r["rss_over_fp32"][w] <= t["rss_ratio"])
-    tt = res["ttft"]["fp32"]["ratio_text_over_injected"]
-    out["ttft_ratio_fp32"] = (tt, t["ttft_ratio"], tt >= t["ttft_ratio"])
+    for name in res["ttft"]:
+        tt = res["ttft"][name]["ratio_text_over_injected"]
+        out[f"ttft_ratio_{name}"] = (tt, t["ttft_ratio"], tt >= t["ttft_ratio"])
     mc = r["memory_1024_over_0"]["edgekv_fp32"]
     out["memory_1024_cost_fp32"] = (mc, t["memory_cost_ratio"], mc <= t["memory_cost_ratio"])
     rf = r["rss_1GB_over_10MB"]["int4"]
     out["rss_1GB_vs_10MB_int4"] = (rf, 1 + t["rss_file_size"], abs(rf - 1) <= t["rss_file_size"])
     return {k: {"measured": v[0], "goal": v[1], "met": bool(v[2])} for k, v in out.items()}
+
+
+def markdown(res: dict) -> str:
+    """The tables of docs/performance.md section 6, from a perf.json."""
+    mib = 2 ** 20
+    bw, v, ms, fl = res["bandwidth"], res["verdict"], res["decode"]["ms_per_token"], res["floor"]
+    around = ", ".join(f"{b:.1f}" for b in bw.get("around_repeats_gb_s", []))
+    lines = [f"Run: {res['machine']['cpus']} CPUs, {res['threads']} threads; load average "
+             f"{res['load_average_at_start'][0]:.2f} at start, {res['load_average_at_end'][0]:.2f} at end; read "
+             f"bandwidth {bw['best_gb_s']:.1f} GB/s (median over the decode repeats of the faster of the bandwidths "
+             f"measured just before and after each; all: {around}; at start numpy sum {bw['numpy_sum']:.1f}, numpy dot "
+             f"{bw['numpy_dot']:.1f}, onnxruntime GEMV {bw['onnxruntime_gemv']:.1f}).", "",
+             "| target | measured | goal | met |", "| --- | --- | --- | --- |"]
+    names = {"fp32_within_floor": "fp32 decode / bandwidth floor (median of the repeats)",
+             "int4_speedup": "int4 decode speed-up over fp32", "int8_speedup": "int8 decode speed-up over fp32",
+             "int4_ms_vs_llama_cpp": "int4 ms/token (llama.cpp Q4_1: 5.5)",
+             "int8_ms_vs_llama_cpp": "int8 ms/token (llama.cpp Q8_0: 5.7)",
+             "int4_top1": "int4 top-1 vs PyTorch fp32", "int8_top1": "int8 top-1 vs PyTorch fp32",
+             "int4_rss_ratio": "int4 peak RSS / fp32's", "int8_rss_ratio": "int8 peak RSS / fp32's",
+             "ttft_ratio_fp32": "TTFT as text / injected (fp32, chat template, 1,024 memory tokens)",
+             "ttft_ratio_fp32_no_chat_template": "TTFT as text / injected (fp32, no template, 1,024 memory tokens)",
+             "ttft_ratio_int4": "TTFT as text / injected (int4, chat template, 1,024 memory tokens)",
+             "memory_1024_cost_fp32": "fp32 decode with 1,024 memory tokens / none",
+             "rss_1GB_vs_10MB_int4": "int4 peak RSS, 1 GB / 10 MB memory file"}
+    for key, row in v.items():
+        goal = row["goal"]
+        op = "<=" if key in ("fp32_within_floor", "int4_rss_ratio", "int8_rss_ratio", "memory_1024_cost_fp32") \
+            or key.endswith("llama_cpp") else "within" if key.startswith("rss_1GB") else ">="
+        lines.append(f"| {names.get(key, key)} | {row['measured']:.3f} | {op} {goal} | {'yes' if row['met'] else 'no'} |")
+    lines += ["", "| decode (ms/token, median of interleaved steps) | none | +1,024 memory tokens | ratio | bytes/token "
+                  "| floor ms |", "| --- | --- | --- | --- | --- | --- |"]
+    for name in [n for n in ms if "+1024mem" not in n]:
+        w = "optimum-fp32" if name.startswith("optimum") else next(
+            (w for w in WEIGHTS if name.startswith(f"edgekv_{w}")), None)
+        mem, floor = ms.get(name + "+1024mem"), fl.get(w) if w else None
+        cells = [name, f"{ms[name]:.2f}", "" if mem is None else f"{mem:.2f}",
+                 "" if mem is None else f"{mem / ms[name]:.2f}",
+                 "" if floor is None else f"{floor['bytes_per_token'] / 1e6:.0f} MB",
+                 "" if floor is None else f"{floor['floor_ms']:.2f}"]
+        lines.append("| " + " | ".join(cells) + " |")
+    top1, rss, files = res["top1_vs_pytorch_fp32"], res["rss"], res["files_bytes"]
+    f32 = rss["fp32"]["peak_rss_bytes"]
+    lines += ["", f"| weights | top-1 ({top1['num_tokens']} tokens) | max abs logit diff | peak RSS | / fp32 | files |",
+              "| --- | --- | --- | --- | --- | --- |"]
+    for w in WEIGHTS:
+        lines.append(f"| {w} | {top1[w]['top1']:.3f} | {top1[w]['max_abs_logit_diff']:.2f} | "
+                     f"{rss[w]['peak_rss_bytes'] / mib:.0f} MiB | {rss[w]['peak_rss_bytes'] / f32:.3f} | "
+                     f"{files[w] / mib:.0f} MiB |")
+    lines.append(f"| optimum fp32 (issue 3) | | | {rss['optimum-fp32']['peak_rss_bytes'] / mib:.0f} MiB | "
+                 f"{rss['optimum-fp32']['peak_rss_bytes'] / f32:.2f} | {files['optimum-fp32'] / mib:.0f} MiB |")
+    r = res["ratios"]["rss_1GB_over_10MB"]
+    lines.append(f"| 1 GB memory file (int4 / fp32) | | | {rss['int4_1GB_memory']['peak_rss_bytes'] / mib:.0f} / "
+                 f"{rss['fp32_1GB_memory']['peak_rss_bytes'] / mib:.0f} MiB | ratio to 10 MB: {r['int4']:.3f} / "
+                 f"{r['fp32']:.3f} | |")
+    lines += ["", "| time to first token | injected (ms) | as prompt text (ms) | ratio | query tokens | text tokens | "
+                  "injected: key pass / read slots / write KV / prefill (ms) |", "| --- | --- | --- | --- | --- | --- | --- |"]
+    for name, t in res["ttft"].items():
+        p = t.get("injected_parts_ms", {})
+        parts = " / ".join(f"{p[k]:.1f}" for k in ("key_pass", "read_slots", "write_entries", "prefill") if k in p)
+        lines.append(f"| {name} | {t['injected_ms']:.0f} | {t['as_prompt_text_ms']:.0f} | "
+                     f"{t['ratio_text_over_injected']:.1f} | {t['query_tokens']} | {t['prompt_text_tokens']} | {parts} |")
+    return "\n".join(lines) + "\n"
 
 
 def plot(res: dict, path: str) -> None:

@@ -66,6 +66,7 @@ OPTIONAL_SECTIONS = {
 RANGES = {"num_layers": (1, 1024), "num_kv_heads": (1, 1024), "head_dim": (1, 4096), "hidden_size": (1, 1 << 16),
           "vocab_size": (0, 1 << 24), "max_positions": (0, (1 << 31) - 1)}
 MAX_LIST = 1 << 16  # eos ids, inv_freq
+MAX_TURN_CHARS = 1 << 20  # tokenizer.chat_turn prefix + suffix (as the template's rendered length)
 
 
 def file_sha256(path: str) -> str:
@@ -145,6 +146,13 @@ def validate(data: object) -> None:
     eos = data["tokenizer"]["eos_token_ids"]
     if len(eos) > MAX_LIST or not all(_is(x, _INT) and 0 <= x < 1 << 31 for x in eos):
         raise ValueError("field 'tokenizer.eos_token_ids' must be a list of token ids (non-negative integers)")
+    turn = data["tokenizer"].get("chat_turn")  # optional: the pre-rendered user turn (runtime/tokenizer.py)
+    if turn is not None:
+        if not isinstance(turn, dict) or not all(isinstance(turn.get(k), str) for k in
+                                                 ("prefix", "suffix", "template_sha256")):
+            raise ValueError("field 'tokenizer.chat_turn' must be null or hold strings prefix, suffix, template_sha256")
+        if len(turn["prefix"]) + len(turn["suffix"]) > MAX_TURN_CHARS:
+            raise ValueError(f"field 'tokenizer.chat_turn' is longer than {MAX_TURN_CHARS} characters")
     files = data["files"]
     for name, digest in files.items():
         _check_name(name)

@@ -230,8 +230,13 @@ def export_tokenizer(bb: Backbone, folder: str) -> dict:
     template = tok.chat_template
     if isinstance(template, dict):
         template = template.get("default")
+    from edgekv.runtime.tokenizer import DeviceTokenizer, chat_turn_of
+
+    special = {"bos_token": tok.bos_token, "eos_token": tok.eos_token}
+    chat_turn = chat_turn_of(DeviceTokenizer.load(os.path.join(folder, TOKENIZER_FILE), template, special)) \
+        if template else None
     return {
-        "file": TOKENIZER_FILE, "chat_template": template,
+        "file": TOKENIZER_FILE, "chat_template": template, "chat_turn": chat_turn,
         "eos_token_ids": [int(i) for i in bb.eos_token_ids],
         "bos_token_id": None if bos is None else int(bos),
         "pad_token_id": None if tok.pad_token_id is None else int(tok.pad_token_id),

@@ -103,7 +103,8 @@ class Runtime:
             if m.get("rope") else None
         tk = m["tokenizer"]
         self.tokenizer = DeviceTokenizer.load(os.path.join(artifacts, tk["file"]), tk.get("chat_template"),
-                                              {"bos_token": tk.get("bos_token"), "eos_token": tk.get("eos_token")})
+                                              {"bos_token": tk.get("bos_token"), "eos_token": tk.get("eos_token")},
+                                              tk.get("chat_turn"))
         self.eos_ids = set(int(i) for i in tk.get("eos_token_ids") or [])
         # vision-language artifacts: image path + a decoder on embeddings with the same interface
         self.vision = MultimodalModel.from_manifest(artifacts, m, config.threads) if m.get("vision") else None

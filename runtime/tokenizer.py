@@ -10,10 +10,18 @@ what a template can build (``**``, ``*``, ``+`` and ``%`` results, the rendered 
 how long it runs (checked at every call, attribute and item access). Whatever goes wrong
 comes out as an edgekv error: a broken template is a :class:`CorruptFileError`, a
 conversation the template refuses (``raise_exception``) an :class:`InputError`.
+
+The turn the runtime renders for every prompt (one user message + the generation prompt)
+is pre-rendered at export (``chat_turn``: the text before and after the message, checked
+there with probe messages, and the sha256 of the template it came from). While the
+manifest's template still has that hash, such a turn is a concatenation and Jinja is never
+imported (~6 MB of resident memory on the device); any other conversation, or an edited
+template, is rendered by the sandbox as before.
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
 import threading
 import time
@@ -92,10 +100,14 @@ class DeviceTokenizer:
     tok: object  # tokenizers.Tokenizer
     chat_template: str | None
     special: dict  # bos_token / eos_token strings for templates
+    chat_turn: tuple[str, str] | None = None  # (prefix, suffix) of one user turn, valid for chat_template
     _compiled: object = field(default=None, repr=False)  # (template source, jinja2 Template)
 
     @staticmethod
-    def load(path: str, chat_template: str | None, special: dict | None = None) -> DeviceTokenizer:
+    def load(path: str, chat_template: str | None, special: dict | None = None,
+             chat_turn: dict | None = None) -> DeviceTokenizer:
+        """``chat_turn``: the manifest's pre-rendered user turn ({"prefix", "suffix", "template_sha256"});
+        used only while it belongs to ``chat_template`` (then the template is compiled on first use)."""
         from tokenizers import Tokenizer
 
         if not os.path.isfile(path):
@@ -109,8 +121,11 @@ class DeviceTokenizer:
             if _fatal(e):
                 raise
             raise CorruptFileError(f"{path}: not a valid tokenizer.json ({str(e)[:200]})") from None
-        out = DeviceTokenizer(tok, chat_template, dict(special or {}))
-        if chat_template:
+        turn = None
+        if chat_template and chat_turn and chat_turn.get("template_sha256") == template_sha256(chat_template):
+            turn = (str(chat_turn["prefix"]), str(chat_turn["suffix"]))
+        out = DeviceTokenizer(tok, chat_template, dict(special or {}), turn)
+        if chat_template and turn is None:
             out._template()  # a template that does not compile is refused at load, not per prompt
         return out
 
@@ -144,6 +159,10 @@ class DeviceTokenizer:
     def render_chat(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
         if not self.chat_template:
             raise InputError("this model has no chat template; call with chat=False")
+        if (self.chat_turn is not None and add_generation_prompt and len(messages) == 1
+                and messages[0].get("role") == "user" and isinstance(messages[0].get("content"), str)
+                and len(messages[0]) == 2):
+            return self.chat_turn[0] + messages[0]["content"] + self.chat_turn[1]
         from jinja2 import TemplateError
         from jinja2.exceptions import SecurityError
 
@@ -169,3 +188,31 @@ class DeviceTokenizer:
 
     def encode_chat(self, messages: list[dict], add_generation_prompt: bool = True) -> list[int]:
         return self.encode(self.render_chat(messages, add_generation_prompt), add_special_tokens=False)
+
+
+def template_sha256(template: str) -> str:
+    return hashlib.sha256(template.encode("utf-8")).hexdigest()
+
+
+CHAT_TURN_PROBES = ("PROBE-edgekv-7f3a", "  two lines\nwith {{ braces }} and spaces  ", "")
+
+
+def chat_turn_of(tokenizer: DeviceTokenizer) -> dict | None:
+    """The pre-rendered user turn for the manifest, or None when the template does not render
+    every probe message as prefix + message + suffix (then the device keeps rendering it)."""
+    if not tokenizer.chat_template:
+        return None
+    try:
+        first = tokenizer.render_chat([{"role": "user", "content": CHAT_TURN_PROBES[0]}])
+    except EdgeKVError:
+        return None
+    if first.count(CHAT_TURN_PROBES[0]) != 1:
+        return None
+    prefix, suffix = first.split(CHAT_TURN_PROBES[0])
+    for probe in CHAT_TURN_PROBES[1:]:
+        try:
+            if tokenizer.render_chat([{"role": "user", "content": probe}]) != prefix + probe + suffix:
+                return None
+        except EdgeKVError:
+            return None
+    return {"prefix": prefix, "suffix": suffix, "template_sha256": template_sha256(tokenizer.chat_template)}

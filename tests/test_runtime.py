@@ -6,6 +6,7 @@ Each equivalence is checked together with a control showing the check can fail.
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 
@@ -251,6 +252,7 @@ def test_bad_generation_inputs(exported, backbone, tmp_path):
 
 
 def test_generate_with_memory_imports_no_torch(exported, backbone, tmp_path):
+    """Nor Jinja: the one user turn the runtime renders is pre-rendered in the manifest."""
     mem = str(tmp_path / "m.ekv")
     build_memory(mem, backbone("llama"))
     art = exported("llama")
@@ -259,7 +261,7 @@ def test_generate_with_memory_imports_no_torch(exported, backbone, tmp_path):
         "from edgekv.runtime import Runtime\n"
         f"rt = Runtime.load({art!r}, memory={mem!r}, k=2)\n"
         "r = rt.generate('code for river?', max_new_tokens=5)\n"
-        "bad = sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'transformers', 'optimum'))\n"
+        "bad = sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'transformers', 'optimum', 'jinja2'))\n"
         "print(json.dumps({'bad': bad, 'n': len(r.token_ids), 'retrieved': len(r.retrieved)}))\n"
     )
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True)
@@ -304,3 +306,28 @@ def test_smollm2_injected_prefix_equals_joint_sequence(exported, backbone):
     assert np.abs(got - want).max() <= 1e-4
     res = rt.generate("What is the secret code for the red door?", max_new_tokens=12, inject=(Kfree, V))
     assert res.token_ids == greedy(bb.model, prefix + query, 12, set(bb.eos_token_ids))
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma"])
+def test_pre_rendered_chat_turn_equals_the_template(family, exported, backbone, tmp_path):
+    """The manifest's chat_turn (prefix + message + suffix) gives the ids Hugging Face's
+    apply_chat_template gives, for awkward messages too; a template edited after export no
+    longer matches its hash and is rendered by the sandbox instead."""
+    from edgekv.runtime import Runtime
+    from edgekv.runtime.tokenizer import DeviceTokenizer
+
+    bb, art = backbone(family), exported(family)
+    with open(os.path.join(art, "manifest.json")) as f:
+        tk = json.load(f)["tokenizer"]
+    assert tk["chat_turn"] is not None and tk["chat_turn"]["prefix"]
+    rt = Runtime.load(art)
+    assert rt.tokenizer.chat_turn is not None and rt.tokenizer._compiled is None  # Jinja never compiled
+    for text in ("code for river?", "  spaced {{ x }} {% if %}\nsecond line ", "<|im_end|> inside"):
+        assert rt.prompt_ids(text) == _chat_ids(bb, [{"role": "user", "content": text}], True), text
+    special = {"bos_token": tk["bos_token"], "eos_token": tk["eos_token"]}
+    edited = DeviceTokenizer.load(os.path.join(art, "tokenizer.json"), "EDITED {{ messages[0]['content'] }}", special,
+                                  tk["chat_turn"])
+    assert edited.chat_turn is None and edited.render_chat([{"role": "user", "content": "hi"}]) == "EDITED hi"
+    kept = DeviceTokenizer.load(os.path.join(art, "tokenizer.json"), tk["chat_template"], special, tk["chat_turn"])
+    two = [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]
+    assert kept.render_chat(two, False) == bb.tokenizer.apply_chat_template(two, tokenize=False)  # other turns: Jinja
