@@ -15,7 +15,7 @@ The turn the runtime renders for every prompt (one user message + the generation
 is pre-rendered at export (``chat_turn``: the text before and after the message, checked
 there with probe messages, and the sha256 of the template it came from). While the
 manifest's template still has that hash, such a turn is a concatenation and Jinja is never
-imported (~6 MB of resident memory on the device); any other conversation, or an edited
+imported (~2 MB of peak resident memory); any other conversation, or an edited
 template, is rendered by the sandbox as before.
 """
 
