@@ -35,7 +35,8 @@ Past = list[tuple[np.ndarray, np.ndarray]]  # per layer: K, V [1, H, P, D] float
 KV_BUFFER_META = "edgekv.kv_buffer"  # written by export/decoder_graph.py
 MIN_CAPACITY = 256  # positions a new KVCache holds beyond what it is created with
 LOGITS_TO_KEEP = "logits_to_keep"  # optional decoder input (export/decoder_graph.py), as transformers' argument
-CACHE_POOL = 2  # finished sequences' caches a DecoderSession keeps for the next ones
+CACHE_POOL = 2
+WRITE_LAYERS = 4  # layers write_entries handles per step (an entry's slice then fits the L2 cache)  # finished sequences' caches a DecoderSession keeps for the next ones
 
 
 def map_row_tables(folder: str, tables: dict) -> dict:
@@ -168,18 +169,20 @@ class KVCache:
             self._scratch = [None] * len(parts)
 
         def write(part: int) -> None:
-            layers, pos = parts[part], 0
-            for e, f in zip(entries, factors, strict=True):
-                m = e.k.shape[2]
-                rows = None if table is None else (table[0][pos:pos + m], table[1][pos:pos + m], rope.rotary_dim)
-                k = e.k[layers]
-                if rows is not None and (self._scratch[part] is None or self._scratch[part].shape != k.shape):
-                    self._scratch[part] = np.empty(k.shape, np.float32)  # kept: the next query reuses its pages
-                write_entry_into(self.k_all[layers, 0, :, pos:pos + m], self.v_all[layers, 0, :, pos:pos + m],
-                                 k, e.v[layers], None if e.k_scale is None else e.k_scale[layers],
-                                 None if e.v_scale is None else e.v_scale[layers], f, f * gates[layers], rows,
-                                 self._scratch[part])
-                pos += m
+            for lo in range(parts[part].start, parts[part].stop, WRITE_LAYERS):  # a few layers at a time:
+                layers, pos = slice(lo, min(lo + WRITE_LAYERS, parts[part].stop)), 0  # the rotation stays in cache
+                for e, f in zip(entries, factors, strict=True):
+                    m = e.k.shape[2]
+                    rows = None if table is None else (table[0][pos:pos + m], table[1][pos:pos + m], rope.rotary_dim)
+                    k = e.k[layers]
+                    want = (WRITE_LAYERS, *k.shape[1:])
+                    if rows is not None and (self._scratch[part] is None or self._scratch[part].shape != want):
+                        self._scratch[part] = np.empty(want, np.float32)  # kept: the next query reuses it
+                    write_entry_into(self.k_all[layers, 0, :, pos:pos + m], self.v_all[layers, 0, :, pos:pos + m],
+                                     k, e.v[layers], None if e.k_scale is None else e.k_scale[layers],
+                                     None if e.v_scale is None else e.v_scale[layers], f, f * gates[layers], rows,
+                                     None if rows is None else self._scratch[part][:len(k)])
+                    pos += m
 
         if len(parts) == 1:
             write(0)
