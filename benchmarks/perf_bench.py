@@ -550,7 +550,7 @@ def markdown(res: dict) -> str:
         lines.append(f"| {names.get(key, key)} | {row['measured']:.3f} | {op} {goal} | {'yes' if row['met'] else 'no'} |")
     lines += ["", "| decode (ms/token, median of interleaved steps) | none | +1,024 memory tokens | ratio | bytes/token "
                   "| floor ms |", "| --- | --- | --- | --- | --- | --- |"]
-    for name in [n for n in ms if "+1024mem" not in n]:
+    for name in sorted((n for n in ms if "+1024mem" not in n), key=lambda n: (not n.startswith("edgekv"), n)):
         w = "optimum-fp32" if name.startswith("optimum") else next(
             (w for w in WEIGHTS if name.startswith(f"edgekv_{w}")), None)
         mem, floor = ms.get(name + "+1024mem"), fl.get(w) if w else None
