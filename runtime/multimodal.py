@@ -105,8 +105,9 @@ class EmbedsDecoderSession:
         out = self.sess.run(self.output_names, feed)
         return out[0], [(out[1 + 2 * i], out[2 + 2 * i]) for i in range(self.num_layers)]
 
-    def forward(self, input_ids: np.ndarray, past: Past) -> tuple[np.ndarray, Past]:
-        """The text decoder's interface: input_ids [1, S] (embedded from the table)."""
+    def forward(self, input_ids: np.ndarray, past: Past, last_only: bool = False) -> tuple[np.ndarray, Past]:
+        """The text decoder's interface: input_ids [1, S] (embedded from the table). This graph
+        has no ``logits_to_keep``: ``last_only`` is accepted and every row is returned."""
         return self.forward_embeds(self.embed(input_ids), past)
 
 
