@@ -341,6 +341,9 @@ def _decode_header(buf: bytes | mmap.mmap, actual_size: int, path: str) -> _Head
 # ---------------------------------------------------------------------------------
 # the memory, read side
 # ---------------------------------------------------------------------------------
+RELEASE_ALIGN = 2 << 20  # Memory._release unmaps whole 2 MiB windows (the largest page-cache folio on x86-64)
+
+
 class Memory:
     """A read-only, memory-mapped view of one committed state of a ``.ekv`` file.
 
@@ -375,6 +378,7 @@ class Memory:
             occ = self.table["flags"] & FLAG_OCCUPIED != 0
             if np.any(self.table["task"][occ] >= len(self._h.tasks)):
                 raise CorruptFileError(f"{self.path}: slot table names a task that does not exist")
+            self._release(0, self._h.slots_offset)  # header and table are decoded into copies
         except BaseException:
             self._mm.close()
             raise
@@ -443,7 +447,23 @@ class Memory:
             if verify and zlib.crc32(raw) != int(self.table["key_crc32"][s]):
                 raise CorruptFileError(f"{self.path}: retrieval key of slot {s} fails its checksum (corrupt slot)")
             out[i] = np.frombuffer(raw, "<f4")
+            self._release(start + off, nbytes)
         return out
+
+    def _release(self, offset: int, length: int) -> None:
+        """Unmap the pages of file bytes [offset, offset+length) once they have been copied out, so
+        a long-running reader's resident memory does not grow with the slots it has read (the page
+        cache keeps them; a later read faults them back in). Best effort: a no-op where madvise is
+        missing."""
+        if not hasattr(mmap, "MADV_DONTNEED") or length <= 0:
+            return
+        # a fault maps the whole page-cache folio around the bytes read (up to 2 MiB): unmap that too
+        lo = offset - offset % RELEASE_ALIGN
+        hi = min(-(-(offset + length) // RELEASE_ALIGN) * RELEASE_ALIGN, len(self._mm))
+        try:
+            self._mm.madvise(mmap.MADV_DONTNEED, lo, hi - lo)
+        except (OSError, ValueError):
+            pass
 
     def read_entry(self, slot: int, verify: bool = True) -> Entry:
         """The full entry in ``slot`` (checks the slot CRC32)."""
@@ -455,6 +475,7 @@ class Memory:
                 raise CorruptFileError(f"{self.path}: slot {slot} fails its checksum (corrupt slot)")
             parts = {name: np.frombuffer(raw, dt, int(np.prod(shape)), off).reshape(shape).copy()
                      for name, (off, _, dt, shape) in self.spec.slot_layout().items()}
+        self._release(start, end - start)
         info = self.slot_info(slot)
         return Entry(parts["key"], parts["k"], parts["v"], parts.get("k_scale"), parts.get("v_scale"),
                      info["task"], info["source_id"], info["entry_id"], info["insert_seq"])

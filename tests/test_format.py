@@ -458,3 +458,35 @@ def test_open_reader_keeps_old_state_and_stale_temps_are_removed(tmp_path):
     with Memory(path) as mem:
         assert_entry_equal(mem.read_entry(0), new)
         assert mem.generation == 2 and mem.tasks == ["a", "b"]
+
+
+def _mapped_rss_kb(path) -> int:
+    """Resident KiB of this process's mappings of ``path`` (/proc/self/smaps)."""
+    total, inside = 0, False
+    for line in open("/proc/self/smaps"):
+        if re.match(r"^[0-9a-f]+-[0-9a-f]+ ", line):
+            inside = line.rstrip().endswith(str(path))
+        elif inside and line.startswith("Rss:"):
+            total += int(line.split()[1])
+    return total
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/smaps"), reason="needs Linux /proc")
+def test_read_slots_do_not_stay_resident(tmp_path):
+    """A reader copies a slot out and unmaps its pages: reading every entry of a 24 MB memory
+    leaves at most a few pages of it resident in this process (it was the whole file)."""
+    rng = np.random.default_rng(0)
+    spec = small_spec(num_layers=8, num_kv_heads=4, head_dim=64, pooled_len=64)  # ~260 KB per slot
+    path = tmp_path / "big.ekv"
+    create_memory(path, spec, 24 << 20).close()
+    with Memory(path) as mem:
+        n = mem.num_slots
+    commit_update(path, {s: random_entry(rng, spec) for s in range(n)})
+    with Memory(path) as mem:
+        got = [mem.read_entry(s) for s in range(n)]
+        keys = mem.read_keys()
+        resident = _mapped_rss_kb(path)
+        assert len(got) == n >= 80 and keys.shape == (n, spec.key_dim)
+        assert resident * 1024 < 4 * spec.slot_bytes, (resident, spec.slot_bytes)
+        again = mem.read_entry(n // 2)  # pages fault back in on a later read
+        assert_entry_equal(again, got[n // 2])
