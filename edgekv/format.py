@@ -367,8 +367,10 @@ class Memory:
             if size == 0:
                 raise CorruptFileError(f"{self.path}: file is empty, not an edgekv memory")
             self._mm = mmap.mmap(fd, 0, access=mmap.ACCESS_READ)
-        finally:
+        except BaseException:
             os.close(fd)
+            raise
+        self._fd = fd  # slots are read with pread: no mapping left behind to grow resident memory
         try:
             self._h = _decode_header(self._mm, size, self.path)
             table_raw = self._mm[self._h.table_offset: self._h.slots_offset]
@@ -380,7 +382,7 @@ class Memory:
                 raise CorruptFileError(f"{self.path}: slot table names a task that does not exist")
             self._release(0, self._h.slots_offset)  # header and table are decoded into copies
         except BaseException:
-            self._mm.close()
+            self.close()
             raise
 
     # --- header views -------------------------------------------------------------
@@ -450,6 +452,22 @@ class Memory:
             self._release(start + off, nbytes)
         return out
 
+    def _read_bytes(self, offset: int, length: int) -> bytearray:
+        """``length`` bytes of the file at ``offset``, read with pread into a new buffer (one copy,
+        nothing mapped; a file cut short under the reader is an error, not a SIGBUS)."""
+        if not hasattr(os, "preadv"):  # no positional read: the mapping, then release its pages
+            raw = bytearray(self._mm[offset: offset + length])
+            self._release(offset, length)
+            return raw
+        raw = bytearray(length)
+        try:
+            got = os.preadv(self._fd, [raw], offset)
+        except OSError as e:
+            raise CorruptFileError(f"{self.path}: cannot read a slot ({e.strerror})") from None
+        if got != length:
+            raise CorruptFileError(f"{self.path}: file ends inside a slot (truncated while open?)")
+        return raw
+
     def _release(self, offset: int, length: int) -> None:
         """Unmap the pages of file bytes [offset, offset+length) once they have been copied out, so
         a long-running reader's resident memory does not grow with the slots it has read (the page
@@ -470,12 +488,11 @@ class Memory:
         slot = int(slot)
         self._check_occupied(slot)
         start, end = self._slot_range(slot)
-        with memoryview(self._mm) as whole, whole[start:end] as raw:  # no copy of the slot's bytes
-            if verify and zlib.crc32(raw) != int(self.table["crc32"][slot]):
-                raise CorruptFileError(f"{self.path}: slot {slot} fails its checksum (corrupt slot)")
-            parts = {name: np.frombuffer(raw, dt, int(np.prod(shape)), off).reshape(shape).copy()
-                     for name, (off, _, dt, shape) in self.spec.slot_layout().items()}
-        self._release(start, end - start)
+        raw = self._read_bytes(start, end - start)
+        if verify and zlib.crc32(raw) != int(self.table["crc32"][slot]):
+            raise CorruptFileError(f"{self.path}: slot {slot} fails its checksum (corrupt slot)")
+        parts = {name: np.frombuffer(raw, dt, int(np.prod(shape)), off).reshape(shape)  # views of raw (owned)
+                 for name, (off, _, dt, shape) in self.spec.slot_layout().items()}
         info = self.slot_info(slot)
         return Entry(parts["key"], parts["k"], parts["v"], parts.get("k_scale"), parts.get("v_scale"),
                      info["task"], info["source_id"], info["entry_id"], info["insert_seq"])
@@ -488,6 +505,18 @@ class Memory:
 
     def close(self) -> None:
         self._mm.close()
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+
+    def __del__(self) -> None:  # a reader dropped without close() must not leak its descriptor
+        fd = getattr(self, "_fd", -1)
+        if fd >= 0:
+            self._fd = -1
+            try:
+                os.close(fd)
+            except OSError:
+                pass
 
     def __enter__(self) -> Memory:
         return self
