@@ -40,7 +40,7 @@ PART_HELP = {
     "runtime_overhead": "python, numpy, onnxruntime, tokenizers, edgekv imported",
     "weights": "decoder and key graph sessions, tokenizer",
     "index": "slot table copy, effective keys, HNSW graph when used",
-    "memory_map": "memory file pages touched: header, table, keys, k retrieved slots",
+    "memory_map": "memory file pages still mapped (the reader unmaps what it copied and preads slots: ~0)",
     "kv_working_set": "injected memory KV and the KV cache at the measured context, arena",
     "peak_transient": "peak above the final RSS: past and present KV alive in one step",
 }
