@@ -330,7 +330,7 @@ def ttft_parts(rt, query: str, reps: int = 7) -> dict:
         t.append(time.perf_counter())
         cache = rt.decoder.acquire_cache(sum(e.k.shape[2] for e in entries) + ids.shape[1] + 1)
         cache.write_entries(entries, np.array([r.alpha for r in retrieved]), rt.memory.calibration.gates, rt.rope,
-                            rt.config.threads or 1)
+                            rt.threads)
         t.append(time.perf_counter())
         rt.decoder.forward(ids, cache)
         t.append(time.perf_counter())

@@ -449,7 +449,9 @@ class Memory:
             if verify and zlib.crc32(raw) != int(self.table["key_crc32"][s]):
                 raise CorruptFileError(f"{self.path}: retrieval key of slot {s} fails its checksum (corrupt slot)")
             out[i] = np.frombuffer(raw, "<f4")
-            self._release(start + off, nbytes)
+        if len(slots):  # one unmapping over the span the keys were copied from, not one per key
+            lo = self._slot_range(int(slots.min()))[0] + off
+            self._release(lo, self._slot_range(int(slots.max()))[0] + off + nbytes - lo)
         return out
 
     def _read_bytes(self, offset: int, length: int) -> bytearray:

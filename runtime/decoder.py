@@ -35,8 +35,8 @@ Past = list[tuple[np.ndarray, np.ndarray]]  # per layer: K, V [1, H, P, D] float
 KV_BUFFER_META = "edgekv.kv_buffer"  # written by export/decoder_graph.py
 MIN_CAPACITY = 256  # positions a new KVCache holds beyond what it is created with
 LOGITS_TO_KEEP = "logits_to_keep"  # optional decoder input (export/decoder_graph.py), as transformers' argument
-CACHE_POOL = 2
-WRITE_LAYERS = 4  # layers write_entries handles per step (an entry's slice then fits the L2 cache)  # finished sequences' caches a DecoderSession keeps for the next ones
+CACHE_POOL = 2  # finished sequences' caches a DecoderSession keeps for the next ones
+WRITE_LAYERS = 4  # layers write_entries handles per step (an entry's slice then fits the L2 cache)
 
 
 def map_row_tables(folder: str, tables: dict) -> dict:
@@ -131,7 +131,7 @@ class KVCache:
         self.ort_keys = [ort.OrtValue.ortvalue_from_numpy(a) for a in self.keys]
         self.ort_values = [ort.OrtValue.ortvalue_from_numpy(a) for a in self.values]
         self.binding = None  # the session's IOBinding with the buffers bound (set by DecoderSession)
-        self._scratch = None  # write_entries' rotation buffers, one per thread [L/threads, H, m, D]
+        self._scratch = None  # write_entries' rotation buffers, one per thread [WRITE_LAYERS, H, m, D]
 
     def fill(self, K: np.ndarray, V: np.ndarray) -> None:
         """Write K, V [L, H, T, D] at positions 0..T-1 (the injected memory); length = T."""
@@ -187,7 +187,7 @@ class KVCache:
         if len(parts) == 1:
             write(0)
         else:
-            list(writer_pool(len(parts)).map(write, range(len(parts))))
+            list(worker_pool(len(parts)).map(write, range(len(parts))))
         self.length = total
 
     def __len__(self) -> int:
@@ -415,11 +415,11 @@ def rotate_in_place(x: np.ndarray, C: np.ndarray, S: np.ndarray, rotary_dim: int
 
 
 @functools.lru_cache(maxsize=4)
-def writer_pool(threads: int):
+def worker_pool(threads: int):
     """A thread pool of ``threads`` workers for the runtime's numpy work (shared, made once)."""
     from concurrent.futures import ThreadPoolExecutor
 
-    return ThreadPoolExecutor(threads, thread_name_prefix="edgekv-kv-writer")
+    return ThreadPoolExecutor(threads, thread_name_prefix="edgekv-runtime")
 
 
 def write_entry_into(dst_k: np.ndarray, dst_v: np.ndarray, k: np.ndarray, v: np.ndarray, k_scale: np.ndarray | None,

@@ -34,7 +34,7 @@ from edgekv.runtime.decoder import (
     open_session,
     past_from_memory,
     session_options,
-    writer_pool,
+    worker_pool,
 )
 from edgekv.runtime.multimodal import EncodedImage, MultimodalModel
 from edgekv.runtime.sampling import SamplingConfig, next_token
@@ -231,10 +231,15 @@ class Runtime:
 
     def read_entries(self, retrieved: list[Retrieved]) -> list:
         """The retrieved slots' entries (checksums verified), read in the runtime's threads."""
-        threads = min(len(retrieved), self.config.threads or os.cpu_count() or 1)
+        threads = min(len(retrieved), self.threads)
         if threads <= 1:
             return [self.memory.read_entry(r.slot) for r in retrieved]
-        return list(writer_pool(threads).map(lambda r: self.memory.read_entry(r.slot), retrieved))
+        return list(worker_pool(threads).map(lambda r: self.memory.read_entry(r.slot), retrieved))
+
+    @property
+    def threads(self) -> int:
+        """Threads the runtime's own numpy work uses (slot reads, KV writes): the configured ones."""
+        return self.config.threads or os.cpu_count() or 1
 
     def memory_kv(self, retrieved: list[Retrieved]) -> tuple[np.ndarray, np.ndarray] | None:
         """K, V [L, H, k*m, D] for the retrieved entries (read from their slots only)."""
@@ -315,7 +320,7 @@ class Runtime:
         try:
             if direct:
                 past.write_entries(entries, np.array([r.alpha for r in retrieved]), self.memory.calibration.gates,
-                                   self.rope, self.config.threads or os.cpu_count() or 1)
+                                   self.rope, self.threads)
             rng = np.random.default_rng(sampling.seed)
             logits, past = self.decoder.forward(np.asarray([ids], np.int64), past, last_only=True) if img is None else \
                 self.vision.forward_ids(ids, img.features, past)
