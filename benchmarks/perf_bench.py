@@ -12,6 +12,9 @@ ratios hold:
   * decode ms/token: edgekv fp32 / int8 / int4 (fused graph, shared KV buffer), the same fp32
     graph with a numpy round trip per step, optimum's fp32 graph (numpy loop as in issue 3,
     and with I/O binding), PyTorch eager; with 0 and 1,024 memory tokens attached;
+  * onnxruntime's 4-bit kernel ceiling: integer zero points and int8 activations for every
+    linear (no offset ops, no fp32-activation kernels), the fastest 4-bit graph its CPU
+    kernels run, whatever its accuracy (not a shipped format);
   * teacher-forced top-1 agreement with PyTorch fp32 on a fixed prompt set;
   * time to first token: k=4 retrieved entries of 256 tokens (1,024 memory tokens,
     retrieval-key pass included) vs the same documents as prompt text (with the chat
@@ -35,7 +38,7 @@ import time
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import CACHE, export_cached, machine, write_json  # noqa: E402
+from common import CACHE, _cache_key, export_cached, machine, write_json  # noqa: E402
 from runtime_bench import FACTS, chat_ids  # noqa: E402
 
 QUERY = "Tell me the access code for the north gate."
@@ -88,6 +91,25 @@ def exports() -> dict[str, str]:
     out = {w: export_cached("smollm2-135m", f"perf-{w}", **({"quantize_weights": w} if w != "fp32" else {}))
            for w in WEIGHTS}
     out["optimum-fp32"] = export_cached("smollm2-135m", "perf-optimum-fp32", graph="optimum")
+    return out
+
+
+CEILING = "int4_kernel_ceiling"
+
+
+def ceiling_export(bb) -> str:
+    """onnxruntime's fastest 4-bit decoder for ``bb`` (cached like :func:`exports`): integer zero
+    points, int8 activations everywhere. What its kernels can do at best; its accuracy is poor."""
+    from edgekv.export.decoder_graph import WeightFormat
+    from edgekv.export.onnx_export import export_fused
+
+    out = os.path.join(CACHE, "perf-int4-kernel-ceiling")
+    stamp, key = os.path.join(out, ".bench-cache-key"), _cache_key("smollm2-135m", {"format": CEILING})
+    if not (os.path.isfile(stamp) and open(stamp, encoding="utf-8").read() == key):
+        fmt = WeightFormat(4, fp32_inputs=frozenset(), float_offsets=False)
+        export_fused(bb.model, bb.rope, 2, "mean", out, fmt, tokenizer=bb.tokenizer)
+        with open(stamp, "w", encoding="utf-8") as f:
+            f.write(key)
     return out
 
 
@@ -382,6 +404,7 @@ def main() -> None:
     bb = load_backbone("smollm2-135m")
     s = bb.shape
     art = exports()
+    art[CEILING] = ceiling_export(bb)
     os.makedirs(CACHE, exist_ok=True)
     facts_small, facts_big = os.path.join(CACHE, "perf-facts-10MB.ekv"), os.path.join(CACHE, "perf-facts-1GB.ekv")
     build_memory(facts_small, bb, FACTS, 64, 10 * 10**6)
@@ -405,7 +428,7 @@ def main() -> None:
 
     # 2. decode, interleaved: every configuration with 0 and 1,024 memory tokens
     decs = {w: DecoderSession(os.path.join(art[w], "model.onnx"), s.num_layers, s.num_kv_heads, s.head_dim,
-                              args.threads) for w in (*WEIGHTS, "optimum-fp32")}
+                              args.threads) for w in (*WEIGHTS, "optimum-fp32", CEILING)}
     capacity = 1024 + len(prompt) + (args.rounds + 1) * args.tokens + 8
     runs = []
     for rep in range(args.repeats):  # fresh decode loops each time; the median over repeats is reported
@@ -417,6 +440,7 @@ def main() -> None:
                                      capacity),
                          ort_stepper(f"optimum_fp32_iobinding{tag}", decs["optimum-fp32"], prompt, mem, "bound",
                                      capacity)]
+        steppers.append(ort_stepper(f"edgekv_{CEILING}", decs[CEILING], prompt, None, "cache", capacity))
         steppers.append(torch_stepper(bb.model, prompt, None))
         order = np.random.default_rng(rep).permutation(len(steppers))  # no configuration always follows another
         runs.append(interleave([steppers[i] for i in order], args.rounds, args.tokens))
@@ -430,7 +454,7 @@ def main() -> None:
     res["decode"]["ms_per_token"] = ms
     context = len(prompt) + (args.rounds * args.tokens) // 2  # mean context during the timed steps
     floor = {}
-    for w in (*WEIGHTS, "optimum-fp32"):
+    for w in (*WEIGHTS, "optimum-fp32", CEILING):
         wb = weight_bytes_per_token(art[w])
         for tag, extra in (("", 0), ("+1024mem", 1024)):
             b = wb + kv_bytes(s, context + extra)
@@ -443,13 +467,13 @@ def main() -> None:
         "fp32_over_floor": float(np.median(per_repeat)),
         "fp32_over_floor_per_repeat": per_repeat,
         "optimum_fp32_numpy_over_floor": ms["optimum_fp32_numpy_loop"] / floor["optimum-fp32"]["floor_ms"],
-        "speedup_over_fp32": {w: f32 / ms[f"edgekv_{w}"] for w in ("int8", "int4")},
+        "speedup_over_fp32": {w: f32 / ms[f"edgekv_{w}"] for w in ("int8", "int4", CEILING)},
         "memory_1024_over_0": {name: ms[f"{name}+1024mem"] / ms[name] for name in ms if f"{name}+1024mem" in ms},
         "fp32_over_pytorch_eager": ms["pytorch_eager_fp32"] / f32,
     }
 
     # 3. accuracy
-    res["top1_vs_pytorch_fp32"] = top1_agreement(bb, {w: art[w] for w in WEIGHTS}, args.threads)
+    res["top1_vs_pytorch_fp32"] = top1_agreement(bb, {w: art[w] for w in (*WEIGHTS, CEILING)}, args.threads)
 
     # 4. time to first token: 4 documents of 256 memory tokens each vs the same documents as prompt text
     ttft: dict = {}
@@ -551,7 +575,7 @@ def markdown(res: dict) -> str:
     lines += ["", "| decode (ms/token, median of interleaved steps) | none | +1,024 memory tokens | ratio | bytes/token "
                   "| floor ms |", "| --- | --- | --- | --- | --- | --- |"]
     for name in sorted((n for n in ms if "+1024mem" not in n), key=lambda n: (not n.startswith("edgekv"), n)):
-        w = "optimum-fp32" if name.startswith("optimum") else next(
+        w = "optimum-fp32" if name.startswith("optimum") else CEILING if CEILING in name else next(
             (w for w in WEIGHTS if name.startswith(f"edgekv_{w}")), None)
         mem, floor = ms.get(name + "+1024mem"), fl.get(w) if w else None
         cells = [name, f"{ms[name]:.2f}", "" if mem is None else f"{mem:.2f}",
@@ -567,6 +591,10 @@ def markdown(res: dict) -> str:
         lines.append(f"| {w} | {top1[w]['top1']:.3f} | {top1[w]['max_abs_logit_diff']:.2f} | "
                      f"{rss[w]['peak_rss_bytes'] / mib:.0f} MiB | {rss[w]['peak_rss_bytes'] / f32:.3f} | "
                      f"{files[w] / mib:.0f} MiB |")
+    if CEILING in top1:
+        c = top1[CEILING]
+        lines.append(f"| int4 kernel ceiling (integer zero points, int8 activations; not shipped) | {c['top1']:.3f} | "
+                     f"{c['max_abs_logit_diff']:.2f} | | | {files[CEILING] / mib:.0f} MiB |")
     lines.append(f"| optimum fp32 (issue 3) | | | {rss['optimum-fp32']['peak_rss_bytes'] / mib:.0f} MiB | "
                  f"{rss['optimum-fp32']['peak_rss_bytes'] / f32:.2f} | {files['optimum-fp32'] / mib:.0f} MiB |")
     r = res["ratios"]["rss_1GB_over_10MB"]
@@ -592,7 +620,7 @@ def plot(res: dict, path: str) -> None:
     ms = res["decode"]["ms_per_token"]
     fig, ax = plt.subplots(1, 4, figsize=(22, 5))
     names = [n for n in ms if "+1024mem" not in n]
-    colors = ["tab:green" if n.startswith("edgekv") else "tab:gray" for n in names]
+    colors = ["tab:olive" if CEILING in n else "tab:green" if n.startswith("edgekv") else "tab:gray" for n in names]
     ax[0].barh(names, [ms[n] for n in names], color=colors)
     for w, style in (("fp32", "--"), ("int4", ":")):
         ax[0].axvline(res["floor"][w]["floor_ms"], color="k", linestyle=style, label=f"{w} bandwidth floor")

@@ -94,6 +94,10 @@ class WeightFormat:
     head_block_size: int = 16  # lm_head: finer int8 activation blocks; scales from blocks of 32 (Q8_0's)
     embed_block_size: int = 32  # the embedding table: symmetric 8-bit rows for GatherBlockQuantized
     fp32_inputs: frozenset[str] = frozenset({"qkv_proj", "gate_up_proj"})  # 4-bit: fp32 activations
+    # 4-bit: float offsets (Q4_1, exact; 3 small ops per linear) or integer zero points (no
+    # extra ops: onnxruntime's fastest 4-bit kernels, top-1 ~0.6-0.7 on SmolLM2; the benchmark's
+    # kernel ceiling, not a shipped format)
+    float_offsets: bool = True
     smooth_alpha: float | None = None  # SmoothQuant migration strength in [0, 1]; None: no smoothing
 
     def __post_init__(self) -> None:
@@ -114,7 +118,8 @@ class WeightFormat:
         """(bits, block size, quantize_blockwise mode, scale block) of a linear of this kind."""
         if kind == "lm_head":
             return 8, self.head_block_size, "symmetric", max(self.head_block_size, 32)
-        return self.bits, self.block_size, "float_offset" if self.bits == 4 else "integer_zero_point", None
+        offset = self.bits == 4 and self.float_offsets
+        return self.bits, self.block_size, "float_offset" if offset else "integer_zero_point", None
 
     def accuracy_level(self, kind: str, bits: int) -> int:
         """MatMulNBits accuracy_level: 1 = fp32 activations, 4 = int8 activations per block."""

@@ -237,11 +237,12 @@ def _calibration_tokenizer(model: Any, tokenizer: Any) -> Any:
                          f"pass tokenizer= to export_fused") from None
 
 
-def export_fused(model: Any, rope: Any, key_layer: int, pooling: str, out_dir: str, weights: str = "fp32",
+def export_fused(model: Any, rope: Any, key_layer: int, pooling: str, out_dir: str, weights: Any = "fp32",
                  tokenizer: Any = None) -> dict:
     """Write the fused decoder, the key graph and their shared weights file into ``out_dir``.
 
-    ``weights``: "fp32", "int8" or "int4" (:data:`edgekv.export.decoder_graph.WEIGHT_FORMATS`).
+    ``weights``: "fp32", "int8" or "int4" (:data:`edgekv.export.decoder_graph.WEIGHT_FORMATS`), or
+    a :class:`~edgekv.export.decoder_graph.WeightFormat` itself.
     A format with ``smooth_alpha`` (int8) calibrates activation maxima once in PyTorch on
     ``decoder_graph.CALIBRATION_TEXTS`` (tokenised by ``tokenizer``, else the model folder's)
     and folds the same smoothing into both graphs.
@@ -258,7 +259,7 @@ def export_fused(model: Any, rope: Any, key_layer: int, pooling: str, out_dir: s
         save_graphs,
     )
 
-    fmt = WEIGHT_FORMATS[weights]
+    fmt = WEIGHT_FORMATS[weights] if isinstance(weights, str) else weights
     os.makedirs(out_dir, exist_ok=True)
     act_max = None
     if fmt.smooth_alpha is not None:

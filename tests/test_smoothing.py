@@ -303,3 +303,29 @@ def test_smollm2_int8_export_stays_close_to_pytorch(exported, backbone):
     assert len(kls) > 250
     assert np.mean(kls) < 0.0032, np.mean(kls)
     assert np.mean(hits) >= 0.95, np.mean(hits)
+
+
+def test_integer_zero_point_4bit_format_drops_the_offset_ops(backbone):
+    """``float_offsets=False`` (the benchmark's onnxruntime kernel ceiling): the 4-bit graph
+    without the three offset ops of each decoder-layer linear, every MatMulNBits with int8
+    activations; it runs, stays near fp32 and computes something else than the float-offset graph."""
+    import collections
+
+    bb = backbone("llama")
+    fp32 = build_decoder_graph(bb.model, bb.rope, WEIGHT_FORMATS["fp32"])
+    exact = build_decoder_graph(bb.model, bb.rope, WeightFormat(4))
+    ceiling = build_decoder_graph(bb.model, bb.rope, WeightFormat(4, fp32_inputs=frozenset(), float_offsets=False))
+    ops = [collections.Counter(n.op_type for n in p.graph.node) for p in (exact, ceiling)]
+    linears = 4 * bb.shape.num_layers  # qkv, o, gate_up, down
+    assert ops[0]["MatMul"] - ops[1]["MatMul"] == 2 * linears and ops[0]["Add"] - ops[1]["Add"] == linears
+    assert ops[0]["MatMulNBits"] == ops[1]["MatMulNBits"] == linears + 1  # + the output layer
+    levels = [a.i for n in ceiling.graph.node if n.op_type == "MatMulNBits" for a in n.attribute
+              if a.name == "accuracy_level"]
+    assert levels == [4] * (linears + 1)
+    assert not any(t.name.endswith("offsets_t") for t in ceiling.graph.initializer)
+    feed = _decoder_feed(bb, np.random.default_rng(2), past=4, seq=9)
+    want, a, b = (_session(p).run(["logits"], feed)[0] for p in (fp32, exact, ceiling))
+    scale = float(np.abs(want).mean())
+    for got in (a, b):
+        assert float(np.abs(got - want).mean()) < 0.2 * scale, (float(np.abs(got - want).mean()), scale)
+    assert float(np.abs(b - a).max()) > 1e-3 * scale  # control: not the float-offset graph again
