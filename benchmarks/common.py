@@ -27,22 +27,29 @@ def _cache_key(model: str, options: dict) -> str:
     return h.hexdigest()
 
 
-def export_cached(model: str, name: str, **options) -> str:
-    """Export ``model`` into the bench cache; reuse it while the options and the export code are unchanged."""
-    from edgekv.export.pipeline import export_model
-
+def cached_build(name: str, model: str, options: dict, build, done_file: str) -> str:
+    """``build(out)`` into the bench cache folder ``name`` unless it holds ``done_file`` and a stamp
+    of the same ``model``, ``options`` and export code (:func:`_cache_key`); returns the folder."""
     out = os.path.join(CACHE, name)
     stamp = os.path.join(out, ".bench-cache-key")
     key = _cache_key(model, options)
     cached = None
-    if os.path.isfile(os.path.join(out, "manifest.json")) and os.path.isfile(stamp):
+    if os.path.isfile(os.path.join(out, done_file)) and os.path.isfile(stamp):
         with open(stamp, encoding="utf-8") as f:
             cached = f.read()
     if cached != key:
-        export_model(model, out, progress=True, force=True, **options)
+        build(out)
         with open(stamp, "w", encoding="utf-8") as f:
             f.write(key)
     return out
+
+
+def export_cached(model: str, name: str, **options) -> str:
+    """Export ``model`` into the bench cache; reuse it while the options and the export code are unchanged."""
+    from edgekv.export.pipeline import export_model
+
+    return cached_build(name, model, options,
+                        lambda out: export_model(model, out, progress=True, force=True, **options), "manifest.json")
 
 
 def machine() -> dict:

@@ -38,7 +38,7 @@ import time
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import CACHE, _cache_key, export_cached, machine, write_json  # noqa: E402
+from common import CACHE, cached_build, export_cached, machine, write_json  # noqa: E402
 from runtime_bench import FACTS, chat_ids  # noqa: E402
 
 QUERY = "Tell me the access code for the north gate."
@@ -103,14 +103,10 @@ def ceiling_export(bb) -> str:
     from edgekv.export.decoder_graph import WeightFormat
     from edgekv.export.onnx_export import export_fused
 
-    out = os.path.join(CACHE, "perf-int4-kernel-ceiling")
-    stamp, key = os.path.join(out, ".bench-cache-key"), _cache_key("smollm2-135m", {"format": CEILING})
-    if not (os.path.isfile(stamp) and open(stamp, encoding="utf-8").read() == key):
-        fmt = WeightFormat(4, fp32_inputs=frozenset(), float_offsets=False)
-        export_fused(bb.model, bb.rope, 2, "mean", out, fmt, tokenizer=bb.tokenizer)
-        with open(stamp, "w", encoding="utf-8") as f:
-            f.write(key)
-    return out
+    fmt = WeightFormat(4, fp32_inputs=frozenset(), float_offsets=False)
+    return cached_build("perf-int4-kernel-ceiling", "smollm2-135m", {"format": CEILING},
+                        lambda out: export_fused(bb.model, bb.rope, 2, "mean", out, fmt, tokenizer=bb.tokenizer),
+                        "model.onnx")
 
 
 def long_doc(i: int) -> tuple[str, str]:
