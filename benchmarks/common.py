@@ -6,6 +6,8 @@ import json
 import os
 import platform
 
+import numpy as np
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RESULTS = os.path.join(ROOT, "benchmarks", "results")
 CACHE = os.environ.get("EDGEKV_BENCH_CACHE", os.path.join(ROOT, ".cache", "bench"))
@@ -63,3 +65,49 @@ def write_json(name: str, data: dict) -> str:
     with open(path, "w", encoding="utf-8") as f:
         json.dump(data, f, indent=2, sort_keys=True)
     return path
+
+
+def chat_ids(tok, messages, gen) -> list[int]:
+    """Token ids of ``messages`` through the tokenizer's chat template."""
+    out = tok.apply_chat_template(messages, tokenize=True, add_generation_prompt=gen)
+    return list(out["input_ids"] if isinstance(out, dict) else out)
+
+
+def build_memory(path: str, bb, examples: list[tuple[str, str]], m: int, budget: int | None = None,
+                 task: str = "bench", source_prefix: str = "ex") -> None:
+    """One entry per (question, answer): KeyModel key of the question, the chat turn's KV made
+    position-free and pooled to m (adaptive average), int8; file of ``budget`` bytes (sparse;
+    default: just the entries). Entry i is ``task`` / ``f"{source_prefix}{i}"``."""
+    import torch
+
+    from edgekv.format import Calibration, Entry, MemorySpec, commit_update, create_memory
+    from edgekv.host.keymodel import KeyModel
+    from edgekv.host.models import default_key_layer
+    from edgekv.retrieval import fit_projection
+    from edgekv.rope import remove_rope
+
+    s = bb.shape
+    kl = default_key_layer(s.num_layers)
+    spec = MemorySpec(s.num_layers, s.num_kv_heads, s.head_dim, m, s.hidden_size, bb.fingerprint, "int8",
+                      bb.rope, key_layer=kl)
+    if os.path.exists(path):
+        os.unlink(path)
+    create_memory(path, spec, budget or spec.file_bytes_for(len(examples)),
+                  Calibration(0.1, (1.0,) * s.num_layers)).close()
+    km = KeyModel(bb.decoder, kl)
+    pool = torch.nn.functional.adaptive_avg_pool1d
+    put, keys = {}, []
+    for i, (q, a) in enumerate(examples):
+        ids = chat_ids(bb.tokenizer, [{"role": "user", "content": q}, {"role": "assistant", "content": a}], False)
+        with torch.no_grad():
+            cache = bb.model(input_ids=torch.tensor([ids]), use_cache=True).past_key_values
+            qi = torch.tensor([bb.tokenizer(q).input_ids])
+            key = km(qi, torch.ones_like(qi))[0].numpy()
+        K = np.stack([layer.keys[0].numpy() for layer in cache.layers])  # [L, H, T, D]
+        V = np.stack([layer.values[0].numpy() for layer in cache.layers])
+        K = remove_rope(K, bb.rope, np.arange(len(ids)))
+        Kp = pool(torch.from_numpy(K).flatten(0, 1).transpose(1, 2), m).transpose(1, 2).reshape(*K.shape[:2], m, -1)
+        Vp = pool(torch.from_numpy(V).flatten(0, 1).transpose(1, 2), m).transpose(1, 2).reshape(*V.shape[:2], m, -1)
+        put[i] = Entry.from_float(key, Kp.numpy(), Vp.numpy(), "int8", task, f"{source_prefix}{i}")
+        keys.append(key)
+    commit_update(path, put, projection=fit_projection(np.stack(keys), 3))

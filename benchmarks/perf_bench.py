@@ -38,8 +38,8 @@ import time
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import CACHE, cached_build, export_cached, machine, write_json  # noqa: E402
-from runtime_bench import FACTS, chat_ids  # noqa: E402
+from common import CACHE, build_memory, cached_build, export_cached, machine, write_json  # noqa: E402
+from runtime_bench import FACTS  # noqa: E402
 
 QUERY = "Tell me the access code for the north gate."
 DOC_QUERY = "What is the storage code of the copper valve at site Alder?"
@@ -117,44 +117,6 @@ def long_doc(i: int) -> tuple[str, str]:
         lines.append(f"The {item} at site {SITES[i]} is stored in room {rng.integers(1, 40)}, shelf "
                      f"{'ABCDEFGH'[j % 8]}{rng.integers(1, 9)}, and its storage code is {rng.integers(1000, 9999)}.")
     return f"What is the storage code of the copper valve at site {SITES[i]}?", " ".join(lines)
-
-
-def build_memory(path: str, bb, examples: list[tuple[str, str]], m: int, budget: int | None = None) -> None:
-    """One entry per (question, answer): KeyModel key of the question, the chat turn's KV made
-    position-free and pooled to m (adaptive average), int8; file of ``budget`` bytes (sparse)."""
-    import torch
-
-    from edgekv.export.keymodel import KeyModel
-    from edgekv.export.models import default_key_layer
-    from edgekv.format import Calibration, Entry, MemorySpec, commit_update, create_memory
-    from edgekv.retrieval import fit_projection
-    from edgekv.rope import remove_rope
-
-    s = bb.shape
-    kl = default_key_layer(s.num_layers)
-    spec = MemorySpec(s.num_layers, s.num_kv_heads, s.head_dim, m, s.hidden_size, bb.fingerprint, "int8",
-                      bb.rope, key_layer=kl)
-    if os.path.exists(path):
-        os.unlink(path)
-    create_memory(path, spec, budget or spec.file_bytes_for(len(examples)),
-                  Calibration(0.1, (1.0,) * s.num_layers)).close()
-    km = KeyModel(bb.decoder, kl)
-    put, keys = {}, []
-    for i, (q, a) in enumerate(examples):
-        ids = chat_ids(bb.tokenizer, [{"role": "user", "content": q}, {"role": "assistant", "content": a}], False)
-        with torch.no_grad():
-            cache = bb.model(input_ids=torch.tensor([ids]), use_cache=True).past_key_values
-            qi = torch.tensor([bb.tokenizer(q).input_ids])
-            key = km(qi, torch.ones_like(qi))[0].numpy()
-        K = np.stack([layer.keys[0].numpy() for layer in cache.layers])
-        V = np.stack([layer.values[0].numpy() for layer in cache.layers])
-        K = remove_rope(K, bb.rope, np.arange(len(ids)))
-        pool = torch.nn.functional.adaptive_avg_pool1d
-        Kp = pool(torch.from_numpy(K).flatten(0, 1).transpose(1, 2), m).transpose(1, 2).reshape(*K.shape[:2], m, -1)
-        Vp = pool(torch.from_numpy(V).flatten(0, 1).transpose(1, 2), m).transpose(1, 2).reshape(*V.shape[:2], m, -1)
-        put[i] = Entry.from_float(key, Kp.numpy(), Vp.numpy(), "int8", "bench", f"ex{i}")
-        keys.append(key)
-    commit_update(path, put, projection=fit_projection(np.stack(keys), 3))
 
 
 # --- bandwidth and bytes per token ----------------------------------------------------
@@ -391,7 +353,7 @@ def main() -> None:
 
     import torch
 
-    from edgekv.export.models import load_backbone
+    from edgekv.host.models import load_backbone
     from edgekv.runtime import Runtime
     from edgekv.runtime.decoder import DecoderSession
 

@@ -117,8 +117,8 @@ def main() -> None:
     args = ap.parse_args()
     import torch
 
-    from edgekv.export.keymodel import KeyModel
-    from edgekv.export.models import default_key_layer, load_backbone
+    from edgekv.host.keymodel import KeyModel
+    from edgekv.host.models import default_key_layer, load_backbone
     from edgekv.induce.adapt import AdaptConfig
     from edgekv.induce.entries import key_ids
 

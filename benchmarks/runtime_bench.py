@@ -20,7 +20,7 @@ import time
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import CACHE, export_cached, machine, write_json  # noqa: E402
+from common import CACHE, build_memory, export_cached, machine, write_json  # noqa: E402
 
 FACTS = [
     ("What is the access code for the north gate?", "The access code for the north gate is 7351, valid on weekdays."),
@@ -33,49 +33,6 @@ FACTS = [
     ("What is the wifi name in the workshop?", "The workshop wifi is called forge-5g and the password is on the board."),
 ]
 QUERY = "Tell me the access code for the north gate."
-
-
-def chat_ids(tok, messages, gen):
-    out = tok.apply_chat_template(messages, tokenize=True, add_generation_prompt=gen)
-    return list(out["input_ids"] if isinstance(out, dict) else out)
-
-
-def build_memory(path: str, bb, m: int) -> None:
-    """Entries for FACTS: KeyModel keys, position-free KV pooled to m (adaptive average)."""
-    import torch
-
-    from edgekv.export.keymodel import KeyModel
-    from edgekv.export.models import default_key_layer
-    from edgekv.format import Calibration, Entry, MemorySpec, commit_update, create_memory
-    from edgekv.retrieval import fit_projection
-    from edgekv.rope import remove_rope
-
-    s = bb.shape
-    kl = default_key_layer(s.num_layers)
-    spec = MemorySpec(s.num_layers, s.num_kv_heads, s.head_dim, m, s.hidden_size, bb.fingerprint, "int8",
-                      bb.rope, key_layer=kl)
-    if os.path.exists(path):
-        os.unlink(path)
-    create_memory(path, spec, spec.file_bytes_for(len(FACTS)), Calibration(0.1, (1.0,) * s.num_layers)).close()
-    km = KeyModel(bb.decoder, kl)
-    put, keys = {}, []
-    for i, (q, a) in enumerate(FACTS):
-        ids = chat_ids(bb.tokenizer, [{"role": "user", "content": q}, {"role": "assistant", "content": a}], False)
-        with torch.no_grad():
-            out = bb.model(input_ids=torch.tensor([ids]), use_cache=True)
-            qi = torch.tensor([bb.tokenizer(q).input_ids])
-            key = km(qi, torch.ones_like(qi))[0].numpy()
-        cache = out.past_key_values
-        K = np.stack([layer.keys[0].numpy() for layer in cache.layers])
-        V = np.stack([layer.values[0].numpy() for layer in cache.layers])
-        K = remove_rope(K, bb.rope, np.arange(len(ids)))
-        Kp = torch.nn.functional.adaptive_avg_pool1d(torch.from_numpy(K).flatten(0, 1).transpose(1, 2), m)
-        Vp = torch.nn.functional.adaptive_avg_pool1d(torch.from_numpy(V).flatten(0, 1).transpose(1, 2), m)
-        shape = K.shape[:2] + (m, K.shape[3])
-        put[i] = Entry.from_float(key, Kp.transpose(1, 2).reshape(shape).numpy(),
-                                  Vp.transpose(1, 2).reshape(shape).numpy(), "int8", "facts", f"fact{i}")
-        keys.append(key)
-    commit_update(path, put, projection=fit_projection(np.stack(keys), 3))
 
 
 def decode_ms_per_token(rt, prompt_ids, n: int, past=None) -> float:
@@ -114,7 +71,7 @@ def main() -> None:
 
     import torch
 
-    from edgekv.export.models import load_backbone
+    from edgekv.host.models import load_backbone
     from edgekv.runtime import Runtime
     from edgekv.runtime.decoder import past_from_memory
 
@@ -122,7 +79,7 @@ def main() -> None:
     bb = load_backbone("smollm2-135m")
     os.makedirs(CACHE, exist_ok=True)
     mem = os.path.join(CACHE, "facts.ekv")
-    build_memory(mem, bb, args.pooled_len)
+    build_memory(mem, bb, FACTS, args.pooled_len, task="facts", source_prefix="fact")
     fp32 = export_cached("smollm2-135m", "smollm2-fp32")
     int8 = export_cached("smollm2-135m", "smollm2-int8", quantize_weights="int8")
     res: dict = {"machine": machine(), "threads": args.threads, "decode_tokens": args.tokens, "k": args.k,

@@ -84,8 +84,8 @@ def split(kind: str, seed: int = 0):
 
 def load_memory_induction(bb, memory_path: str, top_k: int):
     """(Induction over the memory's entries, key model, projection, calibration, bank)."""
-    from edgekv.export.keymodel import KeyModel
     from edgekv.format import Memory
+    from edgekv.host.keymodel import KeyModel
     from edgekv.induce.adapt import effective, read_bank
     from edgekv.induce.torch_induction import Induction
 
@@ -153,8 +153,8 @@ def ablations(bb, out_dir: str, num_test: int = 24) -> dict:
     * scaling: real retrieval (top-k over all 96 entries), the runtime's sqrt(k * alpha)
       against the paper's plain sqrt(alpha), for k = 1..4.
     """
-    from edgekv.export.keymodel import KeyModel
-    from edgekv.export.models import default_key_layer
+    from edgekv.host.keymodel import KeyModel
+    from edgekv.host.models import default_key_layer
     from edgekv.induce import torch_induction as ti
     from edgekv.induce.adapt import effective
     from edgekv.induce.entries import EntryConfig, compute_entries, key_ids, query_ids, raw_keys
@@ -235,7 +235,7 @@ def main() -> None:
     import torch
 
     from edgekv.data import read_examples, write_jsonl
-    from edgekv.export.models import load_backbone
+    from edgekv.host.models import load_backbone
     from edgekv.induce.adapt import AdaptConfig, adapt, memory_spec
 
     torch.set_num_threads(args.threads)
@@ -270,7 +270,10 @@ def main() -> None:
             summary = adapt(bb, read_examples(path), mem, budget if i == 0 else None, kind, cfg, progress=True)
             sizes.append(os.path.getsize(mem))
             summary["items_covered"] = items_covered(mem, tasks)
-            result["adapt"].append({k: v for k, v in summary.items() if k != "memory"})
+            rec = {k: v for k, v in summary.items() if k != "memory"}
+            # the memory lives in a temporary folder: record the anchors file relative to it
+            rec["anchors"] = {**rec["anchors"], "path": os.path.relpath(rec["anchors"]["path"], tmp)}
+            result["adapt"].append(rec)
             print(f"evaluate after {kind} ({time.time() - t0:.0f} s)", flush=True)
             result["after_task"].append({k: evaluate(bb, k, data[k][1], mem, cfg.top_k) for k in tasks[: i + 1]})
         result["file_sizes"] = sizes

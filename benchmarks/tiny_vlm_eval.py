@@ -89,8 +89,8 @@ def score(items: list[dict], captions: list[str]) -> dict:
 def torch_captions(items: list[dict]) -> tuple[list[str], float]:
     import torch
 
-    from edgekv.export.tiny_vlm import TinyVLMConfig
-    from edgekv.export.vlm import load_vlm
+    from edgekv.host.models import load_vlm
+    from edgekv.host.tiny_vlm import TinyVLMConfig
 
     torch.set_num_threads(2)
     bb, proc = load_vlm("tiny-vlm")

@@ -30,6 +30,7 @@ import sys
 import time
 from dataclasses import dataclass
 
+from edgekv.configs import Config, knob
 from edgekv.errors import EdgeKVError, InputError
 
 DEFAULT_PROMPT = "In one sentence, what does a fixed-size memory of key-value entries give a small model?"
@@ -47,12 +48,12 @@ PART_HELP = {
 
 
 @dataclass(frozen=True)
-class ProfileConfig:
+class ProfileConfig(Config):
     """What ``edgekv profile ARTIFACTS`` measures."""
 
-    k: int = 4  # entries retrieved per query
-    threads: int | None = None  # onnxruntime intra-op threads (None: onnxruntime decides)
-    context: int | None = None  # positions the KV working set is measured at (None: model maximum)
+    k: int = knob(4, "Entries retrieved per query.")
+    threads: int | None = knob(None, "onnxruntime intra-op threads while measuring (default: onnxruntime decides).")
+    context: int | None = knob(None, "Positions to measure the KV working set at (default: the model's maximum).")
     chunk: int = 32  # tokens per forward while filling the context (then one decode step)
     prompt: str = DEFAULT_PROMPT
     decode_tokens: int = 32  # new tokens per timing run
@@ -63,16 +64,18 @@ class ProfileConfig:
 
     def __post_init__(self) -> None:
         if self.k < 0:
-            raise InputError(f"k must be >= 0, got {self.k}")
+            raise InputError(f"ProfileConfig.k must be >= 0, got {self.k}")
         if self.threads is not None and self.threads < 1:
-            raise InputError(f"threads must be >= 1, got {self.threads}")
+            raise InputError(f"ProfileConfig.threads must be >= 1, got {self.threads}")
         if self.context is not None and self.context < 2:
-            raise InputError(f"context must be >= 2 tokens, got {self.context}")
+            raise InputError(f"ProfileConfig.context must be >= 2 tokens, got {self.context}")
         for name in ("chunk", "decode_tokens", "timing_runs", "bandwidth_mib"):
             if getattr(self, name) < 1:
-                raise InputError(f"{name} must be >= 1, got {getattr(self, name)}")
+                raise InputError(f"ProfileConfig.{name} must be >= 1, got {getattr(self, name)}")
         if self.retrieval not in (None, "exact", "hnsw"):
-            raise InputError(f"retrieval must be 'exact' or 'hnsw', got {self.retrieval!r}")
+            raise InputError(f"ProfileConfig.retrieval must be 'exact' or 'hnsw', got {self.retrieval!r}")
+        if not self.timeout_s > 0:
+            raise InputError(f"ProfileConfig.timeout_s must be > 0, got {self.timeout_s}")
 
 
 # ---------------------------------------------------------------------------------
@@ -122,10 +125,10 @@ def _target_context(manifest: dict, context: int | None) -> int:
     max_positions = int(manifest.get("max_positions") or 0)
     if context is None:
         if not max_positions:
-            raise InputError("the artifacts do not state the model's context length; pass --context N")
+            raise InputError("the artifacts do not state the model's context length; set ProfileConfig.context")
         return max_positions
     if max_positions and context > max_positions:
-        raise InputError(f"--context {context} exceeds the model's {max_positions} positions")
+        raise InputError(f"ProfileConfig.context = {context} exceeds the model's {max_positions} positions")
     return context
 
 
@@ -169,7 +172,7 @@ def measure_footprint(artifacts: str, memory: str | None, k: int, threads: int |
         index_dir = artifacts if rt.manifest.get("index") else None  # only an index the manifest lists
         rt.retriever = Retriever(mem, index_dir, IndexConfig(), force=retrieval)
         if k > len(rt.retriever):
-            raise InputError(f"-k {k} is larger than the memory's {len(rt.retriever)} entries")
+            raise InputError(f"ProfileConfig.k = {k} is larger than the memory's {len(rt.retriever)} entries")
         info.update(retrieval_mode=rt.retriever.mode, retrieval_reason=rt.retriever.reason)
     stages.mark("index")
     kv = rt.memory_kv(rt.retrieve(prompt, k)) if memory and k else None
@@ -179,7 +182,7 @@ def measure_footprint(artifacts: str, memory: str | None, k: int, threads: int |
     used = len(ids) + (0 if kv is None else kv[0].shape[2])
     if used >= target:
         raise InputError(f"the prompt ({len(ids)} tokens) and {used - len(ids)} memory tokens already fill "
-                         f"--context {target}; raise --context or lower -k")
+                         f"a context of {target}; raise ProfileConfig.context or lower k")
     t0 = time.perf_counter()
     past, step_ms = _fill_context(rt.decoder, ids, past, target, chunk)
     fill_s = time.perf_counter() - t0
@@ -234,7 +237,7 @@ def run_child(name: str, kwargs: dict, timeout_s: float) -> dict:
         out = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout_s)
     except subprocess.TimeoutExpired:
         raise EdgeKVError(f"profiling step {name!r} took longer than {timeout_s:.0f} s; "
-                          f"measure a shorter --context") from None
+                          f"measure a shorter context (ProfileConfig.context)") from None
     lines = out.stdout.strip().splitlines()
     data = json.loads(lines[-1]) if lines and lines[-1].startswith("{") else None
     if out.returncode != 0 or data is None:

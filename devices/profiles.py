@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import asdict, dataclass, fields
+from dataclasses import dataclass, fields
 
+from edgekv.configs import Config
 from edgekv.errors import InputError
 from edgekv.units import parse_size
 
@@ -21,7 +22,7 @@ _MAX_PROFILE_BYTES = 1 << 16
 
 
 @dataclass(frozen=True)
-class DeviceProfile:
+class DeviceProfile(Config):
     """One target board. Sizes are bytes; bandwidth is GB/s (10**9 bytes per second)."""
 
     name: str  # short id used on the command line, e.g. "rpi4-4gb"
@@ -72,11 +73,8 @@ class DeviceProfile:
         """RAM the runtime may use: RAM minus the OS headroom."""
         return self.ram_bytes - self.os_headroom_bytes
 
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-    @staticmethod
-    def from_dict(data: dict, source: str = "profile") -> DeviceProfile:
+    @classmethod
+    def from_dict(cls, data: dict, source: str = "profile") -> DeviceProfile:
         """Validate a JSON object; sizes may be bytes or strings such as "4GiB"."""
         if not isinstance(data, dict):
             raise InputError(f"{source}: a device profile must be a JSON object")

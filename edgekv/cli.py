@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import json
+import re
 import sys
 from collections.abc import Callable
 from typing import Any
@@ -27,6 +28,37 @@ app = typer.Typer(
 )
 
 
+# "Class.field" -> the flags of the option that sets it (see field_option): an error that names
+# the field gets the flag added, so a user sees which option to change
+FIELD_FLAGS: dict[str, str] = {}
+_FROM_FIELD = object()
+
+
+def field_option(cls: type, name: str, *flags: str, default: Any = _FROM_FIELD, **kwargs: Any) -> Any:
+    """A typer option that sets the config field ``cls.name``: its help is the field's help and
+    its default the field's default (:mod:`edgekv.configs`), written once, in the config.
+
+    ``default=None``: the option stays unset unless given (e.g. so that the library can tell an
+    explicit value from the default); the field's default is still the one shown in ``--help``.
+    """
+    from edgekv.configs import field_default, field_help
+
+    value = field_default(cls, name)
+    if default is not _FROM_FIELD and value is not None:
+        kwargs.setdefault("show_default", str(value))
+    info = typer.Option(value if default is _FROM_FIELD else default, *flags, help=field_help(cls, name), **kwargs)
+    info.config_field = (cls, name)  # for tests/test_cli_core.py: the help and default come from here
+    FIELD_FLAGS[f"{cls.__name__}.{name}"] = "/".join(flags)
+    return info
+
+
+def with_flags(message: str) -> str:
+    """``message`` with the flag of every option whose config field it names, e.g.
+    "RuntimeConfig.k must be >= 0 (option -k/--top-k)"."""
+    flags = [f for field, f in FIELD_FLAGS.items() if re.search(rf"\b{re.escape(field)}\b", message)]
+    return f"{message} (option {', '.join(dict.fromkeys(flags))})" if flags else message
+
+
 def fail(message: str, code: int = 1) -> None:
     typer.echo(f"edgekv: error: {message}", err=True)
     raise typer.Exit(code)
@@ -40,7 +72,7 @@ def guarded(fn: Callable) -> Callable:
         try:
             return fn(*a, **kw)
         except EdgeKVError as e:
-            fail(str(e), e.exit_code)
+            fail(with_flags(str(e)), e.exit_code)
         except KeyboardInterrupt:
             fail("interrupted", 130)
 

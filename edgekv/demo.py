@@ -22,31 +22,40 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 
+from edgekv.configs import Config, knob
 from edgekv.errors import InputError
 from edgekv.units import parse_size
 
 
 @dataclass(frozen=True)
-class DemoConfig:
+class DemoConfig(Config):
     """What the demo runs on; the defaults finish in about 10-15 minutes on 2 CPU cores."""
 
-    model: str = "tiny-vlm"  # built-in name or model folder (adapt and export take the same)
-    stream: str = "edge6"  # built-in stream name or a stream folder (see docs/stream.md)
-    budget: str = "16MiB"  # memory file budget; the file has exactly this footprint after every task
-    seed: int = 0  # stream instances and adapt sampling
-    num_test: int = 12  # held-out queries per task answered by the runtime (0: all)
+    model: str = knob("tiny-vlm", "Built-in name or model folder (adapt and export take the same).")
+    stream: str = knob("edge6", "Built-in stream name or a stream folder (see docs/stream.md).")
+    budget: str = knob("16MiB", "Memory file budget, e.g. 16MiB: the file has exactly this footprint after "
+                                "every task.")
+    seed: int = knob(0, "Seed of the stream's instances and of adapt's sampling.")
+    num_test: int = knob(12, "Held-out queries per task answered by the runtime (0: all).")
     top_k: int = 4  # entries retrieved per query (adapt and runtime use the same k)
     pooled_len: int = 8  # m: KV positions per entry; on edge6 more, shorter entries beat fewer long ones
     # (benchmarks/results/bench: induce-m8 Avg 47.9 vs m16 at the same 8 MiB)
     max_new_tokens: int = 8
     selection_steps: int = 12  # bilevel selection steps per task
-    work_dir: str | None = None  # default: $EDGEKV_CACHE/demo
-    threads: int | None = None  # onnxruntime / torch threads (default: the libraries decide)
+    work_dir: str | None = knob(None, "Where artifacts and memory go (default: $EDGEKV_CACHE/demo).")
+    threads: int | None = knob(None, "Threads for torch and onnxruntime (default: the libraries decide).")
 
     def __post_init__(self) -> None:
-        parse_size(self.budget)  # InputError on a bad size
-        if self.num_test < 0 or self.top_k < 1 or self.pooled_len < 1 or self.max_new_tokens < 1 or self.selection_steps < 0:
-            raise InputError("demo: num_test must be >= 0, top_k, pooled_len and max_new_tokens >= 1, selection_steps >= 0")
+        try:
+            parse_size(self.budget)
+        except InputError as e:
+            raise InputError(f"DemoConfig.budget: {e}") from None
+        for name, low in (("num_test", 0), ("top_k", 1), ("pooled_len", 1), ("max_new_tokens", 1),
+                          ("selection_steps", 0)):
+            if getattr(self, name) < low:
+                raise InputError(f"DemoConfig.{name} must be >= {low}, got {getattr(self, name)}")
+        if self.threads is not None and self.threads < 1:
+            raise InputError(f"DemoConfig.threads must be >= 1, got {self.threads}")
 
 
 @dataclass
@@ -106,11 +115,10 @@ def run_demo(cfg: DemoConfig, say: Say = _quiet, progress: bool = False) -> Demo
     """The demo; ``say`` receives one line per step (what is being done and why)."""
     from edgekv.budget import BudgetConfig, budget_report
     from edgekv.data.stream import load_stream
-    from edgekv.export.models import cache_dir
     from edgekv.export.pipeline import export_model
     from edgekv.format import Memory
+    from edgekv.host.models import cache_dir, load_backbone
     from edgekv.induce.adapt import adapt
-    from edgekv.induce.vision import load_adapt_backbone
     from edgekv.runtime import Runtime
 
     t0 = time.perf_counter()
@@ -130,7 +138,7 @@ def run_demo(cfg: DemoConfig, say: Say = _quiet, progress: bool = False) -> Demo
         say(f"      {t.name:<12} {t.kind:<5} {len(t.train)} train / {len(q)} held-out queries: {t.description}")
 
     say(f"[2/5] backbone {cfg.model!r} (frozen; built from shipped weights on first use)")
-    bb = load_adapt_backbone(cfg.model)
+    bb = load_backbone(cfg.model)
     artifacts = os.path.join(work, "artifacts")
     if _artifacts_current(artifacts, bb.fingerprint):
         say(f"      device export up to date: {artifacts}")

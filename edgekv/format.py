@@ -27,11 +27,12 @@ import shutil
 import stat
 import struct
 import zlib
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 
 import numpy as np
 
+from edgekv.atomic import publish_file
 from edgekv.errors import BudgetError, CorruptFileError, EdgeKVError, InputError, MismatchError
 from edgekv.quant import quantize_keys, quantize_values
 from edgekv.retrieval import KeyProjection
@@ -396,6 +397,11 @@ class Memory:
     tasks = property(lambda self: list(self._h.tasks))
     next_entry_id = property(lambda self: self._h.next_entry_id)
 
+    @property
+    def header_crc32(self) -> int:
+        """The header's CRC32: identifies this committed state (generation, table, calibration, ...)."""
+        return struct.unpack_from("<I", self._mm, self.spec.header_bytes - 4)[0]
+
     def occupied(self) -> np.ndarray:
         """Indices of occupied slots, ascending. [n] int64"""
         return np.flatnonzero(self.table["flags"] & FLAG_OCCUPIED).astype(np.int64)
@@ -563,14 +569,6 @@ def _check_calibration(calibration: Calibration, num_layers: int) -> None:
         raise InputError(f"calibration must have a finite tau > 0 and finite gates, got tau {calibration.tau}")
 
 
-def _fsync_dir(path: str) -> None:
-    fd = os.open(os.path.dirname(os.path.abspath(path)) or ".", os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 class _WriteLock:
     """One writer at a time per memory file (advisory flock on ``PATH.lock``)."""
 
@@ -602,8 +600,8 @@ def _remove_stale_temps(path: str) -> None:
 
 
 def _publish(tmp: str, path: str) -> None:
-    os.replace(tmp, path)
-    _fsync_dir(path)
+    """The rename + folder fsync (the one helper, edgekv.atomic); ``tmp`` is already fsync-ed."""
+    publish_file(tmp, path, synced=True)
 
 
 def create_memory(path: str | os.PathLike, spec: MemorySpec, budget_bytes: int,
@@ -678,7 +676,9 @@ def _storage_errors(path: str, what: str):
 
 def commit_update(path: str | os.PathLike, put: Mapping[int, Entry] | None = None,
                   clear: Iterable[int] = (), calibration: Calibration | None = None,
-                  projection: KeyProjection | None = None, expect_generation: int | None = None) -> int:
+                  projection: KeyProjection | None = None, expect_generation: int | None = None,
+                  before_publish: Callable[[int, int], None] | None = None,
+                  after_publish: Callable[[int, int], None] | None = None) -> int:
     """Atomically write ``put`` entries into their slots, empty ``clear`` slots, and/or
     replace the calibration and key projection. Returns the new generation.
 
@@ -686,6 +686,13 @@ def commit_update(path: str | os.PathLike, put: Mapping[int, Entry] | None = Non
     (after a crash) none of it. ``expect_generation``: the generation the caller read
     before computing the update (a read-modify-write such as ``adapt``); if another
     writer committed since, nothing is written and a :class:`MismatchError` says so.
+
+    ``before_publish(generation, header_crc32)`` / ``after_publish(...)``: called under the
+    write lock with the new state's generation and header CRC32 (what
+    :attr:`Memory.header_crc32` reads back), just before the new state becomes visible (its
+    bytes are written and fsync-ed) and just after. A companion file that must match the
+    memory (``adapt``'s anchors) is written there, so no other writer runs in between; if
+    ``before_publish`` raises, nothing is published.
     """
     path = os.fspath(path)
     put = dict(put or {})
@@ -759,11 +766,16 @@ def commit_update(path: str | os.PathLike, put: Mapping[int, Entry] | None = Non
                 os.fsync(f.fileno())
             if os.path.getsize(tmp) != new_h.file_bytes:  # the invariant, checked before publishing
                 raise CorruptFileError(f"internal error: update would change {path}'s size")
+            header_crc = struct.unpack_from("<I", header_raw, len(header_raw) - 4)[0]
+            if before_publish is not None:
+                before_publish(new_h.generation, header_crc)
             _publish(tmp, path)
         except BaseException:
             if os.path.exists(tmp):
                 os.unlink(tmp)
             raise
+        if after_publish is not None:
+            after_publish(new_h.generation, header_crc)
     return new_h.generation
 
 

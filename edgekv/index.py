@@ -34,6 +34,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from edgekv.atomic import publish_file, storage_errors, temp_name, write_file_atomic
+from edgekv.configs import Config
 from edgekv.errors import CorruptFileError, InputError, MismatchError
 from edgekv.format import Memory
 from edgekv.manifest import file_sha256
@@ -45,13 +47,18 @@ _MAX_META_BYTES = 1 << 20
 
 
 @dataclass(frozen=True)
-class IndexConfig:
+class IndexConfig(Config):
     """hnswlib parameters. Larger M / ef give higher recall for more memory and time."""
 
     M: int = 32  # graph degree
     ef_construction: int = 200  # build-time candidate list
     ef_search: int = 128  # query-time candidate list (raised to >= k)
     exact_below: int = 2048  # fewer occupied slots than this: exact search is as fast
+
+    def __post_init__(self) -> None:
+        for name, low in (("M", 2), ("ef_construction", 1), ("ef_search", 1), ("exact_below", 0)):
+            if getattr(self, name) < low:
+                raise InputError(f"IndexConfig.{name} must be >= {low}, got {getattr(self, name)}")
 
 
 def keys_digest(slots: np.ndarray, keys: np.ndarray) -> str:
@@ -84,7 +91,14 @@ def build_index(memory_path: str, out_dir: str, config: IndexConfig = IndexConfi
     if len(slots):
         index.add_items(keys, slots, num_threads=1)
     path = os.path.join(out_dir, INDEX_FILE)
-    index.save_index(path)
+    tmp = temp_name(path)  # hnswlib writes a path: save beside it, then publish it whole (edgekv.atomic)
+    try:
+        with storage_errors(path):
+            index.save_index(tmp)
+            publish_file(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
     meta = {
         "file": INDEX_FILE,
         "file_sha256": file_sha256(path),
@@ -96,8 +110,7 @@ def build_index(memory_path: str, out_dir: str, config: IndexConfig = IndexConfi
         "memory_fingerprint": fingerprint,
         "memory_generation": int(generation),
     }
-    with open(os.path.join(out_dir, INDEX_META), "w", encoding="utf-8") as f:
-        json.dump(meta, f, indent=2, sort_keys=True)
+    write_file_atomic(os.path.join(out_dir, INDEX_META), json.dumps(meta, indent=2, sort_keys=True))
     return meta
 
 

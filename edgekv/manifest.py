@@ -27,6 +27,7 @@ import math
 import os
 
 from edgekv import __version__
+from edgekv.atomic import write_file_atomic
 from edgekv.errors import CorruptFileError, InputError, MismatchError
 
 MANIFEST_FILE = "manifest.json"
@@ -186,22 +187,23 @@ def write_manifest(folder: str, data: dict) -> str:
     except ValueError as e:
         raise InputError(f"cannot write manifest: {e}") from None
     path = os.path.join(folder, MANIFEST_FILE)
-    tmp = path + f".tmp-{os.getpid()}"
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(data, f, indent=2, sort_keys=True)
-        f.write("\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    write_file_atomic(path, json.dumps(data, indent=2, sort_keys=True) + "\n")
     return path
 
 
-def _load(path: str) -> dict:
+def bounded_file(path: str, limit: int, what: str, if_missing: str) -> None:
+    """Refuse an artifact file that is missing (:class:`InputError`; ``if_missing`` says why and
+    what to do) or larger than ``limit`` bytes (:class:`CorruptFileError`: not read at all)."""
     if not os.path.isfile(path):
-        raise InputError(f"{path} is missing: not an edgekv export folder (write one with `edgekv export`)")
-    if os.path.getsize(path) > MAX_MANIFEST_BYTES:
-        raise CorruptFileError(f"{path}: {os.path.getsize(path)} bytes is too large for a manifest "
-                               f"(limit {MAX_MANIFEST_BYTES}); re-export the model")
+        raise InputError(f"{path}: {if_missing}")
+    size = os.path.getsize(path)
+    if size > limit:
+        raise CorruptFileError(f"{path}: {size} bytes is too large for {what} (limit {limit}); re-export the model")
+
+
+def _load(path: str) -> dict:
+    bounded_file(path, MAX_MANIFEST_BYTES, "a manifest",
+                 "no such file: not an edgekv export folder (write one with `edgekv export`)")
     try:
         with open(path, encoding="utf-8") as f:
             data = json.load(f)

@@ -15,7 +15,7 @@ Two ways to write the decoder:
   so ``ORTModelForCausalLM`` can open the folder too. Inputs ``input_ids`` [B, S],
   ``attention_mask`` [B, P+S], ``position_ids`` [B, S], ``past_key_values.{l}.key|value``
   [B, H, P, D]; outputs ``logits`` [B, S, V], ``present.{l}.key|value`` [B, H, P+S, D].
-* ``key.onnx`` — :class:`edgekv.export.keymodel.KeyModel` (the first ``key_layer`` layers
+* ``key.onnx`` — :class:`edgekv.host.keymodel.KeyModel` (the first ``key_layer`` layers
   and the pooling), traced with ``torch.onnx.export(dynamo=False)`` under optimum's model
   patcher so that mask creation traces; dynamic batch and sequence axes.
 * (issue 3 quantised optimum's graph with ``quantize_dynamic``; activation outliers cost it
@@ -37,6 +37,7 @@ import warnings
 from collections.abc import Iterator
 from typing import Any
 
+from edgekv.atomic import publish_file
 from edgekv.errors import InputError
 
 DECODER_FILE = "model.onnx"
@@ -135,7 +136,7 @@ def export_decoder(model: Any, out_dir: str, opset: int = DEFAULT_OPSET) -> list
         names = onnx_files(scratch, DECODER_FILE)
         for name in [*names, *OPTIMUM_CONFIG_FILES]:
             if os.path.isfile(os.path.join(scratch, name)):
-                os.replace(os.path.join(scratch, name), os.path.join(out_dir, name))
+                publish_file(os.path.join(scratch, name), os.path.join(out_dir, name))
     return names
 
 
@@ -152,21 +153,26 @@ def _dummy_key_inputs(vocab_size: int) -> tuple[Any, Any]:
 
 
 @contextlib.contextmanager
-def _optimum_patches(model: Any, module: Any) -> Iterator[None]:
-    """Enter optimum's model patcher for ``model``'s type around ``module``.
+def optimum_patches(config: Any, module: Any, task: str = "feature-extraction",
+                    restore: Any = None) -> Iterator[None]:
+    """Enter optimum's ONNX model patcher for ``config``'s model type and ``task`` around ``module``.
 
     The patcher registers the vmap-free mask functions (``sdpa_mask_without_vmap``), the
     packed-sequence and cache-layer fixes and the ONNX-compatible op replacements that
     optimum applies to decoders in this transformers version. It also sets
-    ``config.use_cache`` on every submodule, so the original values are restored after.
+    ``config.use_cache`` on every submodule, so the original values of ``restore``'s
+    submodules (default: ``module``'s) are put back after.
     """
     import optimum.exporters.onnx.model_configs  # noqa: F401  (registers the ONNX configs)
     from optimum.exporters.tasks import TasksManager
 
-    ctor = TasksManager.get_exporter_config_constructor(
-        exporter="onnx", model=model, task="feature-extraction", library_name="transformers")
-    onnx_config = ctor(model.config)
-    saved = [(m.config, m.config.use_cache) for m in model.modules()
+    try:
+        ctor = TasksManager.get_exporter_config_constructor(
+            exporter="onnx", model_type=config.model_type, task=task, library_name="transformers")
+    except (KeyError, ValueError) as e:
+        raise InputError(f"optimum has no ONNX config ({task}) for {config.model_type!r} models ({e})") from None
+    onnx_config = ctor(config)
+    saved = [(m.config, m.config.use_cache) for m in (module if restore is None else restore).modules()
              if hasattr(m, "config") and hasattr(m.config, "use_cache")]
     try:
         with onnx_config.patch_model_for_export(module):
@@ -186,13 +192,13 @@ def export_key_graph(model: Any, decoder: Any, key_layer: int, pooling: str, pat
     """
     import torch
 
-    from edgekv.export.keymodel import KeyModel
+    from edgekv.host.keymodel import KeyModel
 
     key_model = KeyModel(decoder, key_layer, pooling).eval()
     inputs = _dummy_key_inputs(int(model.config.vocab_size))
     axes = {"input_ids": {0: "batch_size", 1: "sequence_length"},
             "attention_mask": {0: "batch_size", 1: "sequence_length"}, "pooled": {0: "batch_size"}}
-    with quiet_export(), _optimum_patches(model, key_model), torch.no_grad():
+    with quiet_export(), optimum_patches(model.config, key_model, restore=model), torch.no_grad():
         torch.onnx.export(key_model, inputs, path, dynamo=False, opset_version=opset,
                           input_names=["input_ids", "attention_mask"], output_names=["pooled"],
                           dynamic_axes=axes, do_constant_folding=True)
@@ -207,14 +213,14 @@ def export_embeds_key_graph(decoder: Any, key_layer: int, pooling: str, path: st
     """
     import torch
 
-    from edgekv.export.keymodel import EmbedsKeyModel
+    from edgekv.host.keymodel import EmbedsKeyModel
 
     key_model = EmbedsKeyModel(decoder, key_layer, pooling).eval()
     _, mask = _dummy_key_inputs(2)
     embeds = torch.randn(*mask.shape, int(decoder.config.hidden_size), generator=torch.Generator().manual_seed(0))
     axes = {"inputs_embeds": {0: "batch_size", 1: "sequence_length"},
             "attention_mask": {0: "batch_size", 1: "sequence_length"}, "pooled": {0: "batch_size"}}
-    with quiet_export(), _optimum_patches(decoder, key_model), torch.no_grad():
+    with quiet_export(), optimum_patches(decoder.config, key_model, restore=decoder), torch.no_grad():
         torch.onnx.export(key_model, (embeds, mask), path, dynamo=False, opset_version=opset,
                           input_names=["inputs_embeds", "attention_mask"], output_names=["pooled"],
                           dynamic_axes=axes, do_constant_folding=True)

@@ -20,15 +20,19 @@ import os
 import shutil
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
-from typing import Any
 
-from edgekv import __version__
-from edgekv.errors import EdgeKVError, InputError, MismatchError
-from edgekv.export.models import Backbone, default_key_layer, load_backbone
+from edgekv.atomic import replace_dir_atomic
+from edgekv.errors import EdgeKVError, InputError
+from edgekv.export.common import (
+    ExportOptions,
+    check_memory,
+    manifest_data,
+    memory_spec,
+    resolve_key,
+    tokenizer_and_index,
+)
 from edgekv.export.onnx_export import (
     DECODER_FILE,
-    DEFAULT_OPSET,
     KEY_FILE,
     check_decoder,
     export_decoder,
@@ -37,45 +41,15 @@ from edgekv.export.onnx_export import (
     files_bytes,
     onnx_files,
 )
-from edgekv.manifest import MANIFEST_FILE, POOLINGS, file_hashes, is_export_folder, write_manifest
+from edgekv.host.models import Backbone, load_backbone
+from edgekv.host.vlm import vlm_type
+from edgekv.manifest import MANIFEST_FILE, file_hashes, is_export_folder, write_manifest
 
-TOKENIZER_FILE = "tokenizer.json"
-QUANTIZE_CHOICES = ("int8", "int4")
-GRAPHS = ("fused", "optimum")
 # The export-time check holds the fp32 decoder to this, relative to the logits' scale
 # (the tests hold 1e-4 absolute on tiny models and SmolLM2).
 CHECK_RTOL = 1e-4
 PROBE_TEXT = ("The secret code for the red door is 4417, and the blue door opens with 2231. "
               "Question: what is the code for the red door? Answer:")
-TOKENIZER_PROBES = ("hello world", "  two leading spaces", "Question: 2+2?\nAnswer: 4", "Ünïcödé ☃ — ok")
-
-
-@dataclass(frozen=True)
-class ExportOptions:
-    """What ``edgekv export`` writes besides the fp32 decoder."""
-
-    quantize_weights: str | None = None  # None: fp32; "int8" / "int4": weight-only block-wise MatMulNBits
-    graph: str = "fused"  # "fused": edgekv's decoder graph; "optimum": optimum's export (fp32 only)
-    memory: str | None = None  # a .ekv file: check it belongs to the model, build its HNSW index
-    key_layer: int | None = None  # layer the retrieval key pools (None: the memory's, else default)
-    key_pooling: str = "mean"  # mean | last (a memory's own pooling wins)
-    force: bool = False  # replace a non-empty out_dir that is not an edgekv export
-    opset: int = DEFAULT_OPSET  # ONNX opset of both graphs
-    check: bool = True  # compare the decoder with PyTorch at export time
-
-    def __post_init__(self) -> None:
-        if self.quantize_weights not in (None, *QUANTIZE_CHOICES):
-            raise InputError(f"--quantize-weights must be one of {QUANTIZE_CHOICES}, got {self.quantize_weights!r}")
-        if self.graph not in GRAPHS:
-            raise InputError(f"graph must be one of {GRAPHS}, got {self.graph!r}")
-        if self.graph == "optimum" and self.quantize_weights:
-            raise InputError("--quantize-weights needs edgekv's fused graph; omit graph='optimum'")
-        if self.key_layer is not None and self.key_layer < 0:
-            raise InputError(f"--key-layer must be >= 0, got {self.key_layer}")
-        if self.key_pooling not in POOLINGS:
-            raise InputError(f"key pooling must be one of {POOLINGS}, got {self.key_pooling!r}")
-        if self.opset < 14:
-            raise InputError(f"opset must be >= 14, got {self.opset}")
 
 
 # --- progress -----------------------------------------------------------------------
@@ -113,10 +87,10 @@ def stage_names(opts: ExportOptions) -> list[str]:
 # --- output folder ------------------------------------------------------------------
 def check_out_dir(out_dir: str, force: bool) -> None:
     if os.path.exists(out_dir) and not os.path.isdir(out_dir):
-        raise InputError(f"--out {out_dir} is a file; pass a folder")
+        raise InputError(f"output folder {out_dir} is a file; pass a folder")
     if os.path.isdir(out_dir) and os.listdir(out_dir) and not is_export_folder(out_dir) and not force:
-        raise InputError(f"--out {out_dir} is not empty and holds no edgekv export; "
-                         f"choose an empty folder or pass --force to replace it")
+        raise InputError(f"output folder {out_dir} is not empty and holds no edgekv export; "
+                         f"choose an empty folder or set ExportOptions.force to replace it")
 
 
 def staging_dir(out_dir: str) -> str:
@@ -129,49 +103,8 @@ def staging_dir(out_dir: str) -> str:
 
 
 def publish(staging: str, out_dir: str) -> None:
-    """Move the finished export into place (replacing an old one only now)."""
-    if not os.path.exists(out_dir):
-        os.replace(staging, out_dir)
-        return
-    old = f"{staging}-old"
-    os.replace(out_dir, old)
-    os.replace(staging, out_dir)
-    shutil.rmtree(old, ignore_errors=True)
-
-
-# --- memory -------------------------------------------------------------------------
-def memory_spec(path: str) -> Any:
-    from edgekv.format import Memory
-
-    with Memory(path) as mem:
-        return mem.spec
-
-
-def check_memory(spec: Any, path: str, bb: Backbone, key_layer: int | None) -> None:
-    """The memory was built with this backbone, and its key layer is the one asked for."""
-    if spec.model_fingerprint != bb.fingerprint:
-        raise MismatchError(
-            f"{path} was built for another model (memory fingerprint {spec.model_fingerprint[:12]}, "
-            f"{bb.source} has {bb.fingerprint[:12]}): export the model the memory was adapted with, "
-            f"or adapt a memory with this model")
-    s = bb.shape
-    if (spec.num_layers, spec.num_kv_heads, spec.head_dim) != (s.num_layers, s.num_kv_heads, s.head_dim):
-        raise MismatchError(f"{path} holds KV of shape (layers, heads, head dim) "
-                            f"{(spec.num_layers, spec.num_kv_heads, spec.head_dim)}, the model has "
-                            f"{(s.num_layers, s.num_kv_heads, s.head_dim)}")
-    if key_layer is not None and key_layer != spec.key_layer:
-        raise MismatchError(f"--key-layer {key_layer} differs from the key layer {spec.key_layer} of {path}; "
-                            f"omit --key-layer to use the memory's")
-
-
-def resolve_key(bb: Backbone, opts: ExportOptions, spec: Any | None) -> tuple[int, str]:
-    """(key layer, pooling): the memory's when given, else the option or the default."""
-    if spec is not None:
-        return int(spec.key_layer), spec.key_pooling
-    layer = default_key_layer(bb.shape.num_layers) if opts.key_layer is None else opts.key_layer
-    if not 0 <= layer <= bb.shape.num_layers:
-        raise InputError(f"--key-layer {layer} is outside the model's layers 0..{bb.shape.num_layers}")
-    return layer, opts.key_pooling
+    """Move the finished export into place, replacing an old one only now, whole (edgekv.atomic)."""
+    replace_dir_atomic(staging, out_dir)
 
 
 # --- stages -------------------------------------------------------------------------
@@ -206,62 +139,6 @@ def quantise_fused(bb: Backbone, key: tuple[int, str], weights: str, fp32_dir: s
     return files, info
 
 
-def export_tokenizer(bb: Backbone, folder: str) -> dict:
-    """tokenizer.json (+ tokenizer_config.json with the chat template); the manifest section.
-
-    The device encodes with ``tokenizers`` alone, so the post-processor in tokenizer.json
-    must reproduce ``tokenizer(text)`` of Hugging Face (a BOS it adds, included): checked
-    on probe texts here rather than discovered on the device.
-    """
-    from tokenizers import Tokenizer
-
-    tok = bb.tokenizer
-    if not getattr(tok, "is_fast", False):
-        raise InputError(f"{bb.source}: the model has no fast tokenizer (tokenizer.json), which the device needs")
-    tok.save_pretrained(folder, legacy_format=False, save_jinja_files=False)
-    device = Tokenizer.from_file(os.path.join(folder, TOKENIZER_FILE))
-    for text in TOKENIZER_PROBES:
-        want, got = list(tok(text).input_ids), device.encode(text).ids
-        if want != got:
-            raise InputError(f"the model's tokenizer cannot be reproduced from tokenizer.json alone "
-                             f"({text!r}: Hugging Face {want[:8]}, tokenizers {got[:8]}); not supported")
-    bos = tok.bos_token_id
-    with_special = list(tok("a").input_ids)
-    template = tok.chat_template
-    if isinstance(template, dict):
-        template = template.get("default")
-    from edgekv.runtime.tokenizer import DeviceTokenizer, chat_turn_of
-
-    special = {"bos_token": tok.bos_token, "eos_token": tok.eos_token}
-    chat_turn = chat_turn_of(DeviceTokenizer.load(os.path.join(folder, TOKENIZER_FILE), template, special)) \
-        if template else None
-    return {
-        "file": TOKENIZER_FILE, "chat_template": template, "chat_turn": chat_turn,
-        "eos_token_ids": [int(i) for i in bb.eos_token_ids],
-        "bos_token_id": None if bos is None else int(bos),
-        "pad_token_id": None if tok.pad_token_id is None else int(tok.pad_token_id),
-        "add_bos": bool(bos is not None and with_special[:1] == [bos] and list(tok("a", add_special_tokens=False)
-                                                                             .input_ids)[:1] != [bos]),
-        "bos_token": tok.bos_token, "eos_token": tok.eos_token,
-    }
-
-
-def manifest_data(bb: Backbone, key: tuple[int, str], weights: str, tokenizer: dict, files: dict,
-                  index: dict | None) -> dict:
-    s = bb.shape
-    rope = None if bb.rope is None else {"inv_freq": [float(x) for x in bb.rope.inv_freq],
-                                         "attention_scaling": float(bb.rope.attention_scaling)}
-    return {
-        "edgekv_version": __version__, "model_type": s.model_type, "model_fingerprint": bb.fingerprint,
-        "source": str(bb.source), "num_layers": s.num_layers, "num_kv_heads": s.num_kv_heads,
-        "head_dim": s.head_dim, "hidden_size": s.hidden_size, "vocab_size": s.vocab_size,
-        "max_positions": s.max_positions, "rope": rope,
-        "key": {"layer": key[0], "pooling": key[1], "file": KEY_FILE},
-        "decoder": {"file": DECODER_FILE, "weights": weights, "num_layers": s.num_layers},
-        "tokenizer": tokenizer, "files": files, "index": index,
-    }
-
-
 # --- the whole export ---------------------------------------------------------------
 def _export_into(model: str, folder: str, opts: ExportOptions, stages: Stages) -> dict:
     spec = memory_spec(opts.memory) if opts.memory else None
@@ -294,16 +171,9 @@ def _export_into(model: str, folder: str, opts: ExportOptions, stages: Stages) -
         with stages.stage("key graph"):
             export_key_graph(bb.model, bb.decoder, key[0], key[1], os.path.join(folder, KEY_FILE), opts.opset)
             key_names = onnx_files(folder, KEY_FILE)
-    with stages.stage("tokenizer"):
-        tokenizer = export_tokenizer(bb, folder)
-    index = None
-    if opts.memory:
-        with stages.stage("index"):
-            from edgekv.index import INDEX_META, build_index
-
-            index = build_index(opts.memory, folder)
+    tokenizer, index, names = tokenizer_and_index(bb, folder, opts.memory, stages)
     with stages.stage("manifest"):
-        names = [*decoder_names, *key_names, TOKENIZER_FILE] + ([index["file"], INDEX_META] if index else [])
+        names = [*decoder_names, *key_names, *names]
         data = manifest_data(bb, key, summary["decoder"]["weights"], tokenizer, file_hashes(folder, names), index)
         if row_tables:  # embedding tables the runtime maps once for both sessions
             data["decoder"]["row_tables"] = row_tables
@@ -322,7 +192,7 @@ def run_export(model: str, out_dir: str, opts: ExportOptions, progress: bool = T
     t0 = time.perf_counter()
     from edgekv.export import vlm  # vision-language models: their own graphs (export/vlm.py)
 
-    is_vlm = vlm.vlm_type(model) is not None
+    is_vlm = vlm_type(model) is not None
     stages = Stages(vlm.stage_names(opts) if is_vlm else stage_names(opts), progress)
     staging = staging_dir(out_dir)
     try:

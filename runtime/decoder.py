@@ -136,8 +136,8 @@ class KVCache:
     def fill(self, K: np.ndarray, V: np.ndarray) -> None:
         """Write K, V [L, H, T, D] at positions 0..T-1 (the injected memory); length = T."""
         T = K.shape[2]
-        if T > self.capacity:
-            raise InputError(f"{T} positions do not fit a cache of {self.capacity}")
+        if T > self.capacity:  # the runtime sizes the cache for memory + prompt + new tokens
+            raise RuntimeError(f"{T} positions do not fit a cache of {self.capacity}")
         self.k_all[:, 0, :, :T] = K
         self.v_all[:, 0, :, :T] = V
         self.length = T
@@ -156,12 +156,12 @@ class KVCache:
 
         gates = np.asarray(gates, np.float32)
         total = sum(e.k.shape[2] for e in entries)
-        if total > self.capacity:
-            raise InputError(f"{total} positions do not fit a cache of {self.capacity}")
+        if total > self.capacity:  # the runtime sizes the cache for memory + prompt + new tokens
+            raise RuntimeError(f"{total} positions do not fit a cache of {self.capacity}")
         table = None if rope is None else rope_table(rope, total, self.k_all.shape[-1])
         factors = [entry_scale(a, len(entries)) for a in alphas]
         if len(factors) != len(entries):
-            raise InputError(f"{len(entries)} entries but {len(factors)} weights")
+            raise RuntimeError(f"{len(entries)} entries but {len(factors)} weights")
         L = self.k_all.shape[0]
         n = max(1, min(int(threads or 1), L))
         parts = [slice(b * L // n, (b + 1) * L // n) for b in range(n)]

@@ -176,8 +176,8 @@ class MultimodalModel:
         if not prompt or not prompt.strip():
             raise InputError("the prompt is empty")
         if self.image_token in prompt:
-            raise InputError(f"the prompt contains the image token {self.image_token!r}; pass the image with "
-                             f"--image and leave the token out")
+            raise InputError(f"the prompt contains the image token {self.image_token!r}; pass the image as the "
+                             f"image argument and leave the token out")
         plain = f"{self.image_token}\n{prompt}"
         if not (chat and tokenizer.chat_template):
             return plain

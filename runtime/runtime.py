@@ -9,7 +9,9 @@ Per query (see ``docs/runtime.md``):
    0..k*m-1 (:func:`edgekv.induction.assemble_memory_kv`);
 4. the chat-templated prompt is fed after them as one prefill with that past; decoding
    then continues with the growing cache.
-The memory file is memory-mapped: only the retrieved slots (and the keys) are read.
+The memory file is not kept mapped (:class:`edgekv.format.Memory`): the header, slot table and
+keys are copied at load and their pages unmapped; a query reads only its retrieved slots,
+with ``pread`` into buffers of their own.
 """
 
 from __future__ import annotations
@@ -21,7 +23,9 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from edgekv.errors import InputError, MismatchError
+from edgekv.compat import ModelSide, check_memory_matches
+from edgekv.configs import Config, knob
+from edgekv.errors import InputError
 from edgekv.format import Memory
 from edgekv.index import IndexConfig, Retriever
 from edgekv.induction import assemble_memory_kv, select_and_weigh
@@ -42,20 +46,22 @@ from edgekv.runtime.tokenizer import DeviceTokenizer
 
 
 @dataclass(frozen=True)
-class RuntimeConfig:
-    k: int = 4  # entries retrieved per query
-    threads: int | None = None  # onnxruntime intra-op threads (None: onnxruntime decides)
-    retrieval: str | None = None  # None: automatic; "exact" or "hnsw" to force
-    chat: bool = True  # apply the chat template to prompts when the model has one
+class RuntimeConfig(Config):
+    """How :class:`Runtime` loads artifacts and retrieves."""
+
+    k: int = knob(4, "Entries retrieved per query.")
+    threads: int | None = knob(None, "onnxruntime intra-op threads (default: onnxruntime decides).")
+    retrieval: str | None = knob(None, "Force 'exact' or 'hnsw' search (default: automatic).")
+    chat: bool = knob(True, "Apply the chat template to prompts when the model has one.")
     verify_hashes: bool = True  # check artifact files against manifest.json at load
 
     def __post_init__(self) -> None:
         if self.k < 0:
-            raise InputError(f"k must be >= 0, got {self.k}")
+            raise InputError(f"RuntimeConfig.k must be >= 0, got {self.k}")
         if self.threads is not None and self.threads < 1:
-            raise InputError(f"threads must be >= 1, got {self.threads}")
+            raise InputError(f"RuntimeConfig.threads must be >= 1, got {self.threads}")
         if self.retrieval not in (None, "exact", "hnsw"):
-            raise InputError(f"retrieval must be 'exact' or 'hnsw', got {self.retrieval!r}")
+            raise InputError(f"RuntimeConfig.retrieval must be 'exact' or 'hnsw', got {self.retrieval!r}")
 
 
 @dataclass
@@ -86,6 +92,20 @@ class GenerationResult:
             "num_prompt_tokens": self.num_prompt_tokens, "num_memory_tokens": self.num_memory_tokens,
             "ttft_ms": self.ttft_ms, "tokens_per_s": self.tokens_per_s, "stop_reason": self.stop_reason,
         }
+
+
+@dataclass
+class _Query:
+    """One generation's inputs after :meth:`Runtime._prepare`, before the decoder runs."""
+
+    ids: list[int]  # prompt token ids [S] (chat template; image tokens expanded)
+    image: EncodedImage | None  # features [1, N, hidden] for the image-token positions
+    retrieved: list[Retrieved]  # layout order, best last
+    entries: list | None  # the retrieved slots' entries, for a shared-buffer cache to write itself
+    memory_kv: tuple[np.ndarray, np.ndarray] | None  # otherwise: K, V [L, H, T, D], keys rotated to 0..T-1
+    num_memory: int  # T: memory positions ahead of the prompt
+    max_new_tokens: int  # cut to what the model's context leaves
+    t0: float  # perf_counter() at retrieval: time to first token counts from here
 
 
 class Runtime:
@@ -122,8 +142,8 @@ class Runtime:
                                             session_options(config.threads, self._tables, spin=False))
             self.retriever = Retriever(memory, index_dir, IndexConfig(), force=config.retrieval)
             if config.k > len(self.retriever):
-                raise InputError(f"-k {config.k} is larger than the memory's {len(self.retriever)} entries; "
-                                 f"use -k {len(self.retriever)} or fewer")
+                raise InputError(f"RuntimeConfig.k = {config.k} is larger than the memory's {len(self.retriever)} "
+                                 f"entries; use {len(self.retriever)} or fewer")
 
     # --- loading ------------------------------------------------------------------
     @classmethod
@@ -145,25 +165,16 @@ class Runtime:
             raise
 
     def _check_memory(self, mem: Memory) -> None:
-        m, s = self.manifest, mem.spec
-        if s.model_fingerprint != m["model_fingerprint"]:
-            raise MismatchError(
-                f"{mem.path} was built for another model (fingerprint {s.model_fingerprint[:12]}, artifacts "
-                f"{m['model_fingerprint'][:12]}): adapt a memory with this model or export the model it was built for")
-        got = (s.num_layers, s.num_kv_heads, s.head_dim)
-        want = (int(m["num_layers"]), int(m["num_kv_heads"]), int(m["head_dim"]))
-        if got != want:
-            raise MismatchError(f"{mem.path} holds KV of shape (layers, heads, head dim) {got}, the model has {want}: "
-                                f"it belongs to another model; run with the artifacts of the model it was adapted "
-                                f"with, or adapt a new memory with this one")
-        key = m["key"]
-        if (s.key_layer, s.key_pooling) != (int(key["layer"]), key["pooling"]) or s.key_dim != int(m["hidden_size"]):
-            raise MismatchError(
-                f"{mem.path} keys pool layer {s.key_layer} ({s.key_pooling}); the artifacts' key graph pools layer "
-                f"{key['layer']} ({key['pooling']}): re-export with `edgekv export MODEL --memory {mem.path}`")
-        if (self.rope is None) != (s.rope is None):
-            raise MismatchError(f"{mem.path}: RoPE settings differ from the model's; adapt a new memory with this "
-                                f"model")
+        """The memory belongs to these artifacts (the one check, edgekv.compat): fingerprint, KV
+        shapes, key dimension, RoPE, and the key graph's layer and pooling."""
+        m, key = self.manifest, self.manifest["key"]
+        side = ModelSide(m["model_fingerprint"], int(m["num_layers"]), int(m["num_kv_heads"]), int(m["head_dim"]),
+                         int(m["hidden_size"]), self.rope, int(key["layer"]), key["pooling"], name="the model",
+                         key_source="the artifacts' key graph",
+                         fix_model="run with the artifacts of the model it was adapted with, or adapt a new memory "
+                                   "with this model",
+                         fix_key=f"re-export with `edgekv export MODEL --memory {mem.path}`")
+        check_memory_matches(mem.spec, side, mem.path)
 
     def close(self) -> None:
         if self.memory is not None:
@@ -187,7 +198,7 @@ class Runtime:
     def encode_image(self, image) -> EncodedImage:
         """Features [1, N, hidden] (and tile grid) of a path or PIL image (vision-language artifacts only)."""
         if self.vision is None:
-            raise InputError(f"{self.artifacts} holds a text-only model; --image needs a vision-language export")
+            raise InputError(f"{self.artifacts} holds a text-only model; an image needs a vision-language export")
         return self.vision.encode_image(image)
 
     def query_key(self, prompt: str, image: EncodedImage | None = None) -> np.ndarray:
@@ -289,11 +300,28 @@ class Runtime:
         ``image``: a path or PIL image (vision-language artifacts; ``edgekv.runtime.multimodal``):
         its features take the image-token positions of the prompt, and the retrieval key covers it
         (a key graph on embeddings; see :meth:`query_key`).
+
+        Three steps: :meth:`_prepare` (prompt ids, retrieval, memory KV), :meth:`_prefill`
+        (memory + prompt into the cache), :meth:`_decode` (one token at a time).
         """
         if max_new_tokens < 1:
             raise InputError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
         sampling = SamplingConfig(temperature, top_p, seed)
         res = result if result is not None else GenerationResult()
+        q = self._prepare(prompt, max_new_tokens, use_memory and inject is None, inject, image)
+        res.retrieved, res.num_prompt_tokens, res.num_memory_tokens = q.retrieved, len(q.ids), q.num_memory
+        cache = self._start_past(q.memory_kv, q.num_memory + len(q.ids) + q.max_new_tokens)
+        try:  # a pooled KVCache goes back to the decoder when the generation ends
+            logits, past = self._prefill(q, cache)
+            yield from self._decode(logits, past, q, sampling, res)
+        finally:
+            if getattr(self.decoder, "shared_buffer", False):
+                self.decoder.release_cache(cache)
+
+    def _prepare(self, prompt: str, max_new_tokens: int, retrieve: bool,
+                 inject: tuple[np.ndarray, np.ndarray] | None, image) -> _Query:
+        """Prompt ids [S], the retrieved entries and their memory KV [L, H, T, D]; the decoder is
+        not run yet. ``max_new_tokens`` is cut to what the model's context leaves."""
         img = None if image is None else self.encode_image(image)
         ids = self.prompt_ids(prompt) if img is None else self.vision.prompt_ids(self.tokenizer, prompt,
                                                                                  self.config.chat, img)
@@ -301,58 +329,60 @@ class Runtime:
             raise InputError(f"prompt of {len(ids)} tokens exceeds the model's context of {self.max_positions}; "
                              f"shorten the prompt")
         t0 = time.perf_counter()
-        retrieved = self.retrieve(prompt, image=img) if use_memory and self.retriever is not None and inject is None \
-            else []
+        retrieved = self.retrieve(prompt, image=img) if retrieve and self.retriever is not None else []
         # a shared-buffer decoder takes the retrieved entries straight into its KV buffers
         direct = bool(retrieved) and getattr(self.decoder, "shared_buffer", False)
         entries = self.read_entries(retrieved) if direct else None
         mem = None if direct else self.memory_kv(retrieved) if inject is None else self.rotate(*inject)
         num_mem = sum(e.k.shape[2] for e in entries) if direct else 0 if mem is None else mem[0].shape[2]
-        total = num_mem + len(ids) + max_new_tokens
         if self.max_positions and num_mem + len(ids) > self.max_positions:
             raise InputError(f"prompt of {len(ids)} tokens plus {num_mem} memory tokens exceeds the model's "
-                             f"context of {self.max_positions}; shorten the prompt or lower -k")
-        if self.max_positions and total > self.max_positions:
+                             f"context of {self.max_positions}; shorten the prompt or lower k")
+        if self.max_positions and num_mem + len(ids) + max_new_tokens > self.max_positions:
             max_new_tokens = self.max_positions - num_mem - len(ids)
-        res.retrieved, res.num_prompt_tokens, res.num_memory_tokens = retrieved, len(ids), num_mem
-        past = self._start_past(mem, num_mem + len(ids) + max_new_tokens)
-        cache = past  # a pooled KVCache goes back to the decoder when the generation ends
-        try:
-            if direct:
-                past.write_entries(entries, np.array([r.alpha for r in retrieved]), self.memory.calibration.gates,
-                                   self.rope, self.threads)
-            rng = np.random.default_rng(sampling.seed)
-            logits, past = self.decoder.forward(np.asarray([ids], np.int64), past, last_only=True) if img is None else \
-                self.vision.forward_ids(ids, img.features, past)
-            out_ids: list[int] = []
-            text = ""
-            t_first = None
-            res.stop_reason = "length"
-            for _ in range(max_new_tokens):
-                tok = next_token(logits[0, -1], sampling, rng)
-                if t_first is None:
-                    t_first = time.perf_counter()
-                    res.ttft_ms = (t_first - t0) * 1000
-                if tok in self.eos_ids:
-                    res.stop_reason = "eos"
-                    break
-                out_ids.append(tok)
-                new_text = self.tokenizer.decode(out_ids)
-                if len(new_text) > len(text) and not new_text.endswith("\ufffd"):
-                    piece, text = new_text[len(text):], new_text
-                    res.text, res.token_ids = text, list(out_ids)
-                    yield piece
-                if len(out_ids) == max_new_tokens:
-                    break
-                logits, past = self.decoder.forward(np.asarray([[tok]], np.int64), past)
-            res.text, res.token_ids = self.tokenizer.decode(out_ids), out_ids
-            if len(res.text) > len(text):
-                yield res.text[len(text):]
-            if t_first is not None and len(out_ids) > 1:
-                res.tokens_per_s = (len(out_ids) - 1) / max(time.perf_counter() - t_first, 1e-9)
-        finally:
-            if getattr(self.decoder, "shared_buffer", False):
-                self.decoder.release_cache(cache)
+        return _Query(ids, img, retrieved, entries, mem, num_mem, max_new_tokens, t0)
+
+    def _prefill(self, q: _Query, past) -> tuple[np.ndarray, object]:
+        """Feed the prompt after the memory: -> logits [1, S', V] (S' = 1 for the text decoder's
+        last position, S with an image) and the cache holding T + S positions."""
+        if q.entries is not None:  # shared buffer: dequantise the slots straight into the cache
+            past.write_entries(q.entries, np.array([r.alpha for r in q.retrieved]), self.memory.calibration.gates,
+                               self.rope, self.threads)
+        if q.image is None:
+            return self.decoder.forward(np.asarray([q.ids], np.int64), past, last_only=True)
+        return self.vision.forward_ids(q.ids, q.image.features, past)
+
+    def _decode(self, logits: np.ndarray, past, q: _Query, sampling: SamplingConfig,
+                res: GenerationResult) -> Iterator[str]:
+        """Sample from ``logits[0, -1]`` [V], feed the token back ([1, 1] per step), up to
+        ``q.max_new_tokens`` or EOS; yield the text as it becomes whole characters."""
+        rng = np.random.default_rng(sampling.seed)
+        out_ids: list[int] = []
+        text = ""
+        t_first = None
+        res.stop_reason = "length"
+        for _ in range(q.max_new_tokens):
+            tok = next_token(logits[0, -1], sampling, rng)
+            if t_first is None:
+                t_first = time.perf_counter()
+                res.ttft_ms = (t_first - q.t0) * 1000
+            if tok in self.eos_ids:
+                res.stop_reason = "eos"
+                break
+            out_ids.append(tok)
+            new_text = self.tokenizer.decode(out_ids)
+            if len(new_text) > len(text) and not new_text.endswith("\ufffd"):
+                piece, text = new_text[len(text):], new_text
+                res.text, res.token_ids = text, list(out_ids)
+                yield piece
+            if len(out_ids) == q.max_new_tokens:
+                break
+            logits, past = self.decoder.forward(np.asarray([[tok]], np.int64), past)
+        res.text, res.token_ids = self.tokenizer.decode(out_ids), out_ids
+        if len(res.text) > len(text):
+            yield res.text[len(text):]
+        if t_first is not None and len(out_ids) > 1:
+            res.tokens_per_s = (len(out_ids) - 1) / max(time.perf_counter() - t_first, 1e-9)
 
     def generate(self, prompt: str, max_new_tokens: int = 64, temperature: float = 0.0, top_p: float = 1.0,
                  seed: int | None = None, use_memory: bool = True,

@@ -6,20 +6,23 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from edgekv.configs import Config, knob
 from edgekv.errors import InputError
 
 
 @dataclass(frozen=True)
-class SamplingConfig:
-    temperature: float = 0.0  # 0: greedy
-    top_p: float = 1.0  # nucleus mass kept when sampling
-    seed: int | None = None
+class SamplingConfig(Config):
+    """How the next token is chosen."""
+
+    temperature: float = knob(0.0, "Sampling temperature; 0 = greedy.")
+    top_p: float = knob(1.0, "Nucleus sampling mass kept.")
+    seed: int | None = knob(None, "Sampling seed (default: fresh randomness).")
 
     def __post_init__(self) -> None:
         if not self.temperature >= 0:
-            raise InputError(f"temperature must be >= 0, got {self.temperature}")
+            raise InputError(f"SamplingConfig.temperature must be >= 0, got {self.temperature}")
         if not 0 < self.top_p <= 1:
-            raise InputError(f"top_p must be in (0, 1], got {self.top_p}")
+            raise InputError(f"SamplingConfig.top_p must be in (0, 1], got {self.top_p}")
 
 
 def next_token(logits: np.ndarray, cfg: SamplingConfig, rng: np.random.Generator) -> int:

@@ -22,12 +22,12 @@ template, is rendered by the sandbox as before.
 from __future__ import annotations
 
 import hashlib
-import os
 import threading
 import time
 from dataclasses import dataclass, field
 
 from edgekv.errors import CorruptFileError, EdgeKVError, InputError
+from edgekv.manifest import bounded_file
 
 MAX_TOKENIZER_BYTES = 256 << 20  # the largest real tokenizer.json files are ~35 MB
 MAX_TEMPLATE_CHARS = 1 << 20  # longest string (and rendered prompt) a template may build
@@ -110,11 +110,8 @@ class DeviceTokenizer:
         used only while it belongs to ``chat_template`` (then the template is compiled on first use)."""
         from tokenizers import Tokenizer
 
-        if not os.path.isfile(path):
-            raise InputError(f"{path}: tokenizer file missing from the artifacts; re-export the model")
-        if os.path.getsize(path) > MAX_TOKENIZER_BYTES:
-            raise CorruptFileError(f"{path}: {os.path.getsize(path)} bytes is too large for a tokenizer.json; "
-                                   f"re-export the model")
+        bounded_file(path, MAX_TOKENIZER_BYTES, "a tokenizer.json",
+                     "tokenizer file missing from the artifacts; re-export the model")
         try:
             tok = Tokenizer.from_file(path)
         except BaseException as e:  # tokenizers raises plain Exception on bad JSON, a panic on worse

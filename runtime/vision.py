@@ -26,6 +26,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from edgekv.configs import Config
 from edgekv.errors import InputError
 
 KINDS = ("clip", "idefics3")
@@ -37,7 +38,7 @@ BICUBIC, LANCZOS = 3, 1
 
 
 @dataclass(frozen=True)
-class ImageProcessorConfig:
+class ImageProcessorConfig(Config):
     """What a Hugging Face image processor does, as plain fields (JSON round-trip)."""
 
     kind: str  # "clip" | "idefics3"
@@ -56,13 +57,14 @@ class ImageProcessorConfig:
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
-            raise InputError(f"image processor kind must be one of {KINDS}, got {self.kind!r}")
+            raise InputError(f"ImageProcessorConfig.kind must be one of {KINDS}, got {self.kind!r}")
         if len(self.image_mean) != 3 or len(self.image_std) != 3 or min(self.image_std) <= 0:
-            raise InputError("image_mean and image_std must hold 3 values (std > 0)")
+            raise InputError("ImageProcessorConfig.image_mean and image_std must hold 3 values (std > 0)")
         if self.kind == "clip" and self.do_resize and self.shortest_edge < 1:
-            raise InputError("a clip processor needs shortest_edge >= 1")
+            raise InputError("ImageProcessorConfig.shortest_edge must be >= 1 for a clip processor")
         if self.kind == "idefics3" and (self.max_image_size < 1 or (self.do_resize and self.longest_edge < 1)):
-            raise InputError("an idefics3 processor needs max_image_size >= 1 and longest_edge >= 1")
+            raise InputError("ImageProcessorConfig.max_image_size and longest_edge must be >= 1 for an idefics3 "
+                             "processor")
 
     @staticmethod
     def from_hf(d: dict) -> ImageProcessorConfig:
@@ -88,14 +90,12 @@ class ImageProcessorConfig:
         raise InputError(f"image processor {name!r} is not supported (supported: CLIPImageProcessor, "
                          f"Idefics3ImageProcessor)")
 
-    def to_dict(self) -> dict:
-        return {k: list(v) if isinstance(v, tuple) else v for k, v in self.__dict__.items()}
-
-    @staticmethod
-    def from_dict(d: dict) -> ImageProcessorConfig:
+    @classmethod
+    def from_dict(cls, d: dict) -> ImageProcessorConfig:
+        """From manifest.json's ``vision.processor`` (:meth:`to_dict`)."""
         try:
-            return ImageProcessorConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items()})
-        except TypeError as e:
+            return super().from_dict(d)
+        except (InputError, TypeError) as e:
             raise InputError(f"image processor settings in manifest.json are invalid ({e})") from None
 
 

@@ -140,7 +140,7 @@ sys.path.insert(0, "tests")
 import numpy as np
 from tiny_models import make_tiny_model
 from test_runtime import build_memory
-from edgekv.export.models import load_backbone
+from edgekv.host.models import load_backbone
 from edgekv.export.pipeline import export_model
 from edgekv.runtime import Runtime
 

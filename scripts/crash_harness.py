@@ -2,7 +2,7 @@
 kill the memory must open, pass ``verify()``, and equal the previous or the next committed
 state, byte for byte.
 
-Two parts, both seeded:
+Three parts, all seeded:
 
 * ``commit_update``: a child process commits updates to a ~4 MB memory in a loop (the state
   after generation g is a pure function of g) and logs each committed generation (fsync-ed).
@@ -18,14 +18,25 @@ Two parts, both seeded:
   seeded), so the memory after a kill must be byte-identical to the state before step i
   (or, in step 1, absent or freshly created) or to the state after it. Every fourth trial
   that left the old state is re-run to completion and must reach exactly the next state
-  (a crash leaves nothing that changes a retry: stale temp file, lock).
+  (a crash leaves nothing that changes a retry: stale temp file, lock). The anchors the
+  loader returns after the kill must be those of the state the memory holds.
+* ``anchors``: adapt-like steps through ``edgekv.induce.anchors.commit_with_anchors`` (the
+  function ``adapt`` commits its memory and anchors with) on a small synthetic memory; the
+  update and the anchors of generation g are pure functions of g. Half of the kills are
+  fault injection: the child counts its file-system calls (open, fsync, rename, unlink,
+  copy, close, ...) and SIGKILLs itself right before call N, N sweeping every boundary of a
+  step; the other half kill a looping child after a random delay. After each kill the memory
+  must be a committed state (sha256) and ``read_anchors`` must return the anchors of its
+  generation (``inconsistent_states`` counts the others). A control that commits in the old
+  order (memory, then anchors file) must show inconsistent states.
 
 Children are forked from this process after it has imported torch and edgekv but before it
 runs any torch op, so each trial costs the adapt work, not the interpreter start. Results go
 to ``benchmarks/results/crash_harness.json``.
 
-    python scripts/crash_harness.py                          # full: 120 adapt + 240 commit kills
-    python scripts/crash_harness.py --adapt-kills 10 --commit-kills 0 --out /tmp/x.json   # quick
+    python scripts/crash_harness.py                          # full: 120 adapt + 240 commit + 240 anchors kills
+    python scripts/crash_harness.py --adapt-kills 10 --commit-kills 0 --anchor-kills 0 --out out/x.json  # quick
+    python scripts/crash_harness.py --adapt-kills 0 --commit-kills 0 --merge   # the anchors part alone, merged
 """
 
 from __future__ import annotations
@@ -283,8 +294,8 @@ def _adapt_cli(argv: list[str]) -> int:
 
 def _create_like_adapt(model: str, path: str, budget: int) -> int:
     """The state `adapt` creates before its first commit (created, empty, generation 0)."""
-    from edgekv.export.models import load_backbone
     from edgekv.format import Calibration, create_memory
+    from edgekv.host.models import load_backbone
     from edgekv.induce.adapt import AdaptConfig, memory_spec
 
     bb = load_backbone(model)
@@ -316,7 +327,15 @@ def snapshot(folder: str, dest: str) -> dict:
         if os.path.exists(os.path.join(folder, name)):
             files[name] = shutil.copy(os.path.join(folder, name), os.path.join(dest, name))
     return {"files": files, "memory": sha256_file(os.path.join(folder, "m.ekv")),
-            "anchors": sha256_file(os.path.join(folder, "m.ekv.anchors.jsonl"))}
+            "anchors": sha256_file(os.path.join(folder, "m.ekv.anchors.jsonl")),
+            "loaded_anchors": loaded_anchors(os.path.join(folder, "m.ekv"))}
+
+
+def loaded_anchors(mem_path: str) -> list[dict]:
+    """The anchors the next adapt uses for the memory at ``mem_path`` (edgekv.induce.anchors)."""
+    from edgekv.induce.anchors import read_anchors
+
+    return [{"task": t, **ex.__dict__} for t, ex in read_anchors(mem_path)] if os.path.exists(mem_path) else []
 
 
 def run_adapt_part(work: str, kills: int, rng: random.Random, model: str, budget: int, num_tasks: int = 3) -> dict:
@@ -353,7 +372,7 @@ def run_adapt_part(work: str, kills: int, rng: random.Random, model: str, budget
            "reference_seconds": [round(d, 2) for d in durations],
            "outcomes": {"old": 0, "new": 0, "absent (killed before the memory was created)": 0,
                         "created, first commit not reached": 0},
-           "new_with_old_anchors": 0, "landed_mid_write": 0, "kill_modes": {"random": 0, "mid-write": 0},
+           "inconsistent_anchors": 0, "anchors_ahead_of_memory": 0, "landed_mid_write": 0, "kill_modes": {"random": 0, "mid-write": 0},
            "retries": 0, "retries_reached_next_state": 0,
            "per_step_kills": {str(i): 0 for i in range(1, num_tasks + 1)},
            "failures": []}
@@ -386,35 +405,223 @@ def run_adapt_part(work: str, kills: int, rng: random.Random, model: str, budget
             else:
                 with Memory(mem_path) as mem:
                     mem.verify()
-                anchors = sha256_file(mem_path + ".anchors.jsonl")
+                # the anchors the next adapt would use must be those of the state the memory holds
+                anchors = loaded_anchors(mem_path)
                 if digest == nxt["memory"]:
-                    outcome = "new"
+                    outcome, want = "new", nxt["loaded_anchors"]
                     out["outcomes"]["new"] += 1
-                    if anchors == (prev or {}).get("anchors") and anchors != nxt["anchors"]:
-                        out["new_with_old_anchors"] += 1  # killed between the commit and the anchors file
-                    elif anchors != nxt["anchors"]:
-                        raise AssertionError("anchors file is neither the old nor the new one")
                 elif step == 1 and digest == created["memory"]:
-                    outcome = "old"
+                    outcome, want = "old", created["loaded_anchors"]
                     out["outcomes"]["created, first commit not reached"] += 1
                 elif prev is not None and digest == prev["memory"]:
-                    outcome = "old"
+                    outcome, want = "old", prev["loaded_anchors"]
                     out["outcomes"]["old"] += 1
-                    if anchors != prev["anchors"]:
-                        raise AssertionError("memory is old but the anchors file changed")
                 else:
                     raise AssertionError("the memory is neither the state before nor the state after the step")
+                if outcome == "old" and os.path.exists(mem_path + ".anchors.jsonl") and \
+                        sha256_file(mem_path + ".anchors.jsonl") != (prev or created)["anchors"]:
+                    out["anchors_ahead_of_memory"] += 1  # killed after the anchors write, before the commit
+                if anchors != want:
+                    out["inconsistent_anchors"] += 1
+                    raise AssertionError(f"the memory is the {outcome} state but the anchors the loader returns "
+                                         f"are not that state's")
             if outcome == "old" and out["kills"] % 4 == 0:  # a retry after the crash reaches the next state
                 out["retries"] += 1
                 code = wait_child(fork_child(_adapt_cli, adapt_argv(model, tasks[step - 1], mem_path, step, budget)),
                                   600)
-                if code == 0 and sha256_file(mem_path) == nxt["memory"] and not temps_of(trial, "m.ekv"):
+                if code == 0 and sha256_file(mem_path) == nxt["memory"] and not temps_of(trial, "m.ekv") and \
+                        sha256_file(mem_path + ".anchors.jsonl") == nxt["anchors"]:
                     out["retries_reached_next_state"] += 1
                 else:
-                    raise AssertionError(f"retry after the crash: exit {code}, memory is not the next state "
-                                         f"or a temporary file stayed")
+                    raise AssertionError(f"retry after the crash: exit {code}, memory or anchors file is not the "
+                                         f"next state, or a temporary file stayed")
         except Exception as e:  # noqa: BLE001 - every failure is reported
             out["failures"].append(f"{where}: {type(e).__name__}: {e}")
+    out["seconds"] = round(time.monotonic() - t0, 1)
+    return out
+
+
+# ---------------------------------------------------------------------------------
+# part 3: anchors + memory committed together (edgekv.induce.anchors.commit_with_anchors)
+# ---------------------------------------------------------------------------------
+BOUNDARIES = ("open", "fsync", "replace", "rename", "unlink", "copy_file_range", "ftruncate", "close")
+
+
+def _anchors_for(g: int) -> list:
+    """The anchors of generation g: a pure function of g (none before the first commit)."""
+    from edgekv.data import Example
+
+    if g == 0:
+        return []
+    return [(f"task-{g % 3}", Example(f"a{g}-{i}", f"prompt {g} {i} ☃", f"answer {g % 7}")) for i in range(2 + g % 3)]
+
+
+def _arm_kill(at: int) -> list[int]:
+    """From now on, count calls of the file-system functions in BOUNDARIES (and builtin open) and
+    SIGKILL this process right before call number ``at`` (a kill at that syscall boundary)."""
+    import builtins
+
+    count = [0]
+
+    def wrap(mod, name: str) -> None:
+        real = getattr(mod, name)
+
+        def boundary(*a, **k):
+            count[0] += 1
+            if count[0] == at:
+                os.kill(os.getpid(), signal.SIGKILL)
+            return real(*a, **k)
+
+        setattr(mod, name, boundary)
+
+    for name in BOUNDARIES:
+        if hasattr(os, name):
+            wrap(os, name)
+    wrap(builtins, "open")
+    return count
+
+
+def _anchor_commit(path: str, spec, num_slots: int, control: bool) -> int:
+    """One adapt-like step from the memory's current state G: the update of G + 1 and the
+    anchors of G + 1 through the real commit path (``control``: the old order, memory first and
+    the anchors file after it, which the check must catch)."""
+    from edgekv.format import Memory, commit_update
+    from edgekv.induce.anchors import commit_with_anchors, read_anchors, write_anchors
+
+    with Memory(path) as m:
+        g, crc = m.generation, m.header_crc32
+    current = read_anchors(path, g, crc)
+    put, clear, cal = _update_for(spec, num_slots, g + 1)
+    update = {"put": {put: _entry_for(spec, g + 1)}, "clear": clear, "calibration": cal}
+    if control:
+        new = commit_update(path, expect_generation=g, **update)
+        with Memory(path) as m:
+            write_anchors(path, [(new, m.header_crc32, _anchors_for(g + 1))])
+        return new
+    return commit_with_anchors(path, _anchors_for(g + 1), current, g, crc, **update)["generation"]
+
+
+def _anchor_step(path: str, spec, num_slots: int, at: int, control: bool, counter_file: str | None) -> int:
+    """A child: one step, killed by itself at syscall boundary ``at`` (0: never; the number of
+    boundaries the step crossed goes to ``counter_file``)."""
+    count = _arm_kill(at)
+    _anchor_commit(path, spec, num_slots, control)
+    crossed = count[0]
+    if counter_file:
+        with open(counter_file, "w") as f:
+            f.write(str(crossed))
+    return 0
+
+
+def _anchor_loop(path: str, spec, num_slots: int, log: str) -> int:
+    """A child: adapt-like steps in a loop, each committed generation logged (fsync-ed)."""
+    fd = os.open(log, os.O_WRONLY | os.O_APPEND | os.O_CREAT)
+    while True:
+        g = _anchor_commit(path, spec, num_slots, control=False)
+        os.write(fd, b"%d\n" % g)
+        os.fsync(fd)
+
+
+def run_anchors_part(work: str, kills: int, rng: random.Random, control: bool = False) -> dict:
+    """Kill adapt-like steps (``commit_with_anchors`` on a small synthetic memory) at every syscall
+    boundary of the anchors + memory commit (fault injection, half of the kills) or after a random
+    delay; after each kill the memory must be a committed state (sha256 of the reference chain)
+    and the anchors the loader returns must be those of the memory's generation."""
+    from edgekv.format import Memory, MemorySpec, create_memory
+    from edgekv.induce.anchors import anchors_equal, read_anchor_sets, read_anchors
+
+    spec = MemorySpec(num_layers=2, num_kv_heads=2, head_dim=16, pooled_len=4, key_dim=32,
+                      model_fingerprint="a7" * 32, payload_dtype="int8")
+    folder = os.path.join(work, "anchors-control" if control else "anchors")
+    os.makedirs(folder)
+    path, ref, log = (os.path.join(folder, n) for n in ("m.ekv", "ref.ekv", "steps.log"))
+    budget = 256 << 10
+    create_memory(path, spec, budget).close()
+    create_memory(ref, spec, budget).close()
+    with Memory(path) as m:
+        num_slots = m.num_slots
+    digests = [sha256_file(ref)]
+
+    def digest_of(gen: int) -> str:
+        while len(digests) <= gen:
+            _commit(ref, spec, num_slots, len(digests))
+            digests.append(sha256_file(ref))
+        return digests[gen]
+
+    # boundaries one step crosses, and its time: two steps never killed (the second one, like
+    # every later step, also reads an anchors file)
+    counter = os.path.join(work, f"boundaries-{int(control)}.txt")
+    for _ in range(2):
+        t = time.monotonic()
+        if wait_child(fork_child(_anchor_step, path, spec, num_slots, 0, control, counter), 60) != 0:
+            raise RuntimeError("an adapt-like step failed")
+        step_s = time.monotonic() - t
+    with open(counter) as f:
+        boundaries = int(f.read())
+    t0 = time.monotonic()
+    out = {"kills": 0, "child_exited_first": 0, "boundaries_per_step": boundaries, "step_seconds": round(step_s, 4),
+           "kill_modes": {"syscall-boundary": 0, "random": 0}, "boundaries_hit": [],
+           "outcomes": {"old": 0, "new": 0}, "anchors_ahead_of_memory": 0, "two_sets_in_file": 0,
+           "inconsistent_states": 0, "failures": []}
+    hit: set[int] = set()
+    sweep: list[int] = []
+    killed: set[int] = set()
+    while out["kills"] < kills:
+        with Memory(path) as mem:
+            start = mem.generation
+        if out["kills"] % 2 == 0:  # every boundary of a step, in a shuffled sweep, then again
+            if not sweep:
+                sweep = list(range(1, boundaries + 1))
+                rng.shuffle(sweep)
+            at = sweep.pop()
+            mode, where = "syscall-boundary", f"boundary {at}"
+            pid = fork_child(_anchor_step, path, spec, num_slots, at, control, None)
+            code = wait_child(pid, 60)
+            if code != -signal.SIGKILL:
+                out["child_exited_first"] += 1  # fewer boundaries this time (no stale file to remove)
+                if code != 0:
+                    out["failures"].append(f"step child exited with {code}")
+                continue
+            hit.add(at)
+        else:
+            mode = "random"
+            delay = rng.uniform(0, 3 * step_s)
+            where = f"{delay * 1000:.1f} ms"
+            open(log, "w").close()
+            pid = fork_child(_anchor_loop, path, spec, num_slots, log)
+            if not kill_at(pid, folder, "m.ekv", "random", delay, give_up=60):
+                out["child_exited_first"] += 1
+                out["failures"].append(f"loop child {pid} exited before the kill")
+                continue
+        killed.add(pid)
+        out["kills"] += 1
+        out["kill_modes"][mode] += 1
+        last = max(start, _last_logged(log)) if mode == "random" else start
+        try:
+            with Memory(path) as mem:
+                gen = mem.generation
+                mem.verify()
+            if gen not in (last, last + 1):
+                raise AssertionError(f"memory at generation {gen}, last committed {last}")
+            if sha256_file(path) != digest_of(gen):
+                raise AssertionError(f"generation {gen}: bytes differ from the committed state")
+            out["outcomes"]["old" if gen == last else "new"] += 1
+            sets = read_anchor_sets(path)
+            out["anchors_ahead_of_memory"] += any(s.generation == gen + 1 for s in sets)
+            out["two_sets_in_file"] += len(sets) == 2
+            if not anchors_equal(read_anchors(path), _anchors_for(gen)):
+                out["inconsistent_states"] += 1
+                raise AssertionError(f"the anchors the loader returns are not those of generation {gen} "
+                                     f"(sets in the file: {[s.generation for s in sets]})")
+            stale = set(temps_of(folder, "m.ekv")) | set(temps_of(folder, "m.ekv.anchors.jsonl"))
+            if any(int(n.split("tmp-")[1].split("-")[0]) not in killed for n in stale):
+                raise AssertionError(f"temporary files of a live writer {sorted(stale)}")
+        except Exception as e:  # noqa: BLE001 - every failure is reported
+            out["failures"].append(f"kill {out['kills']} ({mode}, {where}): {type(e).__name__}: {e}")
+    with Memory(path) as mem:
+        out["generations_committed"] = mem.generation
+    out["boundaries_hit"] = sorted(hit)
+    out["every_boundary_hit"] = hit >= set(range(1, boundaries + 1))
     out["seconds"] = round(time.monotonic() - t0, 1)
     return out
 
@@ -434,6 +641,14 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--adapt-kills", type=int, default=120)
     p.add_argument("--commit-kills", type=int, default=240)
+    p.add_argument("--anchor-kills", type=int, default=240,
+                   help="kills of adapt-like steps during the anchors + memory commit (half at each syscall "
+                        "boundary of the commit in turn, half after a random delay)")
+    p.add_argument("--anchor-control-kills", type=int, default=40,
+                   help="the same kills of a control that commits in the old order (memory, then anchors file): "
+                        "it must show inconsistent states, or the check has no teeth")
+    p.add_argument("--merge", action="store_true",
+                   help="keep the parts of --out that this run does not redo (totals are recomputed)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--budget", type=int, default=4 << 20,
                    help="memory budget in bytes for the adapt part (4 MiB: a commit's write takes long enough "
@@ -444,14 +659,17 @@ def main() -> None:
     p.add_argument("--out", default=os.path.join(RESULTS, "crash_harness.json"))
     args = p.parse_args()
     # imported here, before any fork; no torch op runs in this process (OpenMP and fork do not mix)
-    import torch  # noqa: F401
-    import transformers  # noqa: F401
-
-    import edgekv.cli  # noqa: F401
-    import edgekv.commands.adapt  # noqa: F401
-    import edgekv.export.models  # noqa: F401
     import edgekv.format  # noqa: F401
-    import edgekv.induce.adapt  # noqa: F401
+    import edgekv.induce.anchors  # noqa: F401
+
+    if args.adapt_kills:
+        import torch  # noqa: F401
+        import transformers  # noqa: F401
+
+        import edgekv.cli  # noqa: F401
+        import edgekv.commands.adapt  # noqa: F401
+        import edgekv.host.models  # noqa: F401
+        import edgekv.induce.adapt  # noqa: F401
 
     work = args.work or tempfile.mkdtemp(prefix="edgekv-crash-")
     rng = random.Random(args.seed)
@@ -467,13 +685,39 @@ def main() -> None:
             print(f"[crash] adapt: {args.adapt_kills} kills ...", flush=True)
             report["adapt"] = run_adapt_part(work, args.adapt_kills, rng, model, args.budget, args.tasks)
             print(f"[crash] adapt: {json.dumps(report['adapt'])[:600]}", flush=True)
+        arng = random.Random(f"{args.seed}-anchors")  # its own stream: the parts above replay as before
+        if args.anchor_kills:
+            print(f"[crash] anchors + memory commit: {args.anchor_kills} kills ...", flush=True)
+            report["anchors"] = run_anchors_part(work, args.anchor_kills, arng)
+            report["anchors"].update(seed=args.seed, command=report["command"])
+            print(f"[crash] anchors: {json.dumps(report['anchors'])[:600]}", flush=True)
+        if args.anchor_control_kills:
+            print(f"[crash] control, old order (memory, then anchors): {args.anchor_control_kills} kills ...",
+                  flush=True)
+            control = run_anchors_part(work, args.anchor_control_kills, arng, control=True)
+            control["failures"] = control["failures"][:5]  # expected: the inconsistent states it found
+            report["anchors_control"] = control
+            print(f"[crash] control: {control['inconsistent_states']} inconsistent states", flush=True)
+            if "anchors" in report:
+                report["anchors"]["control_inconsistent_states"] = control["inconsistent_states"]
+                if control["inconsistent_states"] == 0:
+                    report["anchors"]["failures"].append(
+                        "the control (memory committed before the anchors file) showed no inconsistent state: "
+                        "the check cannot tell the two orders apart")
     finally:
         if not args.work:
             shutil.rmtree(work, ignore_errors=True)
-    parts = [report[k] for k in ("commit_update", "adapt") if k in report]
+    report["seconds"] = round(time.monotonic() - t0, 1)
+    if args.merge and os.path.exists(args.out):  # earlier parts stay, with their own command and totals
+        with open(args.out) as f:
+            merged = json.load(f)
+        for key in ("commit_update", "adapt", "anchors", "anchors_control"):
+            if key in report:
+                merged[key] = report[key]
+        report = merged
+    parts = [report[k] for k in ("commit_update", "adapt", "anchors") if k in report]
     report["total_kills"] = sum(p["kills"] for p in parts)
     report["total_failures"] = sum(len(p["failures"]) for p in parts)
-    report["seconds"] = round(time.monotonic() - t0, 1)
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     with open(args.out, "w") as f:
         json.dump(report, f, indent=2)

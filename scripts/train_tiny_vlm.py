@@ -3,7 +3,7 @@
     python scripts/train_tiny_vlm.py [--seed 0] [--num-images 2048] [--lm-steps 24] [--batch 16]
 
 Frozen MobileNetV2 (ImageNet) features and frozen SmolLM2-135M-Instruct; only the projector
-(export/tiny_vlm.py ``Projector``) learns. Data (edgekv/data/scenes.py), all generated here:
+(edgekv/host/tiny_vlm.py ``Projector``) learns. Data (edgekv/data/scenes.py), all generated here:
 single-object scenes ("a red triangle on the left"), several same-looking objects ("three blue
 squares"), mixed scenes ("a red circle on the top and a green star on the left"), sklearn digits
 (train split: "the digit 7") and rendered words ("the word 'cat'"). Each image is paired with
@@ -21,10 +21,10 @@ Two phases, both seeded (torch and numpy) and run with 2 threads:
 MobileNetV2 features are computed once per image. The shipped asset is two runs (stage 2 continues
 stage 1 with the LM loss on fresh images; both logs are kept):
 
-    python scripts/train_tiny_vlm.py --out /tmp/stage1.safetensors
-    python scripts/train_tiny_vlm.py --init /tmp/stage1.safetensors --seed 1 --num-images 384 --warm-steps 0 \
+    python scripts/train_tiny_vlm.py --out out/stage1.safetensors
+    python scripts/train_tiny_vlm.py --init out/stage1.safetensors --seed 1 --num-images 384 --warm-steps 0 \
         --log benchmarks/results/tiny_vlm_train_stage2.json
- Writes export/assets/tiny_vlm_projector.safetensors
+ Writes edgekv/host/assets/tiny_vlm_projector.safetensors
 and benchmarks/results/tiny_vlm_train.json (time, settings, losses).
 """
 
@@ -44,7 +44,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 from edgekv.data import scenes  # noqa: E402
-from edgekv.export import tiny_vlm as tv  # noqa: E402
+from edgekv.host import tiny_vlm as tv  # noqa: E402
 from edgekv.runtime.vision import ImageProcessorConfig, preprocess  # noqa: E402
 
 WORDS = ("cat", "dog", "sun", "tree", "book", "fish", "car", "house", "bird", "moon", "star", "apple",
@@ -188,7 +188,7 @@ def main() -> None:
     ap.add_argument("--log", default=os.path.join(ROOT, "benchmarks", "results", "tiny_vlm_train.json"))
     args = ap.parse_args()
 
-    from edgekv.export.models import _builtin_folder
+    from edgekv.host.models import _builtin_folder
 
     torch.set_num_threads(2)
     torch.manual_seed(args.seed)

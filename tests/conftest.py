@@ -60,7 +60,7 @@ def backbone(tiny_model_dir):
     cache: dict = {}
 
     def get(model: str):
-        from edgekv.export.models import load_backbone
+        from edgekv.host.models import load_backbone
 
         if model not in cache:
             src = tiny_model_dir(model) if model in ("llama", "qwen2", "gemma") else model

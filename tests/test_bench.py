@@ -19,7 +19,7 @@ from edgekv.data import Example
 NAN = float("nan")
 
 # ---------------------------------------------------------------------------------
-# metrics (docs/induce-kv.md, "Continual-learning metrics")
+# metrics (docs/method.md, "Continual-learning metrics")
 # ---------------------------------------------------------------------------------
 A3 = np.array([[0.8, 0.1, 0.0],
                [0.6, 0.9, 0.2],
@@ -82,7 +82,11 @@ def test_config_roundtrip_and_validation():
     for cfg in (BenchConfig(), BenchConfig().quick()):
         assert BenchConfig.from_dict(json.loads(json.dumps(cfg.to_dict()))) == cfg
     with pytest.raises(InputError, match="max_test_per_task"):
-        BenchConfig(max_test_per_task=0)
+        BenchConfig(max_test_per_task=-1)
+    assert BenchConfig().max_test_per_task == 0 and BenchConfig().eval_split == "test"  # 0: the whole split
+    with pytest.raises(InputError, match="BenchConfig.eval_split must be 'val' or 'test', got 'train'"):
+        BenchConfig(eval_split="train")
+    assert BenchConfig.from_dict(BenchConfig(eval_split="val").to_dict()).eval_split == "val"
     with pytest.raises(InputError, match="unknown BenchConfig fields: nope"):
         BenchConfig.from_dict({"nope": 1})
 
@@ -124,6 +128,40 @@ def test_parse_budgets():
     assert parse_budgets("1KiB", "2KiB,512", (0.5,)) == (1024, [512, 1024, 2048])
     with pytest.raises(InputError, match="cannot parse size"):
         parse_budgets("lots", None, (0.5,))
+
+
+def test_balanced_subset_round_robin_over_answers():
+    from edgekv.bench.runner import balanced_subset
+
+    exs = [Example(f"e{i}", f"q{i}", a) for i, a in enumerate(["A", "a.", "B", "C", "b", "A", "c", "B"])]
+    # concepts by normalised answer: a -> e0, e1, e5; b -> e2, e4, e7; c -> e3, e6
+    assert [e.id for e in balanced_subset(exs, 3)] == ["e0", "e2", "e3"]
+    assert [e.id for e in balanced_subset(exs, 5)] == ["e0", "e1", "e2", "e3", "e4"]  # split order kept
+    assert [e.id for e in balanced_subset(exs, 7)] == ["e0", "e1", "e2", "e3", "e4", "e5", "e6"]  # a gets its 3rd first
+    assert balanced_subset(exs, 0) == exs and balanced_subset(exs, 99) == exs
+
+
+def test_bench_tasks_val_split_and_balanced_caps(tmp_path):
+    from edgekv.bench.runner import bench_tasks
+    from edgekv.data.stream import load_stream, normalise_answer, write_stream
+    from edgekv.errors import InputError
+
+    s = load_stream(os.path.dirname(write_stream("t", str(tmp_path / "s"), order=["count-roman", "home-city"])))
+    whole = bench_tasks(s, BenchConfig())
+    assert [(len(t.val), len(t.test)) for t in whole] == [(20, 25), (16, 32)]  # the whole balanced splits
+    assert [t.test for t in whole] == [tuple(t.test) for t in s.tasks]
+    capped = bench_tasks(s, BenchConfig(max_test_per_task=10))
+    for t in capped:
+        for split in ("val", "test"):
+            counts: dict[str, int] = {}
+            for ex in t.split(split):
+                counts[normalise_answer(ex.answer)] = counts.get(normalise_answer(ex.answer), 0) + 1
+            assert len(t.split(split)) == 10 and max(counts.values()) - min(counts.values()) <= 1, (t.name, split)
+    assert len({normalise_answer(ex.answer) for ex in capped[0].test}) == 5  # 2 of each count I..V
+    with pytest.raises(InputError, match="has no val examples"):
+        bench_tasks(tiny_stream(), BenchConfig(eval_split="val"))
+    with pytest.raises(InputError, match="eval_split"):
+        whole[0].split("train")
 
 
 # ---------------------------------------------------------------------------------
@@ -276,6 +314,38 @@ def test_rerun_recomputes_nothing_and_resumes(bench_run):
     assert not math.isnan(res4["runs"][0]["metrics"]["last"])
 
 
+def test_stages_record_per_query_correctness_and_intervals(bench_run):
+    from edgekv.bench import report
+    from edgekv.bench.evaluate import is_correct
+
+    bb, out, res = bench_run
+    tasks = tiny_stream()
+    for r in res["runs"]:
+        for i, row in enumerate(r["correct"]):
+            for j, c in enumerate(row):
+                if r["A"][i][j] is None:
+                    assert c is None
+                else:
+                    assert len(c) == len(tasks[j].test) and set(c) <= {0, 1}
+                    assert np.mean(c) == pytest.approx(r["A"][i][j])
+    stage = json.load(open(os.path.join(out, "stages", "induce", f"{BUDGET}B", "task01", "stage.json")))
+    for t in tasks:
+        expect = [int(is_correct(a, ex.answer)) for a, ex in zip(stage["answers"][t.name], t.test, strict=True)]
+        assert stage["correct"][t.name] == expect
+    agg = res["aggregate"]
+    assert agg["runs"] == ["stream-s0"] and len(agg["methods"]) == len(METHODS)
+    for m in agg["methods"]:
+        run = _run(res, m["method"])
+        assert m["per_run"] == [run["metrics"]]
+        for key in ("avg", "last", "bwt"):
+            d = m["metrics"][key]
+            assert d["mean"] == pytest.approx(run["metrics"][key]) and d["lo"] <= d["mean"] <= d["hi"]
+    assert [p["method"] for p in agg["paired"]["methods"]] == [n for n in METHODS if n != "induce"]
+    md = report.markdown(res)  # (results.md on disk may come from a later rerun of fewer methods)
+    assert "## Intervals over the evaluated queries" in md and "induce minus each method" in md
+    assert "| induce | 1 | " in md
+
+
 # ---------------------------------------------------------------------------------
 # CLI
 # ---------------------------------------------------------------------------------
@@ -323,9 +393,55 @@ def test_cli_quick_run(tiny_model_dir, tmp_path):
     with open(tmp_path / "o" / "results.json") as f:
         res = json.load(f)
     assert [x["method"] for x in res["runs"]] == ["zero-shot", "fifo"]
-    assert res["stream"]["tasks"] == ["glorp-words", "home-city"] and res["stream"]["test_per_task"] == [2, 2]
+    assert res["stream"]["tasks"] == ["glorp-words", "home-city"]
+    assert res["stream"]["test_per_task"] == [6, 6]  # 16 balanced test examples (2 -> 16 concepts), quick: 6
     assert res["runs"][1]["bytes_constant"] and res["command"].startswith("edgekv bench")
     assert "fifo @ 39.06 KiB" in r.output
+
+
+def test_cli_grid_of_seeds_aggregates_the_runs(tiny_model_dir, tmp_path):
+    from edgekv.data.stream import SplitSizes, write_stream
+
+    stream = os.path.dirname(write_stream("tiny", str(tmp_path / "tiny"), order=["glorp-words", "home-city"],
+                                          sizes=SplitSizes(16, 1, 2)))
+    common = ["bench", "--model", tiny_model_dir("llama"), "--budget", "40000", "--budgets", "40000",
+              "--methods", "zero-shot,induce,fifo", "--quick", "--no-progress", "--threads", "1"]
+    r = _cli(common + ["--streams", stream, "--seeds", "0,1", "--out", str(tmp_path / "grid")])
+    assert r.exit_code == 0, r.output
+    grid = tmp_path / "grid"
+    assert sorted(os.listdir(grid / "runs")) == ["tiny-s0", "tiny-s1"]
+    for label in ("tiny-s0", "tiny-s1"):
+        assert (grid / "runs" / label / "results.json").is_file() and (grid / "runs" / label / "stages").is_dir()
+    res = json.load(open(grid / "results.json"))
+    assert [x["label"] for x in res["runs"]] == ["tiny-s0", "tiny-s1"] and res["seeds"] == [0, 1]
+    agg = res["aggregate"]
+    assert [(m["method"], m["budget"]) for m in agg["methods"]] == [("zero-shot", None), ("induce", 40000),
+                                                                     ("fifo", 40000)]
+    for m in agg["methods"]:
+        assert m["runs"] == ["tiny-s0", "tiny-s1"] and len(m["per_run"]) == 2
+        for key in ("avg", "last", "bwt", "forgetting"):
+            d = m["metrics"][key]
+            assert set(d) == {"mean", "lo", "hi"} and d["lo"] is not None and d["lo"] <= d["hi"]
+            assert d["mean"] == pytest.approx(np.mean([p[key] for p in m["per_run"]]))
+    assert [p["method"] for p in agg["paired"]["methods"]] == ["zero-shot", "fifo"]
+    assert all(v["verdict"] in ("better", "worse", "cannot tell") for p in agg["paired"]["methods"]
+               for v in p["metrics"].values())
+    md = (grid / "results.md").read_text()
+    assert "### Budget 39.06 KiB (40000 B) (main)" in md and "| induce | 2 | " in md and "## Every run" in md
+    # a single run with the same seed gives the same per-run metrics (and is written where it always was)
+    r = _cli(common + ["--stream", stream, "--seed", "1", "--out", str(tmp_path / "one")])
+    assert r.exit_code == 0, r.output
+    one = json.load(open(tmp_path / "one" / "results.json"))
+    for m in agg["methods"]:
+        single = next(x for x in one["runs"] if (x["method"], x["budget"]) == (m["method"], m["budget"]))
+        assert m["per_run"][1] == single["metrics"]
+    # a rerun recomputes no stage
+    stages = [os.path.join(d, f) for d, _, fs in os.walk(grid / "runs") for f in fs if f == "stage.json"]
+    before = {p: os.stat(p).st_mtime_ns for p in stages}
+    r = _cli(common + ["--streams", stream, "--seeds", "0,1", "--out", str(grid)])
+    assert r.exit_code == 0 and {p: os.stat(p).st_mtime_ns for p in stages} == before
+    r = _cli(common + ["--stream", stream, "--streams", stream, "--out", str(tmp_path / "x")])
+    assert r.exit_code == 3 and "not both" in r.output
 
 
 def test_report_budget_plot_and_markdown(tmp_path):
@@ -382,11 +498,11 @@ def vlm(tmp_path_factory):
     from PIL import Image
     from tiny_vlms import make_tiny_vlm
 
-    from edgekv.induce.vision import load_adapt_backbone
+    from edgekv.host.models import load_backbone
 
     torch.set_num_threads(1)
     root = tmp_path_factory.mktemp("bench-vlm")
-    bb = load_adapt_backbone(make_tiny_vlm("llava", str(root / "model")))
+    bb = load_backbone(make_tiny_vlm("llava", str(root / "model")))
     rng = np.random.default_rng(0)
     exs = []
     for i in range(8):
@@ -397,7 +513,7 @@ def vlm(tmp_path_factory):
 
 
 def _ctx(bb, tmp_path, budget, **cfg):
-    from edgekv.bench.methods import Context
+    from edgekv.bench.base import Context
 
     return Context(bb, dataclasses.replace(BenchConfig().quick(), max_new_tokens=4, top_k=2, **cfg), budget,
                    str(tmp_path / "work"))

@@ -108,8 +108,10 @@ ERRORS = [
     (["inspect", "DIR"], 3, "not a regular file"),
     (["inspect", "GARBAGE"], 4, "not an edgekv memory file"),
     (["profile", "--model", "no-such-model", "--budget", "1MB"], 3, "model 'no-such-model' not found"),
-    (["profile", "--model", "smollm2-135m", "--budget", "1MB", "--payload", "int4"], 3, "--payload must be"),
-    (["profile", "--model", "smollm2-135m", "--budget", "1MB", "--pooled-len", "0"], 3, "at least 1"),
+    (["profile", "--model", "smollm2-135m", "--budget", "1MB", "--payload", "int4"], 3,
+     "BudgetConfig.payload_dtype must be int8 or fp16, got 'int4' (option --payload)"),
+    (["profile", "--model", "smollm2-135m", "--budget", "1MB", "--pooled-len", "0"], 3,
+     "BudgetConfig.pooled_len must be >= 1, got 0 (option --pooled-len)"),
     (["profile", "--model", "smollm2-135m", "--budget", "lots"], 3, "cannot parse size 'lots'"),
     (["profile", "--model", "BADCONFIG", "--budget", "1MB"], 3, "lacks a usable decoder shape"),
 ]
@@ -154,3 +156,57 @@ def test_console_entry_point_errors(tmp_path, memory):
                          capture_output=True, text=True, env=env, timeout=120)
     assert res.returncode == 4 and res.stdout == ""
     assert res.stderr == f"edgekv: error: {memory}: header checksum mismatch (corrupt header)\n"
+
+
+# --- options that set a config field: help and default written once, in the config ---------------
+def _commands():
+    """(name, registered callback, click command) of every command, ``stream`` subcommands included."""
+    import typer
+
+    from edgekv.commands.stream import stream_app
+
+    root = typer.main.get_command(app)
+    for typer_app, group in ((app, root), (stream_app, root.commands["stream"])):
+        for info in typer_app.registered_commands:
+            name = info.name or info.callback.__name__
+            yield name, info.callback, group.commands[name]
+
+
+def test_config_options_take_help_and_default_from_the_field():
+    import dataclasses
+    import inspect
+
+    from edgekv.configs import field_default, field_help
+
+    seen = {}
+    for name, callback, cmd in _commands():
+        defaults = inspect.signature(callback).parameters  # follows guarded's functools.wraps
+        mirrored = {}
+        for param in cmd.params:
+            field = getattr(defaults[param.name].default, "config_field", None)
+            if field is None:
+                continue
+            cls, fname = field
+            mirrored[param.name] = cls
+            assert param.help == field_help(cls, fname), (name, param.name)
+            value = field_default(cls, fname)
+            if param.default is None and value is not None:  # left unset unless given: the default is shown
+                assert param.show_default == str(value), (name, param.name)
+            else:
+                assert param.default == value, (name, param.name)
+            seen[f"{name} {param.opts[0]}"] = f"{cls.__name__}.{fname}"
+        # an option named like a field of a config the command already mirrors must mirror it too
+        for param in cmd.params:
+            for cls in set(mirrored.values()):
+                if param.name in {f.name for f in dataclasses.fields(cls)}:
+                    assert param.name in mirrored, f"{name} {param.opts[0]}: take it from {cls.__name__}"
+    for cmd_opt in ("adapt --pooled-len", "adapt -k", "bench --seed", "export --quantize-weights", "run -k",
+                    "run --temperature", "profile --context", "demo --budget", "write --train"):
+        assert cmd_opt in seen, (cmd_opt, sorted(seen))
+
+
+def test_an_error_naming_a_field_names_its_option(tmp_path):
+    res = invoke("profile", "--model", "smollm2-135m", "--budget", "1MB", "-k", "0")
+    assert res.exit_code == 3 and "BudgetConfig.top_k must be >= 1" in res.output
+    res = invoke("stream", "write", "edge6", "--out", str(tmp_path / "s"), "--val", "0")
+    assert res.exit_code == 3 and "SplitSizes.val: 0 must be a positive integer (option --val)" in res.output

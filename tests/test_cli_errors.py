@@ -83,17 +83,17 @@ def test_prompt_longer_than_the_context(exported, mem4, with_memory):
 
 def test_k_larger_than_the_memory(exported, mem4):
     assert_error(run(exported("llama"), "--prompt", "hi", "-k", "9", memory=mem4), 3,
-                 "-k 9 is larger than the memory's 4 entries; use -k 4 or fewer")
+                 "RuntimeConfig.k = 9 is larger than the memory's 4 entries; use 4 or fewer (option -k/--top-k)")
 
 
 @pytest.mark.parametrize("args, phrase", [
-    (["-k", "-1"], "k must be >= 0"),
+    (["-k", "-1"], "RuntimeConfig.k must be >= 0, got -1 (option -k/--top-k)"),
     (["-n", "0"], "max_new_tokens must be >= 1"),
-    (["--temperature", "-1"], "temperature must be >= 0"),
-    (["--top-p", "0"], "top_p must be in (0, 1]"),
-    (["--top-p", "1.5"], "top_p must be in (0, 1]"),
-    (["--threads", "0"], "threads must be >= 1"),
-    (["--retrieval", "fast"], "retrieval must be 'exact' or 'hnsw'"),
+    (["--temperature", "-1"], "SamplingConfig.temperature must be >= 0, got -1.0 (option --temperature)"),
+    (["--top-p", "0"], "SamplingConfig.top_p must be in (0, 1], got 0.0 (option --top-p)"),
+    (["--top-p", "1.5"], "SamplingConfig.top_p must be in (0, 1]"),
+    (["--threads", "0"], "RuntimeConfig.threads must be >= 1, got 0 (option --threads)"),
+    (["--retrieval", "fast"], "RuntimeConfig.retrieval must be 'exact' or 'hnsw', got 'fast' (option --retrieval)"),
 ])
 def test_out_of_range_run_options(exported, mem4, args, phrase):
     assert_error(run(exported("llama"), "--prompt", "hi", *args, memory=mem4), 3, phrase)
@@ -128,7 +128,7 @@ def test_image_on_text_only_artifacts_and_unreadable_images(exported, mem4, tmp_
     Image.new("RGB", (64, 48), (200, 10, 10)).save(png, "PNG")
     (tmp_path / "ok.png").write_bytes(png.getvalue())
     assert_error(run(exported("llama"), "--prompt", "hi", "--image", str(tmp_path / "ok.png"), memory=mem4), 3,
-                 "holds a text-only model; --image needs a vision-language export")
+                 "holds a text-only model; an image needs a vision-language export")
     (tmp_path / "empty.png").write_bytes(b"")
     (tmp_path / "garbage.png").write_bytes(os.urandom(2048))
     (tmp_path / "truncated.png").write_bytes(png.getvalue()[: len(png.getvalue()) // 2])
@@ -201,10 +201,12 @@ def test_unreadable_or_bad_task_data(tiny_model_dir, tmp_path):
 
 @pytest.mark.parametrize("args, code, phrase", [
     (["--budget", "1MiB", "--task", "t" * 33], 3, "must be 1 to 32 bytes"),
-    (["--budget", "1MiB", "--payload", "int4"], 3, "--payload must be int8 or fp16"),
-    (["--budget", "1MiB", "--pooled-len", "0"], 3, "--pooled-len must be >= 1"),
-    (["--budget", "1MiB", "--steps", "-1"], 3, "--steps must be >= 0"),
-    (["--budget", "1MiB", "-k", "0"], 3, "top_k must be >= 1"),
+    (["--budget", "1MiB", "--payload", "int4"], 3,
+     "EntryConfig.payload_dtype must be 'int8' or 'fp16', got 'int4' (option --payload)"),
+    (["--budget", "1MiB", "--pooled-len", "0"], 3, "EntryConfig.pooled_len must be an integer >= 1, got 0 "
+                                                    "(option --pooled-len)"),
+    (["--budget", "1MiB", "--steps", "-1"], 3, "SelectionConfig.steps must be >= 0, got -1 (option --steps)"),
+    (["--budget", "1MiB", "-k", "0"], 3, "AdaptConfig.top_k must be >= 1, got 0 (option -k/--top-k)"),
     ([], 3, "does not exist: pass --budget to create it"),
 ])
 def test_bad_adapt_options(tiny_model_dir, task_file, tmp_path, args, code, phrase):

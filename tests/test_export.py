@@ -213,7 +213,7 @@ def _key_batch(bb) -> tuple[np.ndarray, np.ndarray]:
 def _keymodel(bb, layer: int, pooling: str, ids: np.ndarray, mask: np.ndarray) -> np.ndarray:
     import torch
 
-    from edgekv.export.keymodel import KeyModel
+    from edgekv.host.keymodel import KeyModel
 
     with torch.no_grad():
         return KeyModel(bb.decoder, layer, pooling)(torch.from_numpy(ids), torch.from_numpy(mask)).numpy()
@@ -434,9 +434,9 @@ def test_export_with_foreign_memory_or_other_key_layer_is_refused(backbone, tmp_
         export_model(bb.source, out, memory=mem, progress=False)
     mine = str(tmp_path / "mine.ekv")
     _memory(mine, bb)
-    with pytest.raises(MismatchError, match="--key-layer 1 differs from the key layer 2"):
+    with pytest.raises(MismatchError, match="ExportOptions.key_layer 1 differs from the key layer 2"):
         export_model(bb.source, out, memory=mine, key_layer=1, progress=False)
-    with pytest.raises(InputError, match="--key-layer 9 is outside the model's layers 0..3"):
+    with pytest.raises(InputError, match="ExportOptions.key_layer = 9 is outside the model's layers 0..3"):
         export_model(bb.source, out, key_layer=9, progress=False)
     assert not os.path.exists(out)
     assert [n for n in os.listdir(tmp_path) if n.startswith(".")] == []  # no staging left
@@ -453,7 +453,9 @@ def test_failed_export_leaves_nothing_and_old_export_survives(exported, backbone
     def boom(*a, **k):
         raise RuntimeError("simulated failure in the tokenizer stage")
 
-    monkeypatch.setattr(pipeline, "export_tokenizer", boom)
+    from edgekv.export import common
+
+    monkeypatch.setattr(common, "export_tokenizer", boom)  # the tokenizer stage both exports share
     with pytest.raises(RuntimeError, match="simulated"):
         pipeline.export_model(backbone("qwen2").source, str(out), progress=False)
     assert read_manifest(str(out)) == before  # the old export is untouched
@@ -489,7 +491,7 @@ def test_cli_export_json_errors_and_determinism(exported, tiny_model_dir, tmp_pa
     res = runner.invoke(app, ["export", str(tmp_path / "missing"), "--out", str(tmp_path / "x")])
     assert res.exit_code == 3 and "not found" in res.stderr and "Traceback" not in res.output
     res = runner.invoke(app, ["export", tiny_model_dir("llama"), "--out", str(gpt2)])
-    assert res.exit_code == 3 and "pass --force" in res.stderr
+    assert res.exit_code == 3 and "set ExportOptions.force to replace it (option --force)" in res.stderr
     res = runner.invoke(app, ["export", tiny_model_dir("llama"), "--out", out, "--quantize-weights", "int3"])
     assert res.exit_code == 3 and "--quantize-weights" in res.stderr
     assert not os.path.exists(tmp_path / "g") and not os.path.exists(tmp_path / "x")

@@ -1,4 +1,4 @@
-"""The device side never imports torch, transformers or optimum.
+"""The device side never imports torch, transformers or optimum (and the host entry points only on first use).
 
 In a fresh interpreter, import the core modules and every module under ``runtime/``
 (``edgekv.runtime.*``, found with pkgutil so that new modules are covered), and check
@@ -54,6 +54,22 @@ def test_device_side_imports_no_torch_transformers_optimum():
     assert {"edgekv.runtime.runtime", "edgekv.runtime.decoder", "edgekv.runtime.tokenizer"} <= \
         set(report["runtime_modules"])
     assert set(CORE) <= set(report["imported"])
+
+
+# The host model layer and the export entry points import torch only inside the calls that need
+# it, so on a device install `edgekv adapt` / `edgekv export` fail with MissingDependencyError
+# ("pip install 'edgekv[host]'") instead of an ImportError traceback.
+HOST_ENTRY = ["edgekv.host", "edgekv.host.models", "edgekv.host.vlm", "edgekv.host.tokens", "edgekv.export",
+              "edgekv.export.common", "edgekv.export.pipeline", "edgekv.export.vlm"]
+
+
+def test_host_model_layer_and_export_entry_import_torch_on_first_use():
+    res = subprocess.run([sys.executable, "-c", SCRIPT, json.dumps(HOST_ENTRY), json.dumps(FORBIDDEN)],
+                         capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+    report = json.loads(res.stdout.strip().splitlines()[-1])
+    assert report["offenders"] == {}, f"modules that import host packages at import time: {report['offenders']}"
+    assert set(HOST_ENTRY) <= set(report["imported"])
 
 
 def test_the_check_itself_catches_a_host_import():

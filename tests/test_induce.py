@@ -62,8 +62,8 @@ def _examples(tag: str = "t", n: int | None = None) -> list[Example]:
 
 
 def _key_model(bb):
-    from edgekv.export.keymodel import KeyModel
-    from edgekv.export.models import default_key_layer
+    from edgekv.host.keymodel import KeyModel
+    from edgekv.host.models import default_key_layer
 
     return KeyModel(bb.decoder, default_key_layer(bb.shape.num_layers))
 

@@ -75,28 +75,31 @@ def test_matching_memory_runs(art, tmp_path):
 def test_memory_for_another_model(art, tmp_path):
     mem = memory_for(art, str(tmp_path / "other.ekv"), model_fingerprint="ab" * 32)
     for extra in ([], ["--json"]):
-        assert_refused(run(art, mem, *extra), 5, "was built for another model (fingerprint abababababab",
-                       "adapt a memory with this model or export the model it was built for")
+        assert_refused(run(art, mem, *extra), 5, "was built for another model (memory fingerprint abababababab, "
+                       "the model has", "run with the artifacts of the model it was adapted with, or adapt a new "
+                       "memory with this model")
 
 
 @pytest.mark.parametrize("change, phrase", [
-    ({"num_layers": 2, "key_layer": 1}, "holds KV of shape (layers, heads, head dim) (2, 2, 16), the model has (3, 2, 16)"),
-    ({"num_kv_heads": 1}, "(3, 1, 16), the model has (3, 2, 16)"),
-    ({"head_dim": 8, "rope": RopeSpec((1.0, 0.5, 0.25, 0.125))}, "(3, 2, 8), the model has (3, 2, 16)"),
+    ({"num_layers": 2, "key_layer": 1},
+     "holds KV of shape (layers, heads, head dim) (2, 2, 16), the model has (3, 2, 16) (num_layers 2 vs 3)"),
+    ({"num_kv_heads": 1}, "(3, 1, 16), the model has (3, 2, 16) (num_kv_heads 1 vs 2)"),
+    ({"head_dim": 8, "rope": RopeSpec((1.0, 0.5, 0.25, 0.125))}, "(3, 2, 8), the model has (3, 2, 16) (head_dim 8 vs 16)"),
 ])
 def test_memory_with_other_shapes(art, tmp_path, change, phrase):
     mem = memory_for(art, str(tmp_path / "shape.ekv"), **change)
-    assert_refused(run(art, mem), 5, phrase, "adapt a new memory with this one")
+    assert_refused(run(art, mem), 5, phrase, "adapt a new memory with this model")
 
 
 def test_memory_with_another_key_layer_pooling_or_rope(art, tmp_path):
     mem = memory_for(art, str(tmp_path / "key.ekv"), key_layer=2)
-    assert_refused(run(art, mem), 5, "keys pool layer 2 (mean); the artifacts' key graph pools layer 1 (mean)",
-                   "re-export with `edgekv export MODEL --memory")
+    assert_refused(run(art, mem), 5, "the artifacts' key graph (layer 1, mean pooling) differs from the key layer 2 "
+                   "(mean pooling) of", "(key_layer differs): re-export with `edgekv export MODEL --memory")
     mem = memory_for(art, str(tmp_path / "pool.ekv"), key_pooling="last")
-    assert_refused(run(art, mem), 5, "keys pool layer 1 (last)")
+    assert_refused(run(art, mem), 5, "differs from the key layer 1 (last pooling) of", "(key_pooling differs)")
     mem = memory_for(art, str(tmp_path / "rope.ekv"), rope=None)
-    assert_refused(run(art, mem), 5, "RoPE settings differ from the model's", "adapt a new memory")
+    assert_refused(run(art, mem), 5, "RoPE settings differ from the model's (no RoPE in the memory, RoPE over",
+                   "adapt a new memory with this model")
 
 
 @pytest.mark.parametrize("name", ["model.onnx", "key.onnx", "tokenizer.json"])

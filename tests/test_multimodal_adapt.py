@@ -144,19 +144,19 @@ def test_entries_equal_pytorch_prefix_kv_of_the_image_text_conversation(family, 
     assistant: answer], RoPE removed, pooled by the entry's pooling matrix (fp16 payload)."""
     import torch
 
+    from edgekv.host.models import load_backbone
     from edgekv.induce.entries import (
         Encoded,
         EntryConfig,
         entry_pooling_matrix,
         template_prefix_len,
     )
-    from edgekv.induce.vision import load_adapt_backbone
     from edgekv.rope import remove_rope
 
     c = case(family)
     assert c.summary["num_used"] == len(c.recs)  # every example kept (room for all)
     stored = stored_entries(c.memory)
-    bb = load_adapt_backbone(c.model_dir)
+    bb = load_backbone(c.model_dir)
     plen = template_prefix_len(c.tok)
     worst, ctrl = 0.0, np.inf
     for rec in c.recs:
@@ -194,16 +194,16 @@ def test_host_prefix_kv_on_spliced_embeddings_equals_pixel_values_forward(family
     prefix KV (it splices with pixel_values) within float error."""
     import torch
 
-    from edgekv.induce.entries import prefix_kv
-    from edgekv.induce.vision import load_adapt_backbone
+    from edgekv.host.models import load_backbone
+    from edgekv.induce.entries import encode_image_example, prefix_kv
 
     c = case(family)
-    bb = load_adapt_backbone(c.model_dir)
+    bb = load_backbone(c.model_dir)
     rec = c.recs[0]
     conv = [user(rec["prompt"], True), {"role": "assistant", "content": rec["answer"]}]
     ids, pixels = c.hf_inputs(conv, False, c.image(rec))
-    enc = bb.vision.encode(bb.tokenizer, Example(rec["id"], rec["prompt"], rec["answer"], c.image(rec)),
-                           bb.eos_token_ids, 0)
+    enc = encode_image_example(bb.vision, bb.tokenizer, Example(rec["id"], rec["prompt"], rec["answer"],
+                                                                c.image(rec)), bb.eos_token_ids, 0)
     assert list(enc.ids) == ids  # the host's conversation ids == the HF processor's
     embeds, _ = bb.vision.embed_batch([ids], [c.image(rec)])
     (K, V), = prefix_kv(bb.model, [ids], embeds)
@@ -272,9 +272,9 @@ def test_runtime_with_memory_equals_pytorch_and_the_evaluation_helper(family, ca
     import torch
 
     from edgekv.format import Memory
+    from edgekv.host.models import load_backbone
     from edgekv.induce.evaluate import answer_examples
     from edgekv.induce.torch_induction import bank_from_entries, make_cache, memory_kv
-    from edgekv.induce.vision import load_adapt_backbone
     from edgekv.runtime import Runtime
     from edgekv.runtime.decoder import past_from_memory
 
@@ -310,7 +310,7 @@ def test_runtime_with_memory_equals_pytorch_and_the_evaluation_helper(family, ca
     assert np.abs(logits[0] - ref).max() <= 1e-4
     assert np.abs(alone - ref).max() > 1e-3  # control: the memory changes the logits
 
-    bb = load_adapt_backbone(c.model_dir)
+    bb = load_backbone(c.model_dir)
     ans = answer_examples(bb, [Example("q", PROMPTS[0], "", path), Example("t", "what is the code of apple?", "")],
                           c.memory, top_k=2, max_new_tokens=5)
     assert ans[0].retrieved == [r.source_id for r in res.retrieved]
@@ -394,9 +394,14 @@ def test_tiny_vlm_family_entries_keys_and_runtime_agree(tiny_model_dir, tmp_path
     from edgekv.cli import app
     from edgekv.export.pipeline import export_model
     from edgekv.format import Memory
-    from edgekv.induce.entries import EntryConfig, entry_pooling_matrix, template_prefix_len
+    from edgekv.host.models import load_backbone
+    from edgekv.induce.entries import (
+        EntryConfig,
+        encode_image_example,
+        entry_pooling_matrix,
+        template_prefix_len,
+    )
     from edgekv.induce.evaluate import answer_examples
-    from edgekv.induce.vision import load_adapt_backbone
     from edgekv.retrieval import effective_keys
     from edgekv.rope import remove_rope
     from edgekv.runtime import Runtime
@@ -412,12 +417,12 @@ def test_tiny_vlm_family_entries_keys_and_runtime_agree(tiny_model_dir, tmp_path
                                        "--memory", mem, "--budget", "64KiB", "--pooled-len", str(M), "--payload", "fp16",
                                        "--steps", "1", "-k", "2", "--threads", "1", "--no-progress", "--json"])
         assert res.exit_code == 0, res.output[-3000:]
-        bb = load_adapt_backbone(folder)
+        bb = load_backbone(folder)
         stored = stored_entries(mem)
         rec = recs[2]  # an image example
         path = str(tmp_path / "task" / rec["image"])
-        enc = bb.vision.encode(bb.tokenizer, Example(rec["id"], rec["prompt"], rec["answer"], path),
-                               bb.eos_token_ids, template_prefix_len(bb.tokenizer))
+        enc = encode_image_example(bb.vision, bb.tokenizer, Example(rec["id"], rec["prompt"], rec["answer"], path),
+                                   bb.eos_token_ids, template_prefix_len(bb.tokenizer))
         pixels = torch.from_numpy(preprocess(path, bb.vision.processor).pixel_values)
         with torch.no_grad():
             out = bb.model(input_ids=torch.tensor([list(enc.ids)]), pixel_values=pixels, use_cache=True)

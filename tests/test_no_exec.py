@@ -134,7 +134,7 @@ EVIL_PY = "import pathlib\npathlib.Path({marker!r}).write_text('ran')\n"
 
 
 def test_model_folder_custom_code_is_never_run(tiny_model_dir, tmp_path):
-    from edgekv.export.models import load_backbone
+    from edgekv.host.models import load_backbone
 
     marker = str(tmp_path / "PWNED")
     # an unknown architecture whose config points at code in the folder: refused, nothing run

@@ -79,7 +79,7 @@ def test_fit_projection_caps_directions():
 
 def test_projection_lifts_retrieval_of_content_under_shared_directions():
     """Keys dominated by shared high-variance directions ("phrasing") retrieve by content once
-    the top directions are removed (the all-but-the-top finding in docs/induce-kv.md)."""
+    the top directions are removed (the all-but-the-top finding in docs/method.md)."""
     rng = np.random.default_rng(5)
     dim, n_items, per_item = 48, 20, 3
     content = rng.normal(size=(n_items, dim))

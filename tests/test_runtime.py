@@ -50,8 +50,8 @@ def build_memory(path: str, bb, m: int = 8, payload: str = "int8", tau: float = 
     """A memory of EXAMPLES computed plainly: keys by KeyModel, KV position-free and pooled."""
     import torch
 
-    from edgekv.export.keymodel import KeyModel
-    from edgekv.export.models import default_key_layer
+    from edgekv.host.keymodel import KeyModel
+    from edgekv.host.models import default_key_layer
 
     s = bb.shape
     key_layer = default_key_layer(s.num_layers)
@@ -129,7 +129,7 @@ def test_memory_path_matches_pytorch_with_same_cache(family, payload, exported, 
     import torch
     from transformers import DynamicCache
 
-    from edgekv.export.keymodel import KeyModel
+    from edgekv.host.keymodel import KeyModel
     from edgekv.retrieval import effective_keys
     from edgekv.runtime import Runtime
 

@@ -56,8 +56,67 @@ def test_default_stream_shape(loaded):
     assert len(loaded.order) >= 6
     kinds = [t.kind for t in loaded.tasks]
     assert kinds.count("image") >= 3 and kinds.count("text") >= 2
-    for t in loaded.tasks:
-        assert (len(t.train), len(t.val), len(t.test)) == (48, 16, 24)
+    sizes = {t.name: (len(t.train), len(t.val), len(t.test)) for t in loaded.tasks}
+    assert sizes == {"shape-code": (48, 16, 24), "glorp-words": (48, 16, 32), "count-roman": (48, 20, 25),
+                     "date-house": (48, 16, 24), "digit-velan": (48, 20, 30), "home-city": (48, 16, 32)}
+
+
+def test_split_sizes_round_up_to_the_concept_count():
+    assert st.SplitSizes().balanced(16) == st.SplitSizes(48, 16, 32)
+    assert st.SplitSizes().balanced(5) == st.SplitSizes(48, 20, 25)
+    assert st.SplitSizes().balanced(1) == st.SplitSizes()
+    assert st.SplitSizes(7, 3, 6).balanced(6) == st.SplitSizes(7, 6, 6)  # train keeps its size
+
+
+def _concept(task: str, ex) -> str:
+    """The concept of a loaded example, recovered from its prompt (text) or answer (image: 1-1 labels)."""
+    if task == "glorp-words":
+        return re.search(r"'([a-z]+)'", ex.prompt).group(1)
+    if task == "home-city":
+        return next(p for p in st.HOMES if p in ex.prompt)
+    return "format" if task == "date-house" else ex.answer
+
+
+@pytest.fixture(scope="module")
+def all_tasks(tmp_path_factory) -> tuple[str, st.Stream]:
+    out = str(tmp_path_factory.mktemp("streams") / "all")
+    st.write_stream("all", out, seed=5, order=list(st.TASKS))
+    return out, st.load_stream(out)
+
+
+def test_val_and_test_are_balanced_over_concepts(all_tasks):
+    out, s = all_tasks
+    meta = {t["name"]: t for t in json.load(open(os.path.join(out, "stream.json")))["tasks"]}
+    num = {"glorp-words": 16, "home-city": 16, "digit-velan": 10, "colour-tag": 6, "count-roman": 5,
+           "shape-code": 4, "date-house": 1}
+    assert set(num) == set(st.TASKS)
+    for t in s.tasks:
+        for split, default in (("val", 16), ("test", 24)):
+            exs = t.split(split)
+            counts: dict[str, int] = {}
+            for ex in exs:
+                counts[_concept(t.name, ex)] = counts.get(_concept(t.name, ex), 0) + 1
+            assert len(counts) == num[t.name] and len(set(counts.values())) == 1, (t.name, split, counts)
+            assert len(exs) == -(-default // num[t.name]) * num[t.name], (t.name, split)
+            recorded = meta[t.name]["concept_counts"][split]
+            assert sorted(recorded.values()) == sorted(counts.values()) and sum(recorded.values()) == len(exs)
+        train_concepts = {_concept(t.name, ex) for ex in t.train}
+        assert len(train_concepts) == num[t.name], t.name  # every concept is taught in train
+        assert sum(meta[t.name]["concept_counts"]["train"].values()) == len(t.train) == 48
+
+
+def test_balanced_splits_share_no_prompt_and_are_deterministic(all_tasks, tmp_path):
+    out, s = all_tasks
+    for t in s.tasks:
+        keys = {sp: {_key(e) for e in t.split(sp)} for sp in st.SPLITS}
+        assert not keys["train"] & keys["val"] and not keys["train"] & keys["test"], t.name
+        assert not keys["val"] & keys["test"], t.name
+        if t.name in ("glorp-words", "home-city"):  # distinct (concept, phrasing) pairs: prompts alone differ
+            prompts = [e.prompt for sp in st.SPLITS for e in t.split(sp)]
+            assert len(set(prompts)) == len(prompts), t.name
+    again = str(tmp_path / "again")
+    st.write_stream("all", again, seed=5, order=list(st.TASKS))
+    assert _tree(again) == _tree(out)
 
 
 def test_second_order_is_a_permutation_with_identical_task_data(tmp_path, edge6):
@@ -225,7 +284,8 @@ def test_custom_order_and_sizes(tmp_path):
     s = st.read_stream_dir(os.path.dirname(
         st.write_stream("mine", tmp_path / "m", seed=3, order=["colour-tag", "date-house"], sizes=SMALL)))
     assert s.order == ["colour-tag", "date-house"]
-    assert [len(t.train) for t in s.tasks] == [16, 16] and [len(t.test) for t in s.tasks] == [8, 8]
+    assert [len(t.train) for t in s.tasks] == [16, 16]
+    assert [len(t.test) for t in s.tasks] == [12, 8]  # colour-tag: 8 rounded up to a multiple of 6 concepts
     assert {e.answer for e in s.tasks[0].train} == set(st.COLOUR_TAGS.values())
 
 
@@ -233,7 +293,8 @@ def test_custom_order_and_sizes(tmp_path):
     ({"name": "nope"}, "unknown stream 'nope'"),
     ({"name": "x", "order": ["shape-code", "nope"]}, "unknown task 'nope'"),
     ({"name": "x", "order": ["shape-code", "shape-code"]}, "named twice"),
-    ({"name": "edge6", "sizes": st.SplitSizes(100, 20, 20)}, "at most 128 (got 140)"),
+    ({"name": "edge6", "sizes": st.SplitSizes(100, 20, 20)}, "at most 128 (got 164)"),  # 20 -> 32 per split
+    ({"name": "edge6", "sizes": st.SplitSizes(100, 16, 16)}, "at most 128 (got 132)"),
     ({"name": "edge6", "sizes": st.SplitSizes(3, 2, 2)}, "train size 3 cannot hold its 4 concepts"),
     ({"name": "edge6", "seed": -1}, "seed"),
 ])
@@ -270,7 +331,7 @@ def test_cli_write(tmp_path):
     assert res.exit_code == 0, res.output
     data = json.loads(res.stdout)
     assert data["order"] == ["home-city", "glorp-words"] and data["seed"] == 4
-    assert len(st.load_stream(str(out)).tasks[1].test) == 8
+    assert len(st.load_stream(str(out)).tasks[1].test) == 16  # 8 rounded up to glorp-words' 16 concepts
 
 
 @pytest.mark.parametrize("args,msg", [
@@ -305,7 +366,7 @@ def test_answers_are_short_for_smollm2(loaded):
     """Every answer (and the Roman numerals' 'IV') fits the 8 new tokens bench generates."""
     from transformers import AutoTokenizer
 
-    from edgekv.export.models import _builtin_folder
+    from edgekv.host.models import _builtin_folder
 
     tok = AutoTokenizer.from_pretrained(_builtin_folder("smollm2-135m"))
     lengths = {e.answer: len(tok(e.answer, add_special_tokens=False)["input_ids"])

@@ -109,7 +109,7 @@ def _bn_ref(x, state, prefix, eps=1e-5):
 def test_mobilenet_v2_loads_strictly_and_matches_a_direct_computation():
     import torch
 
-    from edgekv.export.tiny_vlm import load_mobilenet_v2, mobilenet_weights_path
+    from edgekv.host.tiny_vlm import load_mobilenet_v2, mobilenet_weights_path
 
     state = torch.load(mobilenet_weights_path(), map_location="cpu", weights_only=True)
     net = load_mobilenet_v2()
@@ -136,7 +136,7 @@ def test_projector_asset_loads_and_is_small():
     import torch
     from safetensors import safe_open
 
-    from edgekv.export.tiny_vlm import ASSET, TinyVLMConfig, load_projector
+    from edgekv.host.tiny_vlm import ASSET, TinyVLMConfig, load_projector
 
     assert os.path.getsize(ASSET) < 4 * 2 ** 20
     with safe_open(ASSET, "pt") as f:
@@ -168,7 +168,8 @@ def tiny_vlm_export(tiny_vlm_folder, tmp_path_factory):
 def test_folder_loads_like_other_vlms(tiny_vlm_folder):
     import torch
 
-    from edgekv.export.vlm import VLM_TYPES, _modules, language_model, load_vlm, vlm_type
+    from edgekv.host.models import load_vlm, text_decoder
+    from edgekv.host.vlm import VLM_TYPES, vision_encoder, vlm_type
 
     assert vlm_type(tiny_vlm_folder) == "edgekv_tiny_vlm"
     assert vlm_type("tiny-vlm") == "edgekv_tiny_vlm"
@@ -180,12 +181,11 @@ def test_folder_loads_like_other_vlms(tiny_vlm_folder):
     assert bb.tokenizer.convert_ids_to_tokens(tid) == "<image>" and tid == cfg.text_config.vocab_size - 1
     emb = bb.model.get_input_embeddings().weight
     assert torch.equal(emb[tid], emb[0]) and torch.equal(bb.model.lm_head.weight[tid], bb.model.lm_head.weight[0])
-    assert type(language_model(bb.model)).__name__ == "LlamaModel"
+    assert type(text_decoder(bb.model)).__name__ == "LlamaModel"
     assert proc.to_dict()["image_processor_type"] == "CLIPImageProcessor" and proc.crop_size["height"] == 128
-    vision_cls, _ = _modules()
     pixels = torch.from_numpy(proc(scenes.render_scene(scenes.random_scene(np.random.default_rng(0))),
                                    return_tensors="np")["pixel_values"])
-    feats = vision_cls(bb.model)(pixels)
+    feats = vision_encoder(bb.model)(pixels)
     assert feats.shape == (1, 16, 64)
     assert bb.eos_token_ids == (bb.tokenizer.convert_tokens_to_ids("<|im_end|>"),)
     # the same features reach the LM as the embeddings at the image positions
@@ -197,7 +197,7 @@ def test_folder_loads_like_other_vlms(tiny_vlm_folder):
 def test_export_and_runtime_equal_pytorch(tiny_vlm_folder, tiny_vlm_export):
     import torch
 
-    from edgekv.export.vlm import load_vlm
+    from edgekv.host.models import load_vlm
     from edgekv.runtime import Runtime
 
     folder, summary = tiny_vlm_export
@@ -247,7 +247,7 @@ def test_device_image_path_and_scenes_import_no_torch(tiny_vlm_export):
 def test_builtin_tiny_vlm_export_equals_pytorch_and_captions_colours(exported):
     import torch
 
-    from edgekv.export.vlm import load_vlm
+    from edgekv.host.models import load_vlm
     from edgekv.runtime import Runtime
 
     folder = exported("tiny-vlm")

@@ -28,7 +28,9 @@ CORPUS = [
 FAMILIES = ("llama", "qwen2", "gemma")
 
 
-def train_tokenizer(vocab_size: int = 320):
+def train_tokenizer(vocab_size: int = 320, added_special: tuple[str, ...] = (), chat_template: str = CHATML):
+    """A byte-level BPE tokenizer trained on CORPUS; ``added_special`` tokens are added after
+    training (the trained ids do not move), ``chat_template`` is saved with it."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
@@ -41,7 +43,9 @@ def train_tokenizer(vocab_size: int = 320):
     tok.train_from_iterator(CORPUS, trainer)
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<|im_start|>",
                                    eos_token="<|im_end|>", pad_token="<pad>")
-    fast.chat_template = CHATML
+    if added_special:
+        fast.add_special_tokens({"additional_special_tokens": list(added_special)})
+    fast.chat_template = chat_template
     return fast
 
 
@@ -70,8 +74,14 @@ def make_tiny_model(family: str, out_dir: str, seed: int = 0) -> str:
     tok = train_tokenizer()
     cfg = tiny_config(family, len(tok))
     torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(cfg)
-    # random init of norms is all-ones/zeros; perturb so that bugs in norm handling show
+    return save_random_model(AutoModelForCausalLM.from_config(cfg), tok, out_dir)
+
+
+def save_random_model(model, tok, out_dir: str) -> str:
+    """Perturb ``model``'s norms (random init leaves them all-ones/zeros, which hides bugs in
+    norm handling; torch's global seed decides), then save it and ``tok`` to ``out_dir``."""
+    import torch
+
     with torch.no_grad():
         for name, p in model.named_parameters():
             if "norm" in name:

@@ -32,10 +32,7 @@ IDEFICS3_TOKENS = ["<fake_token_around_image>", "<global-img>"] + \
 def vlm_tokenizer(extra: tuple[str, ...] = ()):
     from tiny_models import train_tokenizer
 
-    tok = train_tokenizer()
-    tok.add_special_tokens({"additional_special_tokens": [IMAGE_TOKEN, *extra]})
-    tok.chat_template = VLM_CHAT_TEMPLATE
-    return tok
+    return train_tokenizer(added_special=(IMAGE_TOKEN, *extra), chat_template=VLM_CHAT_TEMPLATE)
 
 
 def tiny_llava(tok):
@@ -83,6 +80,7 @@ def tiny_idefics3(tok):
 def make_tiny_vlm(family: str, out_dir: str, seed: int = 0) -> str:
     """Save a tiny random ``family`` VLM (model, tokenizer, image processor) to ``out_dir``."""
     import torch
+    from tiny_models import save_random_model
     from transformers import Idefics3ForConditionalGeneration, LlavaForConditionalGeneration
 
     if os.path.isfile(os.path.join(out_dir, "config.json")):
@@ -93,13 +91,7 @@ def make_tiny_vlm(family: str, out_dir: str, seed: int = 0) -> str:
     cfg, proc = (tiny_llava if family == "llava" else tiny_idefics3)(tok)
     torch.manual_seed(seed)
     model = (LlavaForConditionalGeneration if family == "llava" else Idefics3ForConditionalGeneration)(cfg)
-    with torch.no_grad():  # norms start at ones/zeros; perturb so that norm handling bugs show
-        for name, p in model.named_parameters():
-            if "norm" in name:
-                p.add_(0.1 * torch.randn_like(p))
-    model.eval()
-    model.save_pretrained(out_dir)
-    tok.save_pretrained(out_dir)
+    save_random_model(model, tok, out_dir)
     proc.save_pretrained(out_dir)
     return out_dir
 
@@ -121,7 +113,7 @@ def make_tiny_vlm_folder(llama_dir: str, out_dir: str) -> str:
     """A tiny-vlm model folder (real MobileNetV2, seeded random projector) around a tiny Llama."""
     import torch
 
-    from edgekv.export.tiny_vlm import Projector, TinyVLMConfig, save_folder, save_projector
+    from edgekv.host.tiny_vlm import Projector, TinyVLMConfig, save_folder, save_projector
 
     os.makedirs(out_dir, exist_ok=True)
     cfg = TinyVLMConfig(hidden_size=64, projector_dim=32)

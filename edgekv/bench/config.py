@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, fields, replace
+from dataclasses import dataclass, replace
 
+from edgekv.configs import Config, knob
 from edgekv.errors import InputError
 
 
 @dataclass(frozen=True)
-class BenchConfig:
+class BenchConfig(Config):
     """Everything that sets what the benchmark computes and how much it costs.
 
     Defaults are sized so that the default stream (~6 tasks, ~24 test examples each), all
@@ -16,9 +17,11 @@ class BenchConfig:
     (see docs/bench.md for the measured cost).
     """
 
-    seed: int = 0
+    seed: int = knob(0, "Seed of the stream and of every method.")
     max_train_per_task: int = 32  # train examples used per task (seeded sample): candidates, LoRA data
-    max_test_per_task: int = 8  # test examples per task (first ones, in stream order)
+    max_test_per_task: int = 0  # evaluated examples per task; 0: the whole (balanced) split; > 0: a subset
+    # balanced over the task's concepts (round robin over normalised answers, in split order)
+    eval_split: str = "test"  # split the accuracy matrix is computed on: "test" (reports) or "val" (tuning)
     full_matrix: bool = False  # evaluate every task after every step (upper triangle too); False: j <= i only
     top_k: int = 4  # entries / examples retrieved per query (InduceKV, reservoir, FIFO, prompt-text)
     max_new_tokens: int = 0  # greedy answer length; 0: the longest test answer in tokens + 2 (EOS, slack)
@@ -46,33 +49,23 @@ class BenchConfig:
     ttft_queries: int = 6  # queries timed for time to first token (prompt-text vs injected KV)
 
     def __post_init__(self) -> None:
-        positive = ("max_train_per_task", "max_test_per_task", "top_k", "eval_batch_size",
+        positive = ("max_train_per_task", "top_k", "eval_batch_size",
                     "pooled_len", "short_pooled_len", "long_pooled_len", "max_queries", "eval_queries", "induce_batch_size",
                     "lora_epochs", "lora_batch_size", "lora_bytes_per_param", "ttft_queries")
         for name in positive:
             if getattr(self, name) < 1:
                 raise InputError(f"BenchConfig.{name} must be >= 1, got {getattr(self, name)}")
-        for name in ("max_new_tokens", "selection_steps", "calibration_steps", "anchors_per_task", "replay_size"):
+        for name in ("max_test_per_task", "max_new_tokens", "selection_steps", "calibration_steps", "anchors_per_task", "replay_size"):
             if getattr(self, name) < 0:
                 raise InputError(f"BenchConfig.{name} must be >= 0, got {getattr(self, name)}")
+        if self.eval_split not in ("val", "test"):
+            raise InputError(f"BenchConfig.eval_split must be 'val' or 'test', got {self.eval_split!r}")
         if not 0 < self.lora_lr < 1:
             raise InputError(f"BenchConfig.lora_lr must be in (0, 1), got {self.lora_lr}")
         if not self.lora_targets:
             raise InputError("BenchConfig.lora_targets must name at least one linear layer")
         if any(not 0 < f < 1 for f in self.sweep_fractions):
             raise InputError("BenchConfig.sweep_fractions must lie in (0, 1)")
-
-    def to_dict(self) -> dict:
-        d = asdict(self)
-        return {k: list(v) if isinstance(v, tuple) else v for k, v in d.items()}
-
-    @staticmethod
-    def from_dict(d: dict) -> BenchConfig:
-        names = {f.name for f in fields(BenchConfig)}
-        unknown = sorted(set(d) - names)
-        if unknown:
-            raise InputError(f"unknown BenchConfig fields: {', '.join(unknown)}")
-        return BenchConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items()})
 
     def quick(self) -> BenchConfig:
         """A preset for tests and CI: a few examples, a couple of steps, short answers."""

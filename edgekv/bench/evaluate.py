@@ -45,7 +45,7 @@ def is_correct(prediction: str, answer: str) -> bool:
 def require_text(examples: Sequence[Example], what: str) -> None:
     if any(ex.image is not None for ex in examples):
         raise InputError(f"{what} answers text examples only (the stream has image examples): "
-                         f"run it on a text stream, or leave it out with --methods")
+                         f"run it on a text stream, or leave it out of the methods")
 
 
 def pad_left(seqs: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -115,8 +115,8 @@ class MemoryReader:
     """A memory file opened for evaluation: retrieval and injection as the runtime does them."""
 
     def __init__(self, backbone, memory_path: str, top_k: int):
-        from edgekv.export.keymodel import KeyModel
         from edgekv.format import Memory
+        from edgekv.host.keymodel import KeyModel
         from edgekv.induce.adapt import effective, read_bank
         from edgekv.induce.torch_induction import Induction
 

@@ -12,7 +12,7 @@ kept on the host and reported as host bytes) into every task's training set.
 Image+text examples (vision-language backbones): the adapters sit on the language model
 only (its ``lora_targets`` layers; the vision encoder and projector stay frozen and carry
 none, so the rank is budget-matched over the language model's layers); an example's
-conversation is encoded as adapt and the runtime encode it (:meth:`ImageInputs.encode`,
+conversation is encoded as adapt and the runtime encode it (:func:`edgekv.induce.entries.encode_image_example`,
 the image features spliced into the input embeddings) and the loss is on its answer tokens.
 Answers go through :func:`edgekv.induce.evaluate.answer_examples` with the adapted model
 in the backbone's place (peft injects the adapters into that model's layers in place).
@@ -31,7 +31,7 @@ import numpy as np
 import torch
 
 from edgekv.bench import evaluate
-from edgekv.bench.methods import Context, Method
+from edgekv.bench.base import Context, Method
 from edgekv.data import Example
 from edgekv.errors import MissingDependencyError
 

@@ -20,70 +20,15 @@ import json
 import os
 import shutil
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import replace
 
 import numpy as np
 
 from edgekv.bench import evaluate
+from edgekv.bench.base import Context, Method
 from edgekv.bench.config import BenchConfig
 from edgekv.data import Example
 from edgekv.errors import BudgetError, InputError
-
-
-@dataclass
-class Context:
-    """What every method gets: the frozen backbone, the knobs, its budget and a work folder."""
-
-    backbone: object
-    cfg: BenchConfig
-    budget: int  # bytes
-    work_dir: str  # the method's scratch folder (its live state)
-
-
-class Method:
-    """Base class: learn tasks in order; answer; report bytes; save/load state."""
-
-    name = "method"
-    budget_dependent = True
-    supports_images = True  # False: text examples only (checked before a run starts)
-
-    def __init__(self, ctx: Context):
-        self.ctx = ctx
-        os.makedirs(ctx.work_dir, exist_ok=True)
-
-    def params(self) -> dict:
-        """Method settings that change its results (part of the stage fingerprint)."""
-        return {}
-
-    def min_budget(self) -> int:
-        return 0
-
-    def learn(self, task_index: int, task_name: str, train: Sequence[Example]) -> dict:
-        raise NotImplementedError
-
-    def answer(self, examples: Sequence[Example]) -> list[str]:
-        raise NotImplementedError
-
-    def deployed_bytes(self) -> int:
-        return 0
-
-    def host_bytes(self) -> int:
-        return 0
-
-    def info(self) -> dict:
-        """Facts to report after a task (slots, rank, ...)."""
-        return {}
-
-    def first_token(self) -> Callable[[Example], None] | None:
-        """A function running one text query from its text to its first token's logits
-        (everything the device would do before the first token), or None."""
-        return None
-
-    def save(self, folder: str) -> None:
-        pass
-
-    def load(self, folder: str) -> None:
-        pass
 
 
 # ---------------------------------------------------------------------------------
@@ -312,8 +257,8 @@ class StreamMemory(MemoryMethod):
         return j if j < num_slots else None
 
     def learn(self, task_index, task_name, train) -> dict:
-        from edgekv.export.keymodel import KeyModel
         from edgekv.format import Calibration, Memory, commit_update, create_memory
+        from edgekv.host.keymodel import KeyModel
         from edgekv.induce.entries import EntryConfig, compute_entries
         from edgekv.retrieval import fit_projection
 
@@ -394,8 +339,8 @@ class PromptText(Method):
         self.keys = np.zeros((0, 0), np.float32)  # [N, R] raw keys of items
 
     def _key_setup(self):
-        from edgekv.export.keymodel import KeyModel
-        from edgekv.export.models import default_key_layer
+        from edgekv.host.keymodel import KeyModel
+        from edgekv.host.models import default_key_layer
 
         bb = self.ctx.backbone
         return KeyModel(bb.decoder, default_key_layer(bb.shape.num_layers), "mean")
@@ -486,7 +431,7 @@ class PromptText(Method):
 
     def prompt_ids(self, examples: Sequence[Example]) -> list[list[int]]:
         """Prompt ids of text queries on a text backbone (batched path; images ignored)."""
-        from edgekv.induce.entries import has_chat_template
+        from edgekv.host.tokens import has_chat_template
 
         tok = self.ctx.backbone.tokenizer
         out = []
@@ -583,7 +528,7 @@ def check_budget(method: Method, budget: int) -> None:
     need = method.min_budget()
     if budget < need:
         raise BudgetError(f"budget {budget} B is too small for {method.name}: it needs at least {need} B "
-                          f"({_why(method)}); raise --budget/--budgets or leave the method out with --methods")
+                          f"({_why(method)}); raise the budget or leave the method out of the methods")
 
 
 def _why(method: Method) -> str:

@@ -1,6 +1,6 @@
 """Continual-learning metrics of an accuracy matrix (pure numpy).
 
-Definitions: /work/shared/docs/induce-kv.md, section "Continual-learning metrics"
+Definitions: docs/method.md, section "Continual-learning metrics"
 (tasks 1..T; here rows and columns are 0-based):
 
     A[i][j]     accuracy on task j after adapting on task i

@@ -10,9 +10,35 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 from collections.abc import Sequence
 
 from edgekv.units import format_size
+
+
+def portable_path(path: str, cwd: str | None = None) -> str:
+    """``path`` (absolute, or relative to ``cwd``, default the working directory) relative to
+    ``cwd`` when it lies under it, else the folder's name alone: what a report records
+    instead of a machine's absolute path."""
+    base = os.path.abspath(cwd or os.getcwd())
+    full = os.path.normpath(os.path.join(base, path))
+    if os.path.commonpath([full, base]) == base:
+        return os.path.relpath(full, base)
+    return os.path.basename(full.rstrip(os.sep)) or full
+
+
+def portable_command(command: str, cwd: str | None = None) -> str:
+    """The command line as typed, its ``--out`` value made :func:`portable_path`."""
+    try:
+        parts = shlex.split(command)
+    except ValueError:  # not a shell line we wrote: leave it as it is
+        return command
+    for i, a in enumerate(parts):
+        if a == "--out" and i + 1 < len(parts):
+            parts[i + 1] = portable_path(parts[i + 1], cwd)
+        elif a.startswith("--out="):
+            parts[i] = "--out=" + portable_path(a[len("--out="):], cwd)
+    return shlex.join(parts)
 
 
 def ttft_summary(ttft: dict[str, float]) -> dict:
@@ -31,15 +57,110 @@ def _signed(x: float | None) -> str:
     return "-" if x is None else f"{100 * x:+.1f}"
 
 
+# ---------------------------------------------------------------------------------
+# intervals (edgekv.bench.stats.aggregate): mean [95 % bootstrap interval] cells
+# ---------------------------------------------------------------------------------
+METRIC_NAMES = (("avg", "Avg"), ("last", "Last"), ("bwt", "BWT"), ("forgetting", "Forgetting"))
+
+
+def ci_cell(d: dict | None, signed: bool = False) -> str:
+    """{"mean", "lo", "hi"} -> '39.6 [31.2, 47.9]' (percent or signed points; '-' where undefined)."""
+    if not d or d.get("mean") is None:
+        return "-"
+    f = _signed if signed else _pct
+    return f"{f(d['mean'])} [{f(d['lo'])}, {f(d['hi'])}]"
+
+
+def _budget_label(budget: int | None) -> str:
+    return "-" if budget is None else format_size(budget)
+
+
+def interval_tables(agg: dict, main_budget: int) -> list[str]:
+    """One table per budget (methods without a budget, e.g. zero-shot, join the main budget's)."""
+    b = agg["bootstrap"]
+    how = b["resampling"] if len(agg["runs"]) > 1 else "this run's evaluated queries of each task resampled"
+    lines = [f"Cells: mean over {len(agg['runs'])} run{'s' if len(agg['runs']) > 1 else ''} "
+             f"[{round(100 * b['level'])} % bootstrap interval: {how}; {b['num_boot']} samples].", ""]
+    budgets = sorted({m["budget"] for m in agg["methods"] if m["budget"] is not None} | {main_budget})
+    for budget in budgets:
+        rows = [m for m in agg["methods"] if m["budget"] == budget or (m["budget"] is None and budget == main_budget)]
+        if not rows:
+            continue
+        lines += [f"### Budget {format_size(budget)} ({budget} B){' (main)' if budget == main_budget else ''}", "",
+                  "| method | runs | " + " | ".join(n for _, n in METRIC_NAMES) + " | deployed bytes |",
+                  "|---" * (len(METRIC_NAMES) + 3) + "|"]
+        for m in rows:
+            cells = [ci_cell(m["metrics"][k], signed=k in ("bwt", "forgetting")) for k, _ in METRIC_NAMES]
+            dep = sorted(set(m["deployed_bytes"]))
+            lines.append(f"| {m['method']} | {len(m['runs'])} | " + " | ".join(cells) +
+                         f" | {', '.join(str(x) for x in dep)}{'' if m['bytes_constant'] else ' (changed)'} |")
+        lines.append("")
+    return lines
+
+
+def paired_table(agg: dict) -> list[str]:
+    """reference - method at the main budget: mean [interval] and the verdict about the reference."""
+    p = agg["paired"]
+    if not p["methods"]:
+        return []
+    ref = p["reference"]
+    lines = [f"### Paired differences at {format_size(p['budget'])}: {ref} minus each method", "",
+             f"Same runs and test queries resampled jointly; percentage points. '{ref} better' / "
+             f"'{ref} worse': the 95 % interval excludes 0 (for Forgetting, lower is better); "
+             "'cannot tell': it contains 0, so these runs do not separate the two.", "",
+             "| method | " + " | ".join(n for _, n in METRIC_NAMES) + " |", "|---" * (len(METRIC_NAMES) + 1) + "|"]
+    for m in p["methods"]:
+        cells = []
+        for k, _ in METRIC_NAMES:
+            d = m["metrics"][k]
+            v = d["verdict"] if d["verdict"] == "cannot tell" else f"{ref} {d['verdict']}"
+            cells.append(f"{ci_cell(d, signed=True)} {v}" if d["mean"] is not None else "-")
+        at = "" if m["budget"] is None else f" @ {format_size(m['budget'])}"
+        lines.append(f"| {m['method']}{at} | " + " | ".join(cells) + " |")
+    return lines + [""]
+
+
+def per_run_table(agg: dict) -> list[str]:
+    """Avg / Last / BWT of every (method, budget) in every run."""
+    labels = agg["runs"]
+    lines = ["| method | budget | " + " | ".join(labels) + " |", "|---" * (len(labels) + 2) + "|"]
+    for m in agg["methods"]:
+        by = dict(zip(m["runs"], m["per_run"], strict=True))
+        cells = [" / ".join((_pct(by[lab]["avg"]), _pct(by[lab]["last"]), _signed(by[lab]["bwt"])))
+                 if lab in by else "-" for lab in labels]
+        lines.append(f"| {m['method']} | {_budget_label(m['budget'])} | " + " | ".join(cells) + " |")
+    return lines + ["", "Cells: Avg / Last / BWT (%, points) of each run.", ""]
+
+
+def grid_markdown(results: dict) -> str:
+    """results.md of several runs (``edgekv.bench.grid``): intervals, paired differences, per run."""
+    agg = results["aggregate"]
+    runs = results["runs"]
+    lines = [f"# edgekv bench: {results['model']}, {len(runs)} runs (streams {', '.join(results['streams'])}; "
+             f"seeds {', '.join(str(s) for s in results['seeds'])})", "",
+             f"Main budget: {format_size(results['main_budget'])} ({results['main_budget']} B). Evaluated split: "
+             f"{runs[0]['eval_split']}; examples per task and run: "
+             + "; ".join(f"{r['label']} {r['eval_per_task']}" for r in runs) + ".", "",
+             "Accuracy in %; BWT and Forgetting in percentage points (definitions: docs/method.md, "
+             "'Continual-learning metrics'; protocol: docs/bench.md).", "", "## Metrics per budget", ""]
+    lines += interval_tables(agg, results["main_budget"])
+    lines += ["## Paired comparisons", ""] + (paired_table(agg) or ["(no reference method in these runs)", ""])
+    lines += ["## Every run", ""] + per_run_table(agg)
+    lines += [f"- {r['label']}: `{r['dir']}/results.md` ({r['seconds_total']} s)" for r in runs]
+    lines += ["", f"Command: `{results['command']}`", f"Total time: {results['seconds_total']} s", ""]
+    return "\n".join(lines)
+
+
 def markdown(results: dict) -> str:
     """The results as Markdown: one row per run, then the accuracy matrices."""
     runs = results["runs"]
     s = results["stream"]
     lines = [f"# edgekv bench: {results['model']} on {s['name'] or 'stream'} ({len(s['tasks'])} tasks)", "",
-             f"Tasks in order: {', '.join(s['tasks'])}. Test examples per task: {s['test_per_task']}. "
+             f"Tasks in order: {', '.join(s['tasks'])}. {s.get('eval_split', 'test').capitalize()} examples per "
+             f"task: {s['val_per_task'] if s.get('eval_split') == 'val' else s['test_per_task']}. "
              f"Main budget: {format_size(results['main_budget'])} ({results['main_budget']} B).", "",
              "Accuracy in %; BWT and Forgetting in percentage points (definitions: "
-             "docs/induce-kv.md, 'Continual-learning metrics'). Deployed = bytes sent to the device "
+             "docs/method.md, 'Continual-learning metrics'). Deployed = bytes sent to the device "
              "beyond the frozen backbone, after the last task; constant = identical after every task.", "",
              "| method | budget | Avg | Last | BWT | Forgetting | deployed bytes | constant | host bytes | "
              "learn s | eval s | notes |",
@@ -66,6 +187,9 @@ def markdown(results: dict) -> str:
     if t.get("prompt_text_over_induce") is not None:
         lines += ["", f"Time to first token (median, host torch): prompt-text {1000 * t['prompt-text_s']:.0f} ms, "
                       f"InduceKV {1000 * t['induce_s']:.0f} ms: ratio {t['prompt_text_over_induce']:.2f}."]
+    if results.get("aggregate"):  # one run: the intervals resample its queries (edgekv.bench.stats)
+        lines += ["", "## Intervals over the evaluated queries", ""] + interval_tables(
+            results["aggregate"], results["main_budget"]) + paired_table(results["aggregate"])
     lines += ["", "## Deployed bytes after every task", ""]
     for r in runs:
         lines.append(f"- {r['method']} @ {'-' if r['budget'] is None else r['budget']}: "
@@ -164,6 +288,8 @@ def write_all(results: dict, out_dir: str) -> dict[str, str]:
     if budget_plot(results["runs"], p):
         paths["budget_plot"] = p
     results["outputs"] = {k: os.path.relpath(v, out_dir) for k, v in paths.items()}
+    if results.get("command"):  # no machine path in the report: --out as typed, made relative
+        results["command"] = portable_command(results["command"])
     with open(paths["json"], "w", encoding="utf-8") as f:
         json.dump(results, f, indent=1, sort_keys=True)
     with open(paths["md"], "w", encoding="utf-8") as f:

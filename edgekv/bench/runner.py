@@ -23,35 +23,71 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 
-from edgekv.bench import metrics
+from edgekv.atomic import write_file_atomic
+from edgekv.bench import metrics, stats
+from edgekv.bench.base import Context, Method
 from edgekv.bench.config import BenchConfig
-from edgekv.bench.evaluate import accuracy
-from edgekv.bench.methods import Context, Method, check_budget, registry
+from edgekv.bench.evaluate import accuracy, is_correct
+from edgekv.bench.methods import check_budget, registry
 from edgekv.data import Example
+from edgekv.data.stream import normalise_answer
 from edgekv.errors import InputError
 
 
 @dataclass(frozen=True)
 class BenchTask:
-    """One task as the benchmark uses it: a seeded sample of train, the first test examples."""
+    """One task as the benchmark uses it: a seeded sample of train; test and val (whole, or a
+    subset balanced over the task's concepts, ``BenchConfig.max_test_per_task``)."""
 
     name: str
     train: tuple[Example, ...]
     test: tuple[Example, ...]
+    val: tuple[Example, ...] = ()
+
+    def split(self, name: str) -> tuple[Example, ...]:
+        """The examples of split ``name`` ("val" or "test": what ``BenchConfig.eval_split`` evaluates)."""
+        if name not in ("val", "test"):
+            raise InputError(f"BenchConfig.eval_split must be 'val' or 'test', got {name!r}")
+        return self.val if name == "val" else self.test
+
+
+def balanced_subset(examples: Sequence[Example], n: int) -> list[Example]:
+    """At most ``n`` examples balanced over concepts; all of them when ``n`` is 0 or covers them.
+
+    ``Example`` carries no concept, so the concept is the normalised answer (it identifies the
+    concept of every built-in task; home-city's answer is the city, shared by two people;
+    date-house has one concept anyway). Round robin over the concepts in order of first
+    appearance, each concept's examples in split order; the chosen ones keep split order.
+    """
+    if n <= 0 or n >= len(examples):
+        return list(examples)
+    groups: dict[str, list[int]] = {}
+    for k, ex in enumerate(examples):
+        groups.setdefault(normalise_answer(ex.answer), []).append(k)
+    chosen: list[int] = []
+    depth = 0
+    while len(chosen) < n:
+        chosen += [g[depth] for g in groups.values() if depth < len(g)][: n - len(chosen)]
+        depth += 1
+    return [examples[k] for k in sorted(chosen)]
 
 
 def bench_tasks(stream, cfg: BenchConfig) -> list[BenchTask]:
-    """Tasks of a stream (anything with ``.tasks`` of objects with name/train/test, or a list of them)."""
+    """Tasks of a stream (anything with ``.tasks`` of objects with name/train/test[/val], or a list of them)."""
     tasks = getattr(stream, "tasks", stream)
     out = []
     for i, t in enumerate(tasks):
-        train, test = list(t.train), list(t.test)
+        train, test, val = list(t.train), list(t.test), list(getattr(t, "val", ()))
         if not train or not test:
             raise InputError(f"task {t.name!r} needs train and test examples (has {len(train)} / {len(test)})")
+        if cfg.eval_split == "val" and not val:
+            raise InputError(f"task {t.name!r} has no val examples: BenchConfig.eval_split='val' needs them")
         n = cfg.max_train_per_task
         rows = sorted(np.random.default_rng(cfg.seed + 7919 * i).choice(len(train), size=n, replace=False).tolist()) \
             if len(train) > n else list(range(len(train)))
-        out.append(BenchTask(t.name, tuple(train[r] for r in rows), tuple(test[: cfg.max_test_per_task])))
+        out.append(BenchTask(t.name, tuple(train[r] for r in rows),
+                             tuple(balanced_subset(test, cfg.max_test_per_task)),
+                             tuple(balanced_subset(val, cfg.max_test_per_task))))
     if not out:
         raise InputError("the stream has no tasks")
     if len({t.name for t in out}) != len(out):
@@ -59,15 +95,17 @@ def bench_tasks(stream, cfg: BenchConfig) -> list[BenchTask]:
     return out
 
 
-def answer_tokens(tokenizer, tasks: Sequence[BenchTask]) -> int:
-    """Tokens of the longest test answer (greedy decoding must be able to produce it)."""
-    return max(len(tokenizer(ex.answer, add_special_tokens=False).input_ids) for t in tasks for ex in t.test)
+def answer_tokens(tokenizer, tasks: Sequence[BenchTask], split: str = "test") -> int:
+    """Tokens of the longest answer of the evaluated split (greedy decoding must be able to produce it)."""
+    return max(len(tokenizer(ex.answer, add_special_tokens=False).input_ids) for t in tasks
+               for ex in t.split(split))
 
 
-def stream_fingerprint(tasks: Sequence[BenchTask]) -> str:
+def stream_fingerprint(tasks: Sequence[BenchTask], split: str = "test") -> str:
+    """sha256 of the train examples and the evaluated split's examples of every task."""
     h = hashlib.sha256()
     for t in tasks:
-        h.update(json.dumps([t.name, [ex.__dict__ for ex in t.train], [ex.__dict__ for ex in t.test]],
+        h.update(json.dumps([t.name, [ex.__dict__ for ex in t.train], [ex.__dict__ for ex in t.split(split)]],
                             sort_keys=True).encode())
     return h.hexdigest()
 
@@ -106,10 +144,7 @@ def plan(methods: Sequence[str], budgets: Sequence[int], main_budget: int, cfg: 
 
 
 def _write_json(path: str, obj: dict) -> None:
-    tmp = path + f".tmp-{os.getpid()}"
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(obj, f, indent=1, sort_keys=True)
-    os.replace(tmp, path)
+    write_file_atomic(path, json.dumps(obj, indent=1, sort_keys=True))
 
 
 def _read_stage(path: str, fp: str) -> dict | None:
@@ -119,6 +154,23 @@ def _read_stage(path: str, fp: str) -> dict | None:
     except (OSError, json.JSONDecodeError):
         return None
     return d if d.get("fingerprint") == fp else None
+
+
+def score_row(tasks: Sequence[BenchTask], cols: Sequence[int], split: str, preds: Sequence[str]
+              ) -> tuple[list[float | None], dict[str, list[str]], dict[str, list[int]]]:
+    """Row of A (None where not evaluated), answers and per-query correctness (0/1, the same
+    ``is_correct`` as ``accuracy``) per task name, from the answers to the columns' queries in order."""
+    row: list[float | None] = [None] * len(tasks)
+    answers, correct = {}, {}
+    k = 0
+    for j in cols:
+        exs = tasks[j].split(split)
+        row[j] = accuracy(preds[k: k + len(exs)], exs)
+        answers[tasks[j].name] = list(preds[k: k + len(exs)])
+        correct[tasks[j].name] = [int(is_correct(p, ex.answer)) for p, ex in zip(answers[tasks[j].name], exs,
+                                                                                 strict=True)]
+        k += len(exs)
+    return row, answers, correct
 
 
 def run_method(backbone, tasks: Sequence[BenchTask], name: str, budget: int, out_dir: str, cfg: BenchConfig,
@@ -148,22 +200,16 @@ def run_method(backbone, tasks: Sequence[BenchTask], name: str, budget: int, out
         learn_info = method.learn(i, task.name, task.train)
         t1, c1 = time.perf_counter(), time.process_time()
         cols = list(range(T)) if cfg.full_matrix else list(range(i + 1))
-        examples = [ex for j in cols for ex in tasks[j].test]
+        examples = [ex for j in cols for ex in tasks[j].split(cfg.eval_split)]
         preds = method.answer(examples)
         t2, c2 = time.perf_counter(), time.process_time()
-        row: list[float | None] = [None] * T
-        answers = {}
-        k = 0
-        for j in cols:
-            n = len(tasks[j].test)
-            row[j] = accuracy(preds[k: k + n], tasks[j].test)
-            answers[tasks[j].name] = preds[k: k + n]
-            k += n
+        row, answers, correct = score_row(tasks, cols, cfg.eval_split, preds)
         stage = {"fingerprint": fps[i], "method": name, "budget": budget if reg[name].budget_dependent else None,
                  "task_index": i, "task": task.name, "row": row, "deployed_bytes": method.deployed_bytes(),
                  "host_bytes": method.host_bytes(), "info": method.info(), "learn": learn_info,
                  "seconds": {"learn": round(t1 - t0, 3), "evaluate": round(t2 - t1, 3)},
-                 "cpu_seconds": {"learn": round(c1 - c0, 3), "evaluate": round(c2 - c1, 3)}, "answers": answers}
+                 "cpu_seconds": {"learn": round(c1 - c0, 3), "evaluate": round(c2 - c1, 3)}, "answers": answers,
+                 "correct": correct}
         os.makedirs(stage_dirs[i], exist_ok=True)
         state = os.path.join(stage_dirs[i], "state")
         shutil.rmtree(state, ignore_errors=True)
@@ -180,14 +226,19 @@ def run_method(backbone, tasks: Sequence[BenchTask], name: str, budget: int, out
 
 
 def run_record(name: str, budget: int | None, stages: Sequence[dict], T: int) -> dict:
-    """The report's view of one run: A, metrics, bytes after every task, timings."""
+    """The report's view of one run: A, metrics, per-query correctness, bytes after every task, timings.
+
+    ``correct[i][j]``: the 0/1 list of task j's evaluated queries after task i (None where not
+    evaluated), what the bootstrap intervals (:mod:`edgekv.bench.stats`) resample."""
     A = np.array([[np.nan if x is None else x for x in s["row"]] for s in stages], np.float64)  # [T, T]
     deployed = [s["deployed_bytes"] for s in stages]
+    names = [s["task"] for s in stages]
     return {
         "method": name,
         "budget": budget,
-        "tasks": [s["task"] for s in stages],
+        "tasks": names,
         "A": [[None if np.isnan(x) else float(x) for x in r] for r in A],
+        "correct": [[s.get("correct", {}).get(t) for t in names] for s in stages],
         "metrics": metrics.summary(A),
         "deployed_bytes": deployed,
         "bytes_constant": len(set(deployed)) == 1,
@@ -253,15 +304,15 @@ def run_bench(backbone, stream, methods: Sequence[str], budgets: Sequence[int], 
     t0 = time.perf_counter()
     tasks = bench_tasks(stream, cfg)
     if cfg.max_new_tokens == 0:
-        cfg = replace(cfg, max_new_tokens=answer_tokens(backbone.tokenizer, tasks) + 2)
-    sfp = stream_fingerprint(tasks)
+        cfg = replace(cfg, max_new_tokens=answer_tokens(backbone.tokenizer, tasks, cfg.eval_split) + 2)
+    sfp = stream_fingerprint(tasks, cfg.eval_split)
     runs = plan(methods, budgets, main_budget, cfg)
     reg = registry(cfg)
-    image_tasks = [t.name for t in tasks if any(ex.image is not None for ex in t.train + t.test)]
+    image_tasks = [t.name for t in tasks if any(ex.image is not None for ex in t.train + t.split(cfg.eval_split))]
     text_only = [n for n in methods if not reg[n].supports_images]
     if image_tasks and text_only:
         raise InputError(f"{', '.join(text_only)} cannot learn image examples yet (image tasks: "
-                         f"{', '.join(image_tasks)}): leave them out with --methods, or use a text stream")
+                         f"{', '.join(image_tasks)}): leave them out of the methods, or use a text stream")
     for name, b in runs:  # every budget check before any work
         check_budget(reg[name](Context(backbone, cfg, b, os.path.join(out_dir, "work", "_check"))), b)
     shutil.rmtree(os.path.join(out_dir, "work", "_check"), ignore_errors=True)
@@ -275,7 +326,8 @@ def run_bench(backbone, stream, methods: Sequence[str], budgets: Sequence[int], 
         "model": model_name or getattr(backbone, "source", ""),
         "model_fingerprint": backbone.fingerprint,
         "stream": {"name": getattr(stream, "name", ""), "tasks": [t.name for t in tasks], "fingerprint": sfp,
-                   "train_per_task": [len(t.train) for t in tasks], "test_per_task": [len(t.test) for t in tasks]},
+                   "train_per_task": [len(t.train) for t in tasks], "test_per_task": [len(t.test) for t in tasks],
+                   "val_per_task": [len(t.val) for t in tasks], "eval_split": cfg.eval_split},
         "config": cfg.to_dict(),
         "main_budget": main_budget,
         "budgets": sorted(set(budgets) | {main_budget}),
@@ -283,5 +335,7 @@ def run_bench(backbone, stream, methods: Sequence[str], budgets: Sequence[int], 
         "ttft": report.ttft_summary(ttft),
         "seconds_total": round(time.perf_counter() - t0, 1),
     }
+    label = f"{os.path.basename(os.path.normpath(str(results['stream']['name'] or 'stream')))}-s{cfg.seed}"
+    results["aggregate"] = stats.aggregate([results], [label])  # intervals over the test queries of this run
     report.write_all(results, out_dir)
     return results

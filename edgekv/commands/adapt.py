@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import os
+from dataclasses import replace
 
 import typer
 
-from edgekv.cli import command, emit, table
-from edgekv.errors import InputError
+from edgekv.cli import command, emit, field_option, table
+from edgekv.induce.config import AdaptConfig, EntryConfig, SelectionConfig
 from edgekv.units import format_size, parse_size
 
 
@@ -47,46 +48,33 @@ def adapt_cmd(
     memory: str = typer.Option(..., "--memory", help="Memory file (.ekv); created on the first call."),
     budget: str = typer.Option(None, "--budget", help="Byte budget (16MB, 16MiB); needed to create the memory."),
     task: str = typer.Option(None, "--task", help="Task name (default: the data file's name)."),
-    pooled_len: int = typer.Option(None, "--pooled-len", help="KV positions per entry, m (default 16)."),
-    payload: str = typer.Option(None, "--payload", help="Payload dtype of a new memory: int8 (default) or fp16."),
-    steps: int = typer.Option(None, "--steps", help="Selection steps (default 24)."),
-    top_k: int = typer.Option(4, "-k", "--top-k", help="Entries retrieved per query (use the same -k at run time)."),
-    seed: int = typer.Option(0, "--seed", help="Seed for sampling and batches."),
+    pooled_len: int = field_option(EntryConfig, "pooled_len", "--pooled-len", default=None),
+    payload: str = field_option(EntryConfig, "payload_dtype", "--payload", default=None),
+    steps: int = field_option(SelectionConfig, "steps", "--steps", default=None),
+    top_k: int = field_option(AdaptConfig, "top_k", "-k", "--top-k"),
+    seed: int = field_option(AdaptConfig, "seed", "--seed"),
     threads: int = typer.Option(None, "--threads", help="PyTorch threads (default: PyTorch decides)."),
     no_progress: bool = typer.Option(False, "--no-progress", help="Hide progress bars."),
     json_out: bool = typer.Option(False, "--json", help="Print JSON."),
 ) -> None:
     """Adapt MEM.ekv to a task in place (atomic; the file never changes size)."""
-    from dataclasses import replace
-
     from edgekv.data import read_examples
-    from edgekv.induce.adapt import AdaptConfig, adapt
-    from edgekv.induce.vision import load_adapt_backbone
+    from edgekv.host.models import load_backbone
+    from edgekv.induce.adapt import adapt
 
-    if payload is not None and payload not in ("int8", "fp16"):
-        raise InputError(f"--payload must be int8 or fp16, got {payload!r}")
-    if pooled_len is not None and pooled_len < 1:
-        raise InputError(f"--pooled-len must be >= 1, got {pooled_len}")
-    if steps is not None and steps < 0:
-        raise InputError(f"--steps must be >= 0, got {steps}")
+    entry = {"pooled_len": pooled_len, "payload_dtype": payload}
+    explicit = [name for name, value in entry.items() if value is not None]  # a memory must match these
+    cfg = AdaptConfig(entry=replace(EntryConfig(), **{n: entry[n] for n in explicit}),
+                      selection=SelectionConfig() if steps is None else SelectionConfig(steps=steps),
+                      top_k=top_k, seed=seed)
     budget_bytes = parse_size(budget) if budget is not None else None
     examples = read_examples(data)
     if threads:
         import torch
 
         torch.set_num_threads(threads)
-    cfg = AdaptConfig(top_k=top_k, seed=seed)
-    explicit = []
-    if pooled_len is not None:
-        cfg = replace(cfg, entry=replace(cfg.entry, pooled_len=pooled_len))
-        explicit.append("pooled_len")
-    if payload is not None:
-        cfg = replace(cfg, entry=replace(cfg.entry, payload_dtype=payload))
-        explicit.append("payload_dtype")
-    if steps is not None:
-        cfg = replace(cfg, selection=replace(cfg.selection, steps=steps))
     task = task or os.path.splitext(os.path.basename(data))[0]
-    backbone = load_adapt_backbone(model)  # vision-language folders get the image path (edgekv.induce.vision)
+    backbone = load_backbone(model)  # vision-language folders come with their image path (backbone.vision)
     summary = adapt(backbone, examples, memory, budget_bytes, task, cfg, explicit, progress=not no_progress,
                     image_root=os.path.dirname(os.path.abspath(data)))
     emit(summary, json_out, _human)

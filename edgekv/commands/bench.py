@@ -6,7 +6,8 @@ import shlex
 
 import typer
 
-from edgekv.cli import command, emit, table
+from edgekv.bench.config import BenchConfig
+from edgekv.cli import command, emit, field_option, table
 from edgekv.errors import InputError
 from edgekv.units import format_size, parse_size
 
@@ -26,11 +27,46 @@ def parse_budgets(budget: str, budgets: str | None, fractions: tuple[float, ...]
 
 
 def load_model(model: str):
+    from edgekv.host.models import load_backbone
+
+    return load_backbone(model)
+
+
+def grid_options(stream: str | None, streams: str | None, seed: int, seeds: str | None
+                 ) -> tuple[list[str], list[int]]:
+    """(streams, seeds) of the runs: --stream/--seed (one run) or --streams/--seeds (a grid)."""
+    if stream and streams:
+        raise InputError("give --stream (one run) or --streams (a grid of runs), not both")
+    if not stream and not streams:
+        raise InputError("--stream or --streams is required (a built-in stream such as edge6, or a folder)")
+    if seeds is not None and seed != 0:
+        raise InputError("give --seed (one run) or --seeds (a grid of runs), not both")
+    names = [s.strip() for s in streams.split(",") if s.strip()] if streams else [stream]
     try:
-        from edgekv.induce.vision import load_adapt_backbone
-    except ImportError:
-        from edgekv.export.models import load_backbone as load_adapt_backbone
-    return load_adapt_backbone(model)
+        nums = [int(x) for x in seeds.split(",") if x.strip()] if seeds is not None else [seed]
+    except ValueError:
+        raise InputError(f"--seeds must be comma-separated integers, got {seeds!r}") from None
+    if not names or not nums or any(n < 0 for n in nums):
+        raise InputError(f"--streams / --seeds: need at least one stream and non-negative seeds, got "
+                         f"{streams!r} / {seeds!r}")
+    return names, nums
+
+
+def _human_grid(d: dict) -> str:
+    from edgekv.bench.report import ci_cell
+
+    rows = []
+    for m in d["aggregate"]["methods"]:
+        budget = "-" if m["budget"] is None else format_size(m["budget"])
+        rows.append((f"{m['method']} @ {budget}", f"Last {ci_cell(m['metrics']['last'])}  Avg "
+                     f"{ci_cell(m['metrics']['avg'])}  ({len(m['runs'])} runs)"))
+    for p in d["aggregate"]["paired"]["methods"]:
+        v = p["metrics"]["last"]
+        rows.append((f"{d['aggregate']['paired']['reference']} vs {p['method']}",
+                     f"Last {ci_cell(v, signed=True)}: {v['verdict']}"))
+    rows.append(("results", d["outputs"]["md"]))
+    rows.append(("time", f"{d['seconds_total']} s"))
+    return table(rows)
 
 
 def _human(d: dict) -> str:
@@ -52,13 +88,18 @@ def _human(d: dict) -> str:
 @command("bench")
 def bench_cmd(
     model: str = typer.Option(..., "--model", help="Hugging Face model folder, .gguf, or built-in name."),
-    stream: str = typer.Option(..., "--stream", help="Task stream: a built-in name (edge6) or a stream folder."),
+    stream: str = typer.Option(None, "--stream", help="Task stream: a built-in name (edge6) or a stream folder."),
     budget: str = typer.Option(..., "--budget", help="Main byte budget (16MiB): every method runs at it."),
     budgets: str = typer.Option(None, "--budgets", help="Comma-separated budgets of the sweep "
                                 "(default: 1/4 and 1/2 of --budget, plus --budget)."),
     methods: str = typer.Option("all", "--methods", help="Comma-separated methods (default: all)."),
     out: str = typer.Option(..., "--out", help="Output folder (results, plots, resumable stages)."),
-    seed: int = typer.Option(0, "--seed", help="Seed of the stream and of every method."),
+    seed: int = field_option(BenchConfig, "seed", "--seed"),
+    streams: str = typer.Option(None, "--streams", help="Comma-separated streams of a grid of runs "
+                                "(edge6,edge6-rev): each (stream, seed) runs into OUT/runs/<stream>-s<seed>; "
+                                "OUT/results.md aggregates them with intervals. Instead of --stream."),
+    seeds: str = typer.Option(None, "--seeds", help="Comma-separated seeds of a grid of runs (0,1). "
+                              "Instead of --seed."),
     quick: bool = typer.Option(False, "--quick", help="Tiny settings for tests and CI (BenchConfig.quick)."),
     threads: int = typer.Option(2, "--threads", help="PyTorch threads."),
     no_progress: bool = typer.Option(False, "--no-progress", help="Hide progress bars."),
@@ -66,10 +107,10 @@ def bench_cmd(
 ) -> None:
     """Fill the accuracy matrix of every method over a task stream; report Avg, Last, BWT,
     Forgetting and deployed bytes; resumable (finished stages are not recomputed)."""
-    from edgekv.bench.config import BenchConfig
     from edgekv.bench.methods import parse_methods
 
-    cfg = BenchConfig(seed=seed)
+    stream_list, seed_list = grid_options(stream, streams, seed, seeds)
+    cfg = BenchConfig(seed=seed_list[0])
     cfg = cfg.quick() if quick else cfg
     names = parse_methods(methods, cfg)
     main, sweep = parse_budgets(budget, budgets, cfg.sweep_fractions)
@@ -81,11 +122,19 @@ def bench_cmd(
     from edgekv.data.stream import load_stream
 
     torch.set_num_threads(threads)
-    the_stream = load_stream(stream, seed=seed)
+    the_stream = None if streams or seeds else load_stream(stream, seed=seed)
     backbone = load_model(model)
-    parts = ["edgekv", "bench", "--model", model, "--stream", stream, "--budget", budget]
-    parts += (["--budgets", budgets] if budgets else []) + ["--methods", methods, "--out", out, "--seed", str(seed)]
+    parts = ["edgekv", "bench", "--model", model] + (["--streams", streams] if streams else ["--stream", stream])
+    parts += ["--budget", budget] + (["--budgets", budgets] if budgets else []) + ["--methods", methods, "--out", out]
+    parts += ["--seeds", seeds] if seeds else ["--seed", str(seed)]
     cmd = " ".join(shlex.quote(a) for a in parts + (["--quick"] if quick else []))
+    if the_stream is None:  # a grid of runs, one report
+        from edgekv.bench.grid import run_grid
+
+        results = run_grid(backbone, stream_list, seed_list, names, sweep, main, out, cfg, model_name=model,
+                           command=cmd, progress=not no_progress)
+        emit(results, json_out, _human_grid)
+        return
     results = run_bench(backbone, the_stream, names, sweep, main, out, cfg, model_name=model, command=cmd,
                         progress=not no_progress)
     emit(results, json_out, _human)

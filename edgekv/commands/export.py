@@ -6,7 +6,8 @@ import sys
 
 import typer
 
-from edgekv.cli import command, emit, table
+from edgekv.cli import command, emit, field_option, table
+from edgekv.export.common import ExportOptions
 from edgekv.units import format_size
 
 
@@ -40,14 +41,11 @@ def _human(d: dict) -> str:
 def export_cmd(
     model: str = typer.Argument(..., help="Hugging Face model folder, .gguf file, or built-in name (smollm2-135m)."),
     out: str = typer.Option(..., "--out", "-o", help="Folder to write (created; an old export is replaced)."),
-    quantize_weights: str = typer.Option(
-        None, "--quantize-weights",
-        help="'int8' or 'int4': weight-only block-wise decoder weights (MatMulNBits; activations stay float)."),
-    memory: str = typer.Option(None, "--memory", "-m", help="Memory file (.ekv): check it and build its HNSW index."),
-    key_layer: int = typer.Option(None, "--key-layer", help="Layer the retrieval key pools (default: the memory's)."),
-    force: bool = typer.Option(False, "--force", help="Replace a non-empty --out folder that is not an export."),
-    graph: str = typer.Option("fused", "--graph",
-                              help="'fused': edgekv's decoder graph (default); 'optimum': optimum's export (fp32)."),
+    quantize_weights: str = field_option(ExportOptions, "quantize_weights", "--quantize-weights"),
+    memory: str = field_option(ExportOptions, "memory", "--memory", "-m"),
+    key_layer: int = field_option(ExportOptions, "key_layer", "--key-layer"),
+    force: bool = field_option(ExportOptions, "force", "--force"),
+    graph: str = field_option(ExportOptions, "graph", "--graph"),
     json_out: bool = typer.Option(False, "--json", help="Print JSON."),
 ) -> None:
     """Export a decoder for the device runtime: ONNX with past, key graph, tokenizer, manifest."""

@@ -6,7 +6,8 @@ from __future__ import annotations
 import typer
 
 from edgekv.budget import BudgetConfig, budget_report
-from edgekv.cli import command, emit, table
+from edgekv.cli import command, emit, field_option, table
+from edgekv.devices.profiler import ProfileConfig
 from edgekv.errors import BudgetError, InputError, MissingDependencyError
 from edgekv.modelshape import model_shape
 from edgekv.units import format_size, parse_size
@@ -115,10 +116,6 @@ def _plot(report: dict, path: str) -> None:
 
 def _budget_mode(model: str, budget: str, pooled_len: int, payload: str, k: int, device: str | None,
                  json_out: bool) -> None:
-    if payload not in ("int8", "fp16"):
-        raise InputError(f"--payload must be int8 or fp16, got {payload!r}")
-    if pooled_len < 1 or k < 1:
-        raise InputError("--pooled-len and -k must be at least 1")
     cfg = BudgetConfig(pooled_len=pooled_len, payload_dtype=payload, top_k=k)
     shape = model_shape(model)
     report = budget_report(shape, parse_size(budget), cfg)
@@ -141,12 +138,11 @@ def profile_cmd(
     device: str = typer.Option(None, "--device", help="Board profile name (e.g. rpi4-4gb) or a profile JSON file."),
     model: str = typer.Option(None, "--model", help="Budget arithmetic: HF model folder, config.json, or built-in name."),
     budget: str = typer.Option(None, "--budget", help="Budget arithmetic: memory budget, bytes, 16MB or 16MiB."),
-    pooled_len: int = typer.Option(16, "--pooled-len", help="KV positions per entry (m; adapt's default is 16)."),
-    payload: str = typer.Option("int8", "--payload", help="Payload dtype: int8 or fp16."),
-    k: int = typer.Option(4, "-k", "--top-k", help="Entries retrieved per query."),
-    threads: int = typer.Option(None, "--threads", help="onnxruntime threads while measuring."),
-    context: int = typer.Option(None, "--context", help="Positions to measure the KV working set at "
-                                                        "(default: the model's maximum)."),
+    pooled_len: int = field_option(BudgetConfig, "pooled_len", "--pooled-len"),
+    payload: str = field_option(BudgetConfig, "payload_dtype", "--payload"),
+    k: int = field_option(ProfileConfig, "k", "-k", "--top-k"),
+    threads: int = field_option(ProfileConfig, "threads", "--threads"),
+    context: int = field_option(ProfileConfig, "context", "--context"),
     plot: str = typer.Option(None, "--plot", help="Write a stacked bar of the breakdown (PNG/SVG/PDF)."),
     json_out: bool = typer.Option(False, "--json", help="Print JSON."),
 ) -> None:
@@ -161,7 +157,7 @@ def profile_cmd(
         return
     if model is not None or budget is not None:
         raise InputError("--model/--budget are for the arithmetic without ARTIFACTS; pass one or the other")
-    from edgekv.devices.profiler import ProfileConfig, profile_artifacts
+    from edgekv.devices.profiler import profile_artifacts
     from edgekv.devices.profiles import load_profile
 
     profile = load_profile(device) if device else None

@@ -6,7 +6,9 @@ import sys
 
 import typer
 
-from edgekv.cli import command, emit
+from edgekv.cli import command, emit, field_option
+from edgekv.runtime.runtime import RuntimeConfig
+from edgekv.runtime.sampling import SamplingConfig
 
 
 @command("run")
@@ -14,14 +16,14 @@ def run_cmd(
     artifacts: str = typer.Argument(..., help="Folder written by `edgekv export`."),
     prompt: str = typer.Option(..., "--prompt", "-p", help="The user prompt ('-' reads stdin)."),
     memory: str = typer.Option(None, "--memory", "-m", help="Memory file (.ekv) to retrieve from."),
-    k: int = typer.Option(4, "-k", "--top-k", help="Entries retrieved per query."),
+    k: int = field_option(RuntimeConfig, "k", "-k", "--top-k"),
     max_new_tokens: int = typer.Option(64, "--max-new-tokens", "-n", help="Most tokens to generate."),
-    temperature: float = typer.Option(0.0, "--temperature", help="0 = greedy."),
-    top_p: float = typer.Option(1.0, "--top-p", help="Nucleus sampling mass."),
-    seed: int = typer.Option(None, "--seed", help="Sampling seed."),
-    threads: int = typer.Option(None, "--threads", help="onnxruntime threads (default: all cores)."),
-    retrieval: str = typer.Option(None, "--retrieval", help="Force 'exact' or 'hnsw' search."),
-    no_chat: bool = typer.Option(False, "--no-chat", help="Do not apply the chat template."),
+    temperature: float = field_option(SamplingConfig, "temperature", "--temperature"),
+    top_p: float = field_option(SamplingConfig, "top_p", "--top-p"),
+    seed: int = field_option(SamplingConfig, "seed", "--seed"),
+    threads: int = field_option(RuntimeConfig, "threads", "--threads"),
+    retrieval: str = field_option(RuntimeConfig, "retrieval", "--retrieval"),
+    chat: bool = field_option(RuntimeConfig, "chat", "--chat/--no-chat"),
     json_out: bool = typer.Option(False, "--json", help="Print one JSON object at the end."),
     image: str = typer.Option(None, "--image", help="Image file for vision-language artifacts."),
 ) -> None:
@@ -32,7 +34,7 @@ def run_cmd(
     if prompt == "-":
         prompt = sys.stdin.read()
     with Runtime.load(artifacts, memory=memory, k=k, threads=threads, retrieval=retrieval,
-                      chat=not no_chat) as rt:
+                      chat=chat) as rt:
         res = GenerationResult()
         pieces = rt.stream(prompt, max_new_tokens, temperature, top_p, seed, result=res, image=image)
         if json_out:

@@ -6,7 +6,8 @@ from collections.abc import Callable
 
 import typer
 
-from edgekv.cli import app, emit, guarded, table
+from edgekv.cli import app, emit, field_option, guarded, table
+from edgekv.data.stream import SplitSizes
 
 stream_app = typer.Typer(help="Built-in continual task streams: list them, write one out as LLaVA data.",
                          no_args_is_help=True)
@@ -32,16 +33,16 @@ def write_cmd(
     out: str = typer.Option(..., "--out", help="Folder to write (new, empty, or an older stream to replace)."),
     seed: int = typer.Option(0, "--seed", help="Seed for the instances (label mappings never change)."),
     order: str = typer.Option(None, "--order", help="Comma-separated task names, e.g. home-city,shape-code."),
-    train: int = typer.Option(48, "--train", help="Training examples per task."),
-    val: int = typer.Option(16, "--val", help="Validation examples per task."),
-    test: int = typer.Option(24, "--test", help="Test examples per task."),
+    train: int = field_option(SplitSizes, "train", "--train"),
+    val: int = field_option(SplitSizes, "val", "--val"),
+    test: int = field_option(SplitSizes, "test", "--test"),
     json_out: bool = typer.Option(False, "--json", help="Print JSON."),
 ) -> None:
     """Write a stream as stream.json + tasks/<task>/{train,val,test}.json (LLaVA) + PNG images."""
     import json
     import os
 
-    from edgekv.data.stream import SplitSizes, write_stream
+    from edgekv.data.stream import write_stream
 
     tasks = None if order is None else [t.strip() for t in order.split(",") if t.strip()]
     path = write_stream(name, out, seed=seed, order=tasks, sizes=SplitSizes(train, val, test))

@@ -17,6 +17,14 @@ Seeds: the label mappings are fixed constants of the task (so results for severa
 are comparable); the seed picks the instances (scenes, digit samples, phrasings, dates)
 and which of them land in which split. Every task draws from its own generator keyed by
 ``(seed, task name)``, so the order of the stream never changes a task's data.
+
+Balanced splits: val and test hold every concept of a task equally often. Their sizes
+(``SplitSizes``, default 16 val / 24 test) are rounded UP to a multiple of the task's number
+of concepts (:meth:`SplitSizes.balanced`): test 24 becomes 32 for glorp-words and home-city
+(16 concepts), 30 for digit-velan (10), 24 for colour-tag (6), 25 for count-roman (5), 24
+for shape-code (4) and date-house (1 concept); val 16 likewise (16, 16, 20, 18, 20, 16, 16).
+Train keeps its size and holds every concept at least once. ``stream.json`` records the
+requested ``sizes``, each task's actual ``num_examples`` and its ``concept_counts`` per split.
 """
 
 from __future__ import annotations
@@ -32,6 +40,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from edgekv.atomic import replace_dir_atomic
+from edgekv.configs import Config, knob
 from edgekv.data.readers import Example, read_examples, resolve_images
 from edgekv.errors import InputError
 
@@ -72,12 +82,12 @@ class Item:
 
 
 @dataclass(frozen=True)
-class SplitSizes:
+class SplitSizes(Config):
     """Examples per split of every task."""
 
-    train: int = 48
-    val: int = 16
-    test: int = 24
+    train: int = knob(48, "Training examples per task.")
+    val: int = knob(16, "Validation examples per task (rounded up to a multiple of the task's concepts).")
+    test: int = knob(24, "Test examples per task (rounded up to a multiple of the task's concepts).")
 
     def __post_init__(self) -> None:
         for name in SPLITS:
@@ -87,6 +97,12 @@ class SplitSizes:
 
     def as_dict(self) -> dict[str, int]:
         return {s: getattr(self, s) for s in SPLITS}
+
+    def balanced(self, num_concepts: int) -> SplitSizes:
+        """These sizes with val and test rounded UP to a multiple of ``num_concepts`` (train unchanged),
+        so that every concept occurs equally often in val and in test."""
+        k = max(1, int(num_concepts))
+        return SplitSizes(self.train, -(-self.val // k) * k, -(-self.test // k) * k)
 
 
 @dataclass(frozen=True)
@@ -126,10 +142,12 @@ def _fresh_splits(concepts: Sequence[str], make: Callable[[np.random.Generator, 
                   task: str) -> Callable[[np.random.Generator, SplitSizes], dict[str, list[Item]]]:
     """Splits of newly drawn instances (scenes, digits, dates); no prompt+image repeats across them.
 
-    Train holds every concept at least once when it has room (``train >= len(concepts)``).
+    Train holds every concept at least once when it has room (``train >= len(concepts)``); val
+    and test (sizes rounded up to a multiple of the concept count) hold every concept equally often.
     """
 
     def generate(rng: np.random.Generator, sizes: SplitSizes) -> dict[str, list[Item]]:
+        sizes = sizes.balanced(len(concepts))
         if sizes.train < len(concepts):
             raise InputError(f"task {task}: train size {sizes.train} cannot hold its {len(concepts)} concepts; "
                              f"use a train size of at least {len(concepts)}")
@@ -156,30 +174,35 @@ def _fresh_splits(concepts: Sequence[str], make: Callable[[np.random.Generator, 
 
 def _combo_splits(concepts: Sequence[str], templates: Sequence[str], make: Callable[[str, str], Item],
                   task: str) -> Callable[[np.random.Generator, SplitSizes], dict[str, list[Item]]]:
-    """Splits of distinct (concept, phrasing) pairs: a test prompt never occurs in train.
+    """Splits of distinct (concept, phrasing) pairs: a prompt never occurs in two splits.
 
-    Train takes one pair of every concept first, so every test concept occurs in train.
+    Test and val come first, with equal quotas per concept (sizes rounded up to a multiple of
+    the concept count): each concept's phrasings are shuffled, the first ones go to test, the
+    next ones to val. Train is drawn from the remaining pairs, one of every concept first (so
+    every test concept occurs in train), then the rest at random.
     """
 
     def generate(rng: np.random.Generator, sizes: SplitSizes) -> dict[str, list[Item]]:
+        sizes = sizes.balanced(len(concepts))
         total = sizes.train + sizes.val + sizes.test
         num = len(concepts) * len(templates)
-        if total > num or sizes.train < len(concepts):
+        q_test, q_val = sizes.test // len(concepts), sizes.val // len(concepts)
+        if total > num or sizes.train < len(concepts) or q_test + q_val >= len(templates):
             raise InputError(f"task {task}: has {len(concepts)} concepts x {len(templates)} phrasings = {num} "
-                             f"distinct prompts; split sizes must sum to at most {num} (got {total}) with "
-                             f"train >= {len(concepts)}")
-        pairs = [(c, t) for c in concepts for t in templates]
-        pairs = [pairs[i] for i in rng.permutation(num)]
-        first: dict[str, tuple[str, str]] = {}
-        for c, t in pairs:
-            first.setdefault(c, (c, t))
-        chosen = list(first.values())
-        taken = set(chosen)
-        rest = [p for p in pairs if p not in taken]
-        train = chosen + rest[: sizes.train - len(chosen)]
-        train = [train[i] for i in rng.permutation(len(train))]
-        rest = rest[sizes.train - len(chosen):]
-        val, test = rest[: sizes.val], rest[sizes.val: sizes.val + sizes.test]
+                             f"distinct prompts; split sizes (val and test rounded up to a multiple of "
+                             f"{len(concepts)}: {sizes.train}/{sizes.val}/{sizes.test}) must sum to at most {num} "
+                             f"(got {total}) with train >= {len(concepts)} and at most {len(templates) - 1} "
+                             f"val + test phrasings per concept")
+        test, val, first, rest = [], [], [], []
+        for c in concepts:
+            ts = [templates[i] for i in rng.permutation(len(templates))]
+            test += [(c, t) for t in ts[:q_test]]
+            val += [(c, t) for t in ts[q_test: q_test + q_val]]
+            first.append((c, ts[q_test + q_val]))
+            rest += [(c, t) for t in ts[q_test + q_val + 1:]]
+        rest = [rest[i] for i in rng.permutation(len(rest))]
+        train = first + rest[: sizes.train - len(first)]
+        train, val, test = ([ps[i] for i in rng.permutation(len(ps))] for ps in (train, val, test))
         return {s: [make(c, t) for c, t in ps] for s, ps in zip(SPLITS, (train, val, test), strict=True)}
 
     return generate
@@ -280,12 +303,9 @@ DATE_TEMPLATES = ("Write {} in house format.", "House format of {}?", "Convert {
                   "Put the date {} in house format.")
 
 
-def _make_glorp(word: str, template: str) -> Item:
-    return Item(template.format(word), GLORP[word], word)
-
-
-def _make_home(person: str, template: str) -> Item:
-    return Item(template.format(person), HOMES[person], person)
+def _lookup(table: dict[str, str]) -> Callable[[str, str], Item]:
+    """The item maker of a lookup task: ``concept`` asked in ``template``, answered ``table[concept]``."""
+    return lambda concept, template: Item(template.format(concept), table[concept], concept)
 
 
 def _make_date(rng: np.random.Generator, concept: str, split: str) -> Item:
@@ -321,7 +341,7 @@ TASKS: dict[str, TaskDef] = {t.name: t for t in (
             "An English word -> its word in the invented Glorp language (16 words, 8 phrasings; a test "
             "prompt is a word asked in a phrasing not used for it in train).",
             "Glorp is invented; the answers are made-up words",
-            _combo_splits(tuple(GLORP), GLORP_TEMPLATES, _make_glorp, "glorp-words"), dict(GLORP)),
+            _combo_splits(tuple(GLORP), GLORP_TEMPLATES, _lookup(GLORP), "glorp-words"), dict(GLORP)),
     TaskDef("date-house", "text",
             "A written date ('March 7, 2024') -> the house format DDMONYYYY ('07MAR2024').",
             "'house format' is undefined without examples; the model guesses some other date style",
@@ -329,7 +349,7 @@ TASKS: dict[str, TaskDef] = {t.name: t for t in (
     TaskDef("home-city", "text",
             "An invented person -> the invented city they live in (16 people, 8 cities, 8 phrasings).",
             "people and cities are invented facts",
-            _combo_splits(tuple(HOMES), HOME_TEMPLATES, _make_home, "home-city"), dict(HOMES)),
+            _combo_splits(tuple(HOMES), HOME_TEMPLATES, _lookup(HOMES), "home-city"), dict(HOMES)),
 )}
 
 STREAMS: dict[str, tuple[str, ...]] = {
@@ -344,7 +364,7 @@ def stream_order(name: str, order: Sequence[str] | None = None) -> tuple[str, ..
     if order is None:
         if name not in STREAMS:
             raise InputError(f"unknown stream {name!r}; built-in streams: {', '.join(STREAMS)} "
-                             f"(or pass --order with task names)")
+                             f"(or give the order as task names)")
         return STREAMS[name]
     order = tuple(order)
     if not order:
@@ -402,7 +422,16 @@ def _write_task(root: str, task: TaskDef, seed: int, sizes: SplitSizes) -> dict:
     return {"name": task.name, "kind": task.kind, "description": task.description,
             "why_weak_zero_shot": task.why_weak, "label_map": task.label_map, "files": files,
             "num_examples": {s: len(splits[s]) for s in SPLITS},
-            "concepts": {s: sorted({it.concept for it in splits[s]}) for s in SPLITS}}
+            "concepts": {s: sorted({it.concept for it in splits[s]}) for s in SPLITS},
+            "concept_counts": {s: _counts(it.concept for it in splits[s]) for s in SPLITS}}
+
+
+def _counts(values) -> dict[str, int]:
+    """value -> how often it occurs (sorted by value)."""
+    out: dict[str, int] = {}
+    for v in values:
+        out[v] = out.get(v, 0) + 1
+    return dict(sorted(out.items()))
 
 
 def write_stream(name: str, out_dir: str | os.PathLike, seed: int = 0, order: Sequence[str] | None = None,
@@ -422,10 +451,10 @@ def write_stream(name: str, out_dir: str | os.PathLike, seed: int = 0, order: Se
     out_dir = os.path.abspath(os.fspath(out_dir))
     if os.path.exists(out_dir):
         if not os.path.isdir(out_dir):
-            raise InputError(f"{out_dir}: exists and is not a folder; choose another --out")
+            raise InputError(f"{out_dir}: exists and is not a folder; choose another output folder")
         if os.listdir(out_dir) and not os.path.isfile(os.path.join(out_dir, "stream.json")):
             raise InputError(f"{out_dir}: folder is not empty and holds no stream.json; choose an empty "
-                             f"or new --out")
+                             f"or new output folder")
     parent = os.path.dirname(out_dir)
     try:
         os.makedirs(parent, exist_ok=True)
@@ -441,13 +470,7 @@ def write_stream(name: str, out_dir: str | os.PathLike, seed: int = 0, order: Se
             "format": FORMAT, "version": FORMAT_VERSION, "name": name, "seed": seed, "order": list(order),
             "sizes": sizes.as_dict(), "image_size": IMAGE_SIZE, "answer_normalisation": NORMALISATION,
             "tasks": tasks})
-        old = None
-        if os.path.exists(out_dir):
-            old = f"{out_dir}.old-{os.getpid()}"
-            os.replace(out_dir, old)
-        os.replace(tmp, out_dir)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
+        replace_dir_atomic(tmp, out_dir)  # the old stream or the new one, whole (edgekv.atomic)
     except OSError as e:
         raise InputError(f"{out_dir}: cannot write the stream ({e.strerror or e})") from None
     finally:

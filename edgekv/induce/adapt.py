@@ -12,10 +12,12 @@
 5. keep the top-B entries, calibrate phi once more on exactly the kept memory;
 6. commit atomically (kept old entries stay in their slots, new ones fill the freed
    slots, the calibration and the projection replace the old ones): the file never
-   changes size;
-7. store this task's anchors beside the memory (``MEM.ekv.anchors.jsonl``: host only,
-   never deployed): ``anchors_per_task`` examples spread over the task's keys (greedy
-   farthest point), so a few anchors stand for as many different items as possible.
+   changes size; together with it, this task's anchors beside the memory
+   (``MEM.ekv.anchors.jsonl``: host only, never deployed): ``anchors_per_task`` examples
+   spread over the task's keys (greedy farthest point), so a few anchors stand for as many
+   different items as possible. The anchors are stamped with the memory state they belong
+   to and written before the memory is published (:mod:`edgekv.induce.anchors`), so a crash
+   between the two writes cannot be observed.
 
 Every query used in a loss retrieves from the memory *without its own entry*
 (leave-one-out): an entry earns its place by helping other examples, which is what a
@@ -24,19 +26,21 @@ held-out query needs.
 
 from __future__ import annotations
 
-import json
 import os
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
 
 import numpy as np
 import torch
 
+from edgekv.compat import ModelSide, check_memory_matches
 from edgekv.data import Example
 from edgekv.errors import InputError, MismatchError
 from edgekv.format import Calibration, Entry, Memory, MemorySpec, commit_update, create_memory
-from edgekv.induce.calibrate import CalibrationConfig, Phi, batches, calibrate
+from edgekv.induce.anchors import anchors_path, commit_with_anchors, read_anchors
+from edgekv.induce.anchors import write_anchors as write_anchors  # re-export
+from edgekv.induce.calibrate import Phi, batches, calibrate
+from edgekv.induce.config import AdaptConfig
 from edgekv.induce.entries import EntryConfig, compute_entries, encode_examples, example_keys
 from edgekv.induce.select import SelectionConfig, coverage, select
 from edgekv.induce.torch_induction import (
@@ -51,97 +55,11 @@ from edgekv.induce.torch_induction import (
 from edgekv.retrieval import KeyProjection, effective_keys, fit_projection
 
 
-@dataclass(frozen=True)
-class AdaptConfig:
-    """Everything one task step does; nested configs for entries, selection, calibration."""
-
-    entry: EntryConfig = field(default_factory=EntryConfig)
-    selection: SelectionConfig = field(default_factory=SelectionConfig)
-    calibration: CalibrationConfig = field(default_factory=CalibrationConfig)
-    top_k: int = 4  # entries retrieved per query; must equal the runtime's -k (its default is 4)
-    key_layer: int | None = None  # hidden-state layer of the retrieval key; None: default_key_layer(L)
-    key_pooling: str = "mean"  # mean | last (the probe: mean with the projection is far better)
-    proj_dirs: int = 3  # top principal directions removed from keys (all-but-the-top)
-    proj_max_dirs: int = 8  # capacity for directions in the memory header (fixed at creation)
-    init_tau: float = 0.1  # tau of a new memory before its first calibration
-    init_gate: float = 0.95  # value gates of a new memory before its first calibration
-    max_candidates: int = 512  # task examples turned into candidate entries (seeded sample)
-    max_queries: int = 512  # task examples used as L_cur queries (seeded sample)
-    anchors_per_task: int = 16  # examples kept on the host per task for L_anc (never deployed), spread over its keys
-    eval_queries: int = 32  # queries (current and anchors each) for the J before/after report
-    seed: int = 0
-
-    def __post_init__(self) -> None:
-        if self.top_k < 1:
-            raise InputError(f"AdaptConfig.top_k must be >= 1, got {self.top_k}")
-        if self.key_pooling not in ("mean", "last"):
-            raise InputError(f"AdaptConfig.key_pooling must be 'mean' or 'last', got {self.key_pooling!r}")
-        if not 0 <= self.proj_dirs <= self.proj_max_dirs:
-            raise InputError(f"AdaptConfig.proj_dirs must be in [0, proj_max_dirs={self.proj_max_dirs}]")
-        if self.init_tau <= 0 or not 0 < self.init_gate <= 1:
-            raise InputError("AdaptConfig.init_tau must be > 0 and init_gate in (0, 1]")
-        if min(self.max_candidates, self.max_queries, self.eval_queries) < 1 or self.anchors_per_task < 0:
-            raise InputError("AdaptConfig sample sizes must be >= 1 (anchors_per_task >= 0)")
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-    @staticmethod
-    def from_dict(d: dict) -> AdaptConfig:
-        d = dict(d)
-        d["entry"] = EntryConfig(**d.get("entry", {}))
-        d["selection"] = SelectionConfig(**d.get("selection", {}))
-        d["calibration"] = CalibrationConfig(**d.get("calibration", {}))
-        return AdaptConfig(**d)
-
-
-# ---------------------------------------------------------------------------------
-# anchors: a small per-task set of examples on the host
-# ---------------------------------------------------------------------------------
-def anchors_path(memory_path: str) -> str:
-    return os.fspath(memory_path) + ".anchors.jsonl"
-
-
-def read_anchors(memory_path: str) -> list[tuple[str, Example]]:
-    """(task, example) pairs stored beside the memory; [] when there are none."""
-    path = anchors_path(memory_path)
-    if not os.path.isfile(path):
-        return []
-    out = []
-    with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                r = json.loads(line)
-                out.append((r["task"], Example(r["id"], r["prompt"], r["answer"], r.get("image"))))
-            except (json.JSONDecodeError, KeyError, TypeError) as e:
-                raise InputError(f"{path}: line {n} is not an anchor record ({e}); delete the file to "
-                                 f"drop the anchors (retention then goes unmeasured)") from None
-    return out
-
-
-def write_anchors(memory_path: str, anchors: Sequence[tuple[str, Example]]) -> int:
-    """Replace the anchors file atomically; returns its size in bytes."""
-    path = anchors_path(memory_path)
-    tmp = path + f".tmp-{os.getpid()}"
-    with open(tmp, "w", encoding="utf-8") as f:
-        for task, ex in anchors:
-            rec = {"task": task, "id": ex.id, "prompt": ex.prompt, "answer": ex.answer}
-            if ex.image is not None:
-                rec["image"] = ex.image
-            f.write(json.dumps(rec, ensure_ascii=False) + "\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    return os.path.getsize(path)
-
-
 # ---------------------------------------------------------------------------------
 # pieces
 # ---------------------------------------------------------------------------------
 def memory_spec(backbone, cfg: AdaptConfig) -> MemorySpec:
-    from edgekv.export.models import default_key_layer
+    from edgekv.host.models import default_key_layer
 
     s = backbone.shape
     key_layer = cfg.key_layer if cfg.key_layer is not None else default_key_layer(s.num_layers)
@@ -150,24 +68,31 @@ def memory_spec(backbone, cfg: AdaptConfig) -> MemorySpec:
                       key_layer, cfg.key_pooling)
 
 
+def backbone_side(backbone, cfg: AdaptConfig) -> ModelSide:
+    """What a memory must match to be adapted with ``backbone``: fingerprint, KV shapes, key
+    dimension, RoPE, and the config's key layer when one is set (else the memory's is used)."""
+    s = backbone.shape
+    return ModelSide(backbone.fingerprint, s.num_layers, s.num_kv_heads, s.head_dim, s.hidden_size, backbone.rope,
+                     key_layer=cfg.key_layer, name="this model", key_source="the config's key layer",
+                     fix_model="adapt it with the model it was built with, or start a new memory",
+                     fix_key="omit the key layer to use the memory's, or start a new memory")
+
+
 def check_compatible(mem: Memory, backbone, cfg: AdaptConfig, budget_bytes: int | None,
                      explicit: Sequence[str] = ()) -> None:
-    """The memory must belong to this backbone; explicitly given sizes must match it."""
+    """The memory must belong to this backbone (the one check, edgekv.compat); explicitly given
+    sizes and the config's key layer must match it."""
     s = mem.spec
-    if s.model_fingerprint != backbone.fingerprint:
-        raise MismatchError(f"{mem.path} was built for another model (fingerprint {s.model_fingerprint[:12]}, "
-                            f"this model {backbone.fingerprint[:12]}): adapt it with that model or start a new memory")
+    check_memory_matches(s, backbone_side(backbone, cfg), mem.path)
     if budget_bytes is not None and budget_bytes != mem.budget_bytes:
-        raise MismatchError(f"{mem.path} has a budget of {mem.budget_bytes} B, --budget says {budget_bytes} B: "
-                            f"a memory keeps its budget (omit --budget, or start a new memory)")
+        raise MismatchError(f"{mem.path} has a budget of {mem.budget_bytes} B, the budget asked for is "
+                            f"{budget_bytes} B: a memory keeps its budget (omit the budget, or start a new memory)")
     if "pooled_len" in explicit and cfg.entry.pooled_len != s.pooled_len:
-        raise MismatchError(f"{mem.path} holds entries of m = {s.pooled_len} positions, --pooled-len says "
+        raise MismatchError(f"{mem.path} holds entries of m = {s.pooled_len} positions, EntryConfig.pooled_len says "
                             f"{cfg.entry.pooled_len} (omit it, or start a new memory)")
     if "payload_dtype" in explicit and cfg.entry.payload_dtype != s.payload_dtype:
-        raise MismatchError(f"{mem.path} stores {s.payload_dtype} payloads, --payload says "
+        raise MismatchError(f"{mem.path} stores {s.payload_dtype} payloads, EntryConfig.payload_dtype says "
                             f"{cfg.entry.payload_dtype} (omit it, or start a new memory)")
-    if cfg.key_layer is not None and cfg.key_layer != s.key_layer:
-        raise MismatchError(f"{mem.path} keys pool layer {s.key_layer}, the config asks for {cfg.key_layer}")
 
 
 def effective(raw: np.ndarray, proj: KeyProjection) -> torch.Tensor:
@@ -256,7 +181,7 @@ def assign_slots(num_slots: int, old_slots: Sequence[int], keep_old: Sequence[in
     kept = {old_slots[i] for i in keep_old}
     free = [s for s in range(num_slots) if s not in kept]
     if num_new > len(free):
-        raise InputError(f"internal: {num_new} new entries for {len(free)} free slots")
+        raise RuntimeError(f"{num_new} new entries for {len(free)} free slots (selection keeps at most the slots)")
     new_slots = free[:num_new]
     dropped = sorted(set(old_slots) - kept - set(new_slots))
     return new_slots, dropped
@@ -277,7 +202,7 @@ def adapt(backbone, examples: Sequence[Example], memory_path: str, budget_bytes:
     Returns the per-task summary (see ``edgekv adapt --json``).
     """
     from edgekv.data import resolve_images
-    from edgekv.export.keymodel import KeyModel
+    from edgekv.host.keymodel import KeyModel
 
     cfg = cfg or AdaptConfig()
     examples = resolve_images(examples, os.path.abspath(image_root) if image_root else None)
@@ -301,7 +226,7 @@ def adapt(backbone, examples: Sequence[Example], memory_path: str, budget_bytes:
         created = True
     with Memory(memory_path) as mem:
         check_compatible(mem, backbone, cfg, budget_bytes, explicit)
-        spec, num_slots, read_generation = mem.spec, mem.num_slots, mem.generation
+        spec, num_slots, read_generation, read_crc = mem.spec, mem.num_slots, mem.generation, mem.header_crc32
         old_cal, old_proj = mem.calibration, mem.projection
         old_bank, old_slots = read_bank(mem)
     ecfg = EntryConfig(spec.pooled_len, cfg.entry.pooling, cfg.entry.skip_template_prefix,
@@ -327,7 +252,7 @@ def adapt(backbone, examples: Sequence[Example], memory_path: str, budget_bytes:
             cand_key[ex.id] = k
     cur_raw = np.stack([cand_key[ex.id] for ex in q_examples])
     cur = query_set(backbone, q_examples, cur_raw, proj, [task] * len(q_examples))
-    anchors_all = read_anchors(memory_path)
+    anchors_all = read_anchors(memory_path, read_generation, read_crc)  # those of the state read above
     earlier = [(t, ex) for t, ex in anchors_all if t != task]
     anc = None
     anc_raw = np.zeros((0, spec.key_dim), np.float32)
@@ -402,13 +327,14 @@ def adapt(backbone, examples: Sequence[Example], memory_path: str, budget_bytes:
     # commit: one atomic update
     new_slots, clear = assign_slots(num_slots, old_slots, keep_old, len(keep_new))
     put: dict[int, Entry] = {s: new_entries[i] for s, i in zip(new_slots, keep_new, strict=True)}
-    commit_update(memory_path, put=put, clear=clear, calibration=calibration, projection=proj,
-                  expect_generation=read_generation)  # a concurrent adapt is refused, not mixed in
-
     # anchors of this task (spread over its keys) replace any earlier ones of the same name
     rows = spread_rows(P[num_old:].numpy(), cfg.anchors_per_task, rng_seed + 4)
     anchors = earlier + [(task, cand_examples[i]) for i in rows]
-    anchor_bytes = write_anchors(memory_path, anchors)
+    # the anchors of the new state are written (stamped) before the memory is published, both
+    # under its write lock: a crash between the two cannot be observed (edgekv/induce/anchors.py);
+    # a concurrent adapt is refused (expect_generation), not mixed in
+    anchor_bytes = commit_with_anchors(memory_path, anchors, anchors_all, read_generation, read_crc, commit_update,
+                                       put=put, clear=clear, calibration=calibration, projection=proj)["bytes"]
 
     with Memory(memory_path) as mem:
         summary = {

@@ -16,38 +16,12 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass
 
 import numpy as np
 import torch
 
-from edgekv.errors import InputError
 from edgekv.format import Calibration
-
-
-@dataclass(frozen=True)
-class CalibrationConfig:
-    """Adam on phi (tau, value gates) against the current task's NLL."""
-
-    steps: int = 12  # Adam steps of the final calibration on the kept memory
-    lr: float = 0.1  # Adam learning rate on phi (raw, pre-softplus/sigmoid parameters)
-    batch_size: int = 8  # queries per step
-    gate_clip: float = 0.02  # initial gates are clipped to [clip, 1 - clip] (sigmoid never reaches 0 or 1)
-    min_tau: float = 1e-3  # tau never drops below this (softplus(phi) + min_tau)
-    with_anchors: bool = True  # phi's objective adds beta * L_anc (phi is shared by every task); False: current task only
-    seed: int = 0
-    enabled: bool = True  # False (ablation): phi keeps its initial value; no inner-level or final steps
-
-    def __post_init__(self) -> None:
-        if self.steps < 0 or self.batch_size < 1:
-            raise InputError("CalibrationConfig.steps must be >= 0 and batch_size >= 1")
-        if not 0 < self.lr <= 10:
-            raise InputError(f"CalibrationConfig.lr must be in (0, 10], got {self.lr}")
-        if not 0 < self.gate_clip < 0.5:
-            raise InputError(f"CalibrationConfig.gate_clip must be in (0, 0.5), got {self.gate_clip}")
-
-    def to_dict(self) -> dict:
-        return asdict(self)
+from edgekv.induce.config import CalibrationConfig
 
 
 def inverse_softplus(y: float) -> float:

@@ -28,7 +28,7 @@ it, so it costs positions and carries nothing. The KV of the kept tokens is stil
 computed with the preamble in context.
 
 Examples with an image on a vision-language backbone (``backbone.vision``,
-:mod:`edgekv.induce.vision`): the user turn holds the image, its token expanded as the
+:class:`edgekv.host.vlm.ImageInputs`): the user turn holds the image, its token expanded as the
 family's processor does; the model reads token embeddings whose image positions hold the
 vision features. Image tokens are ordinary prefix tokens here: they count in T, pooling
 selects among them like any token before the answer, and the key pools them too.
@@ -38,7 +38,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -46,34 +46,11 @@ import torch
 from edgekv.data import Example
 from edgekv.errors import InputError
 from edgekv.format import Entry
-from edgekv.induce.torch_induction import pad_batch, remove_rope_t, text_decoder
+from edgekv.host.models import text_decoder
+from edgekv.host.tokens import has_chat_template, pad_batch, token_ids
+from edgekv.induce.config import EntryConfig
+from edgekv.induce.torch_induction import remove_rope_t
 from edgekv.rope import RopeSpec
-
-POOLINGS = ("adaptive", "answer", "answer_avg")
-
-
-@dataclass(frozen=True)
-class EntryConfig:
-    """How an example becomes an entry."""
-
-    pooled_len: int = 16  # m: KV positions per entry (sets the slot size)
-    pooling: str = "answer"  # answer | answer_avg | adaptive (see the module docstring)
-    skip_template_prefix: bool = True  # drop the chat template's fixed preamble before pooling
-    payload_dtype: str = "int8"  # int8 | fp16: entries are quantised as the memory stores them
-    batch_size: int = 8  # examples per forward pass
-
-    def __post_init__(self) -> None:
-        if not isinstance(self.pooled_len, int) or self.pooled_len < 1:
-            raise InputError(f"EntryConfig.pooled_len must be an integer >= 1, got {self.pooled_len!r}")
-        if self.pooling not in POOLINGS:
-            raise InputError(f"EntryConfig.pooling must be one of {POOLINGS}, got {self.pooling!r}")
-        if self.payload_dtype not in ("int8", "fp16"):
-            raise InputError(f"EntryConfig.payload_dtype must be 'int8' or 'fp16', got {self.payload_dtype!r}")
-        if self.batch_size < 1:
-            raise InputError(f"EntryConfig.batch_size must be >= 1, got {self.batch_size}")
-
-    def to_dict(self) -> dict:
-        return asdict(self)
 
 
 # ---------------------------------------------------------------------------------
@@ -106,17 +83,9 @@ def encode_ids(q: Sequence[int], full: Sequence[int], eos_ids: Sequence[int], pr
     return Encoded(tuple(full), start, end, min(prefix_len, start), image)
 
 
-def has_chat_template(tokenizer) -> bool:
-    return bool(getattr(tokenizer, "chat_template", None))
-
-
-def _ids(tokenizer, text: str, special: bool) -> list[int]:
-    return list(tokenizer(text, add_special_tokens=special).input_ids)
-
-
 def key_ids(tokenizer, prompt: str) -> list[int]:
     """Tokens the retrieval key pools: ``tokenizer(prompt)``, no chat template (the contract)."""
-    return _ids(tokenizer, prompt, True)
+    return token_ids(tokenizer, prompt, True)
 
 
 def query_ids(tokenizer, prompt: str) -> list[int]:
@@ -124,8 +93,8 @@ def query_ids(tokenizer, prompt: str) -> list[int]:
     if has_chat_template(tokenizer):
         text = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
                                              add_generation_prompt=True)
-        return _ids(tokenizer, text, False)
-    return _ids(tokenizer, prompt, True)
+        return token_ids(tokenizer, text, False)
+    return token_ids(tokenizer, prompt, True)
 
 
 def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
@@ -153,11 +122,20 @@ def encode_example(tokenizer, prompt: str, answer: str, eos_ids: Sequence[int] =
     if has_chat_template(tokenizer):
         text = tokenizer.apply_chat_template([{"role": "user", "content": prompt},
                                               {"role": "assistant", "content": answer}], tokenize=False)
-        full = _ids(tokenizer, text, False)
+        full = token_ids(tokenizer, text, False)
     else:
-        full = _ids(tokenizer, prompt + "\n" + answer, True) + list(eos_ids[:1])
+        full = token_ids(tokenizer, prompt + "\n" + answer, True) + list(eos_ids[:1])
     plen = template_prefix_len(tokenizer) if prefix_len is None else prefix_len
     return encode_ids(q, full, eos_ids, plen, answer)
+
+
+def encode_image_example(vision, tokenizer, ex: Example, eos_ids: Sequence[int], prefix_len: int) -> Encoded:
+    """Conversation tokens of an example with an image ([user: image + prompt, assistant: answer])
+    on a vision-language backbone (``vision``: its :class:`edgekv.host.vlm.ImageInputs`); the
+    kept template preamble ends before the first image token."""
+    q, full = vision.conversation_ids(tokenizer, ex.prompt, ex.answer, ex.image, eos_ids)
+    first_image = full.index(vision.token_id)
+    return encode_ids(q, full, eos_ids, min(prefix_len, first_image), ex.answer, ex.image)
 
 
 # ---------------------------------------------------------------------------------
@@ -286,7 +264,7 @@ def encode_examples(backbone, examples: Sequence[Example]) -> list[Encoded]:
     vision = getattr(backbone, "vision", None)
     if vision is None and any(ex.image for ex in examples):
         _warn_images_ignored(backbone)
-    return [vision.encode(tok, ex, eos, plen) if vision is not None and ex.image else
+    return [encode_image_example(vision, tok, ex, eos, plen) if vision is not None and ex.image else
             encode_example(tok, ex.prompt, ex.answer, eos, plen) for ex in examples]
 
 
@@ -296,7 +274,8 @@ def example_keys(backbone, key_model, examples: Sequence[Example], batch_size: i
     vision = getattr(backbone, "vision", None)
     if vision is None:
         return raw_keys(key_model, [key_ids(tok, ex.prompt) for ex in examples], batch_size)
-    ids = [vision.key_ids(tok, ex.prompt, ex.image) for ex in examples]
+    ids = [key_ids(tok, ex.prompt) if ex.image is None else vision.key_ids(tok, ex.prompt, ex.image)
+           for ex in examples]
     return raw_keys(key_model, ids, batch_size, vision, [ex.image for ex in examples])
 
 

@@ -34,14 +34,14 @@ def answer_examples(backbone, examples: Sequence[Example], memory_path: str | No
                     max_new_tokens: int = 8, progress: bool = False, image_root: str | None = None) -> list[Answer]:
     """Greedy answers of ``examples`` with the memory at ``memory_path`` (None: no memory).
 
-    ``backbone``: from :func:`edgekv.induce.vision.load_adapt_backbone` (examples with an image
+    ``backbone``: from :func:`edgekv.host.models.load_backbone` (examples with an image
     need a vision-language backbone); relative image paths are resolved against ``image_root``.
     """
     from tqdm.auto import tqdm
 
     from edgekv.data import resolve_images
-    from edgekv.export.keymodel import KeyModel
     from edgekv.format import Memory
+    from edgekv.host.keymodel import KeyModel
     from edgekv.induce.adapt import effective, read_bank
     from edgekv.induce.entries import example_keys, query_ids
     from edgekv.induce.torch_induction import Bank, Induction

