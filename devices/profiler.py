@@ -51,7 +51,7 @@ PART_HELP = {
 class ProfileConfig(Config):
     """What ``edgekv profile ARTIFACTS`` measures."""
 
-    k: int = knob(4, "Entries retrieved per query.")
+    k: int | None = knob(None, "Entries retrieved per query (default: the k the memory was adapted with).")
     threads: int | None = knob(None, "onnxruntime intra-op threads while measuring (default: onnxruntime decides).")
     context: int | None = knob(None, "Positions to measure the KV working set at (default: the model's maximum).")
     chunk: int = 32  # tokens per forward while filling the context (then one decode step)
@@ -63,7 +63,7 @@ class ProfileConfig(Config):
     timeout_s: float = 1800.0  # per measurement subprocess
 
     def __post_init__(self) -> None:
-        if self.k < 0:
+        if self.k is not None and self.k < 0:
             raise InputError(f"ProfileConfig.k must be >= 0, got {self.k}")
         if self.threads is not None and self.threads < 1:
             raise InputError(f"ProfileConfig.threads must be >= 1, got {self.threads}")
@@ -147,13 +147,14 @@ def _fill_context(decoder, ids: list[int], past, target: int, chunk: int) -> tup
     return past, (time.perf_counter() - t0) * 1000
 
 
-def measure_footprint(artifacts: str, memory: str | None, k: int, threads: int | None, context: int | None,
+def measure_footprint(artifacts: str, memory: str | None, k: int | None, threads: int | None, context: int | None,
                       chunk: int, prompt: str, retrieval: str | None) -> dict:
     """RSS at each stage of loading and running the runtime, and the peak (VmHWM)."""
     stages = _Stages(memory)
     import numpy  # noqa: F401
     import onnxruntime  # noqa: F401
 
+    from edgekv.compat import runtime_top_k
     from edgekv.format import Memory
     from edgekv.index import IndexConfig, Retriever
     from edgekv.runtime import Runtime
@@ -163,17 +164,18 @@ def measure_footprint(artifacts: str, memory: str | None, k: int, threads: int |
     rt = Runtime.load(artifacts, memory=None, threads=threads)
     key_session = open_session(os.path.join(artifacts, rt.manifest["key"]["file"]), threads) if memory else None
     stages.mark("weights")
-    info: dict = {"retrieval_mode": None, "retrieval_reason": "no memory", "num_memory_tokens": 0}
+    info: dict = {"retrieval_mode": None, "retrieval_reason": "no memory", "num_memory_tokens": 0, "k": 0}
     if memory:
         # What Runtime.__init__ does with a memory, one stage at a time.
         mem = Memory(memory)
         rt._check_memory(mem)
+        k = runtime_top_k(k, mem.top_k, mem.num_used, mem.path)
         rt.memory, rt.key_session = mem, key_session
         index_dir = artifacts if rt.manifest.get("index") else None  # only an index the manifest lists
         rt.retriever = Retriever(mem, index_dir, IndexConfig(), force=retrieval)
         if k > len(rt.retriever):
             raise InputError(f"ProfileConfig.k = {k} is larger than the memory's {len(rt.retriever)} entries")
-        info.update(retrieval_mode=rt.retriever.mode, retrieval_reason=rt.retriever.reason)
+        info.update(retrieval_mode=rt.retriever.mode, retrieval_reason=rt.retriever.reason, k=k)
     stages.mark("index")
     kv = rt.memory_kv(rt.retrieve(prompt, k)) if memory and k else None
     past = rt.decoder.empty_past() if kv is None else past_from_memory(*kv)
@@ -193,7 +195,7 @@ def measure_footprint(artifacts: str, memory: str | None, k: int, threads: int |
     return {"stages": stages.rows, "peak_rss_bytes": proc_status()["VmHWM"], **info}
 
 
-def measure_timing(artifacts: str, memory: str | None, k: int, threads: int | None, prompt: str,
+def measure_timing(artifacts: str, memory: str | None, k: int | None, threads: int | None, prompt: str,
                    decode_tokens: int, runs: int, retrieval: str | None) -> dict:
     """Median time to first token and tokens/s of ``Runtime.generate`` over ``runs`` runs."""
     import numpy as np
@@ -421,7 +423,7 @@ def profile_artifacts(artifacts: str, memory: str | None = None, config: Profile
         results[name] = run_child(name, kwargs, c.timeout_s)
     fp = results["footprint"]
     report = {
-        "artifacts": artifacts, "k": c.k if memory else 0, "threads": c.threads,
+        "artifacts": artifacts, "k": fp["k"], "threads": c.threads,
         "host": {"machine": platform.machine(), "cpus": os.cpu_count(), "python": platform.python_version()},
         "peak_rss_bytes": fp["peak_rss_bytes"],
         "breakdown_bytes": breakdown(fp["stages"], fp["peak_rss_bytes"]),

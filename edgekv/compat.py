@@ -8,8 +8,11 @@ device) describes the same things; :func:`check_memory_matches` compares them fi
 and raises a :class:`MismatchError` that names the field, both values and what to do.
 
 Fields the caller does not know or does not constrain are ``None`` on the model side and are
-not checked (``adapt`` follows the memory's key layer unless one is asked for). Device-safe:
-standard library only.
+not checked (``adapt`` follows the memory's key layer unless one is asked for).
+
+:func:`runtime_top_k` is the one check of the k a runtime retrieves with against the k the
+memory's calibration (tau) was fitted for, which the memory records (format version 2).
+Device-safe: standard library only.
 """
 
 from __future__ import annotations
@@ -121,3 +124,30 @@ def check_memory_matches(spec: MemorySpec, model: ModelSide, path: str) -> None:
         raise MismatchError(
             f"{model.key_source} {want} differs from the key layer {spec.key_layer} ({spec.key_pooling} pooling) of "
             f"{path} ({field} differs): {model.fix_key}")
+
+
+DEFAULT_TOP_K = 4  # the runtime's k for a memory that does not record the k it was adapted with
+
+
+def runtime_top_k(asked: int | None, stored: int | None, num_entries: int, path: str) -> int:
+    """The k to retrieve with from the memory at ``path``: ``asked`` (None: the memory's own).
+
+    ``stored``: the k the memory's tau was fitted for (``Memory.top_k``; None: not recorded,
+    then any k is taken and the default is :data:`DEFAULT_TOP_K`). ``adapt`` retrieves at most
+    the memory's ``num_entries``, so a memory holding fewer entries than ``stored`` was
+    fitted for that many: the default, and also accepted. k = 0 (no retrieval) is always
+    accepted. Any other k is a :class:`MismatchError` that says what was asked, what the
+    memory was calibrated for and what to do.
+    """
+    if stored is None:
+        return DEFAULT_TOP_K if asked is None else asked
+    fitted = min(stored, num_entries) or stored  # an empty memory: what it records
+    if asked is None:
+        return fitted
+    if asked in (0, stored, fitted):
+        return asked
+    with_entries = f" (k = {fitted} with its {num_entries} entries)" if fitted != stored else ""
+    raise MismatchError(
+        f"RuntimeConfig.k = {asked} asked for, but {path} was calibrated for k = {stored}{with_entries}: its tau "
+        f"is fitted to that many retrieved entries; run with k = {fitted} (the default), or re-adapt the memory "
+        f"with AdaptConfig.top_k = {asked}")

@@ -9,9 +9,10 @@ Per query (see ``docs/runtime.md``):
    0..k*m-1 (:func:`edgekv.induction.assemble_memory_kv`);
 4. the chat-templated prompt is fed after them as one prefill with that past; decoding
    then continues with the growing cache.
-The memory file is not kept mapped (:class:`edgekv.format.Memory`): the header, slot table and
-keys are copied at load and their pages unmapped; a query reads only its retrieved slots,
-with ``pread`` into buffers of their own.
+The memory file is read without keeping its pages mapped (:class:`edgekv.format.Memory`): the
+header, slot table and keys are copied at load and their pages unmapped; a query reads only its
+retrieved slots, with ``pread`` into buffers of their own. k defaults to the k the memory was
+adapted with (its tau is fitted for it; :func:`edgekv.compat.runtime_top_k`).
 """
 
 from __future__ import annotations
@@ -19,11 +20,11 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 
-from edgekv.compat import ModelSide, check_memory_matches
+from edgekv.compat import DEFAULT_TOP_K, ModelSide, check_memory_matches, runtime_top_k
 from edgekv.configs import Config, knob
 from edgekv.errors import InputError
 from edgekv.format import Memory
@@ -49,14 +50,15 @@ from edgekv.runtime.tokenizer import DeviceTokenizer
 class RuntimeConfig(Config):
     """How :class:`Runtime` loads artifacts and retrieves."""
 
-    k: int = knob(4, "Entries retrieved per query.")
+    k: int | None = knob(None, "Entries retrieved per query (default: the k the memory was adapted with, "
+                              f"{DEFAULT_TOP_K} when it does not record one).")
     threads: int | None = knob(None, "onnxruntime intra-op threads (default: onnxruntime decides).")
     retrieval: str | None = knob(None, "Force 'exact' or 'hnsw' search (default: automatic).")
     chat: bool = knob(True, "Apply the chat template to prompts when the model has one.")
     verify_hashes: bool = True  # check artifact files against manifest.json at load
 
     def __post_init__(self) -> None:
-        if self.k < 0:
+        if self.k is not None and self.k < 0:
             raise InputError(f"RuntimeConfig.k must be >= 0, got {self.k}")
         if self.threads is not None and self.threads < 1:
             raise InputError(f"RuntimeConfig.threads must be >= 1, got {self.threads}")
@@ -136,20 +138,29 @@ class Runtime:
         self.key_session = None
         self.memory = memory
         self.retriever = None
-        if memory is not None:
-            self._check_memory(memory)
-            self.key_session = open_session(os.path.join(artifacts, m["key"]["file"]), config.threads,
-                                            session_options(config.threads, self._tables, spin=False))
-            self.retriever = Retriever(memory, index_dir, IndexConfig(), force=config.retrieval)
-            if config.k > len(self.retriever):
-                raise InputError(f"RuntimeConfig.k = {config.k} is larger than the memory's {len(self.retriever)} "
-                                 f"entries; use {len(self.retriever)} or fewer")
+        if memory is None:
+            self.config = replace(config, k=DEFAULT_TOP_K if config.k is None else config.k)
+            return
+        self._check_memory(memory)
+        # the k the memory's tau is fitted for unless asked otherwise; another k is refused
+        self.config = config = replace(config, k=runtime_top_k(config.k, memory.top_k, memory.num_used, memory.path))
+        if config.k > memory.num_used:
+            raise InputError(f"RuntimeConfig.k = {config.k} is larger than the memory's {memory.num_used} "
+                             f"entries; use {memory.num_used} or fewer")
+        self.key_session = open_session(os.path.join(artifacts, m["key"]["file"]), config.threads,
+                                        session_options(config.threads, self._tables, spin=False))
+        self.retriever = Retriever(memory, index_dir, IndexConfig(), force=config.retrieval)
 
     # --- loading ------------------------------------------------------------------
     @classmethod
-    def load(cls, artifacts: str, memory: str | None = None, k: int = 4, threads: int | None = None,
+    def load(cls, artifacts: str, memory: str | None = None, k: int | None = None, threads: int | None = None,
              retrieval: str | None = None, chat: bool = True, verify_hashes: bool = True) -> Runtime:
-        """Open exported ``artifacts`` (and a memory file) for generation."""
+        """Open exported ``artifacts`` (and a memory file) for generation.
+
+        ``k``: entries retrieved per query; None: the k the memory was adapted with (4 when it
+        does not record one). A k other than the memory's is refused (:class:`MismatchError`):
+        its tau is calibrated for its own k.
+        """
         config = RuntimeConfig(k=k, threads=threads, retrieval=retrieval, chat=chat, verify_hashes=verify_hashes)
         if not os.path.isdir(artifacts):
             raise InputError(f"{artifacts}: not a folder; pass the folder `edgekv export` wrote")

@@ -301,7 +301,7 @@ def _create_like_adapt(model: str, path: str, budget: int) -> int:
     bb = load_backbone(model)
     cfg = AdaptConfig(top_k=4, seed=0)
     create_memory(path, memory_spec(bb, cfg), budget,
-                  Calibration(cfg.init_tau, (cfg.init_gate,) * bb.shape.num_layers)).close()
+                  Calibration(cfg.init_tau, (cfg.init_gate,) * bb.shape.num_layers), top_k=cfg.top_k).close()
     return 0
 
 

@@ -235,8 +235,8 @@ def _header_fields():
              "num_layers", "num_kv_heads", "head_dim", "pooled_len", "key_dim", "payload", "rope_kind",
              "num_tasks", "rotary_dim", "proj_max_dirs", "proj_num_dirs", "attention_scaling", "tau",
              "num_slots", "slot_bytes", "table_offset", "slots_offset", "next_entry_id", "table_crc32",
-             "key_layer", "pooling"]
-    codes = [c for c in HEADER.format[1:].split() if not c.endswith("x")]  # the 3 padding bytes are no field
+             "key_layer", "pooling", "top_k"]
+    codes = [c for c in HEADER.format[1:].split() if not c.endswith("x")]  # the reserved byte is no field
     out, off = {}, 0
     for name, code in zip(names, codes, strict=True):
         size = struct.calcsize("<" + code)
@@ -272,7 +272,7 @@ class MemoryTarget(Target):
             put = {s: Entry.from_float(rng.normal(size=spec.key_dim), rng.normal(size=shape), rng.normal(size=shape),
                                        spec.payload_dtype, f"task-{s % 2}", f"src-{s}") for s in (0, 2, 3)}
             proj = fit_projection(rng.normal(size=(6, spec.key_dim)), spec.proj_max_dirs)
-            commit_update(path, put=put, clear=[], projection=proj if spec.proj_max_dirs else None)
+            commit_update(path, put=put, clear=[], projection=proj if spec.proj_max_dirs else None, top_k=2 + i)
             with open(path, "rb") as f:
                 self.seeds.append(f.read())
         self.fields = _header_fields()
@@ -749,9 +749,11 @@ def run_atheris(target: Target, cases: int, seed: int, recorder: Recorder, out: 
     atheris.Fuzz()
 
 
+# (module, its file); the memory format was one module, edgekv/format.py, before it became a package
 BASELINE_MODULES = [("edgekv.format", "edgekv/format.py"), ("edgekv.manifest", "edgekv/manifest.py"),
                     ("edgekv.index", "edgekv/index.py"), ("edgekv.data.readers", "edgekv/data/readers.py"),
-                    ("edgekv.runtime.tokenizer", "runtime/tokenizer.py"), ("edgekv.runtime.runtime", "runtime/runtime.py")]
+                    ("edgekv.runtime.tokenizer", "runtime/tokenizer.py"), ("edgekv.runtime.runtime", "runtime/runtime.py"),
+                    ("edgekv.commands.inspect", "edgekv/commands/inspect.py")]  # describe_memory: the reader's API then
 
 
 def load_baseline(rev: str) -> None:
@@ -762,11 +764,21 @@ def load_baseline(rev: str) -> None:
     import edgekv.data
     import edgekv.runtime
 
-    for name, path in BASELINE_MODULES:
-        src = subprocess.run(["git", "-C", ROOT, "show", f"{rev}:{path}"], capture_output=True, text=True,
-                             check=True).stdout
-        module = importlib.import_module(name)
-        exec(compile(src, os.path.join(ROOT, path), "exec"), module.__dict__)
+    def show(path: str) -> str | None:
+        res = subprocess.run(["git", "-C", ROOT, "show", f"{rev}:{path}"], capture_output=True, text=True)
+        return res.stdout if res.returncode == 0 else None
+
+    modules = list(BASELINE_MODULES)
+    if show("edgekv/format.py") is None:  # a revision with the package: its modules, layout first
+        modules[0:1] = [(f"edgekv.format.{m}", f"edgekv/format/{m}.py") for m in ("layout", "reader", "writer")] \
+            + [("edgekv.format", "edgekv/format/__init__.py")]
+    sources = {path: show(path) for _, path in modules}
+    for path, src in sources.items():
+        if src is None:
+            raise SystemExit(f"{path} does not exist at revision {rev}")
+    loaded = [importlib.import_module(name) for name, _ in modules]  # all imported before any is replaced
+    for module, (_, path) in zip(loaded, modules, strict=True):
+        exec(compile(sources[path], os.path.join(ROOT, path), "exec"), module.__dict__)
     edgekv.data.read_examples = edgekv.data.readers.read_examples
     edgekv.runtime.Runtime = edgekv.runtime.runtime.Runtime
 

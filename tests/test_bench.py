@@ -67,7 +67,8 @@ def test_registry_and_parse_methods():
     cfg = BenchConfig()
     names = list(registry(cfg))
     assert names == ["zero-shot", "induce", "induce-random", "induce-nocov", "induce-nocal", "induce-fp16",
-                     "induce-m8", "induce-m32", "reservoir", "fifo", "prompt-text", "lora", "replay-lora"]
+                     "induce-m8", "induce-m32", "induce-uniform", "reservoir", "fifo", "prompt-text",
+                     "prompt-text-matched", "lora", "replay-lora"]
     assert all(describe(cfg)[n] for n in names)
     assert parse_methods("lora, induce", cfg) == ["induce", "lora"]  # registry order
     assert parse_methods(None, cfg) == names
@@ -271,6 +272,8 @@ def test_memory_footprint_fixed_and_matched(bench_run):
         r = _run(res, name)
         assert r["deployed_bytes"] == [expect, expect] and r["bytes_constant"]
         assert sum(r["info"][-1]["per_task_counts"].values()) == r["info"][-1]["num_used"] > 0
+        # reservoir is calibrated as InduceKV: tau leaves its initial value, anchors are kept
+        assert all(abs(info["tau"] - 0.1) > 1e-4 for info in r["info"]) and r["host_bytes"][-1] > 0
     lin = target_linears(bb.model, cfg.lora_targets)
     rank = choose_rank(lin, BUDGET, 2)
     lora = _run(res, "lora")
@@ -512,6 +515,90 @@ def vlm(tmp_path_factory):
     return bb, exs[:6], exs[6:]
 
 
+# ---------------------------------------------------------------------------------
+# reservoir / FIFO: the stream policies, and adapt with them as the selector
+# ---------------------------------------------------------------------------------
+def test_fifo_policy_keeps_the_most_recent_examples():
+    from edgekv.bench.methods import offer_stream
+
+    rng = np.random.default_rng(0)
+    slots, seen, filled = offer_stream("fifo", [None] * 8, 0, list(range(5)), rng)
+    assert slots == [0, 1, 2, 3, 4, None, None, None] and seen == 5 and filled == {0, 1, 2, 3, 4}
+    slots, seen, filled = offer_stream("fifo", slots, seen, list(range(5, 25)), rng)  # a second task
+    assert sorted(slots) == list(range(17, 25)) and seen == 25 and filled == set(range(8))
+    slots, seen, filled = offer_stream("fifo", slots, seen, [25, 26], rng)
+    assert sorted(slots) == list(range(19, 27)) and filled == {1, 2}
+
+
+def test_reservoir_policy_keeps_every_seen_example_with_equal_probability():
+    """Algorithm R over two tasks (the count of examples seen carried over): each of the 40
+    examples is kept with probability 8/40; 4000 runs put each share within 0.04 of it
+    (about 6 standard deviations)."""
+    from edgekv.bench.methods import offer_stream
+
+    rng = np.random.default_rng(1)
+    counts = np.zeros(40)
+    for _ in range(4000):
+        slots, seen, _ = offer_stream("reservoir", [None] * 8, 0, list(range(25)), rng)
+        slots, seen, filled = offer_stream("reservoir", slots, seen, list(range(25, 40)), rng)
+        assert seen == 40 and len(set(slots)) == 8 and all(slots[s] >= 25 for s in filled)
+        counts[slots] += 1
+    share = counts / 4000
+    assert np.abs(share - 0.2).max() < 0.04, share.round(3)
+    assert abs(share[:25].mean() - share[25:].mean()) < 0.02  # no preference for either task
+
+
+def test_stream_rows_map_slots_to_pool_rows():
+    from edgekv.bench.methods import stream_rows
+
+    ex = lambda t, i: {"task": t, "example": {"id": i}}  # noqa: E731
+    slots = [ex("b", "b1"), ex("a", "a2"), None, ex("b", "b0")]
+    old = [("a", "a1"), ("a", "a2")]
+    new = [("b", "b0"), ("b", "b1"), ("b", "b2")]
+    assert stream_rows(slots, {0, 3}, old, new) == [1, 2, 3]
+    with pytest.raises(RuntimeError, match="neither a candidate nor in the memory"):
+        stream_rows(slots, {0}, old, new)  # slot 3 claims b0 was in the memory already
+
+
+@pytest.mark.parametrize("policy", ["fifo", "reservoir"])
+def test_stream_memories_are_calibrated_and_resume(backbone, tmp_path, policy):
+    import torch
+
+    from edgekv.bench.methods import Fifo, Reservoir
+    from edgekv.format import Memory
+    from edgekv.induce.adapt import read_anchors
+
+    torch.set_num_threads(1)
+    bb = backbone("llama")
+    cls = Fifo if policy == "fifo" else Reservoir
+    probe = cls(_ctx(bb, tmp_path, 0))
+    budget = probe.spec().file_bytes_for(5)
+    m = cls(_ctx(bb, tmp_path, budget))
+    os.makedirs(m.ctx.work_dir, exist_ok=True)
+    tasks = tiny_stream()
+    info = m.learn(0, tasks[0].name, tasks[0].train)
+    assert info["seen"] == 8 and info["replaced_slots"] == 5
+    slots0 = json.loads(json.dumps(m.slots))
+    m.save(str(tmp_path / "state0"))
+    m.learn(1, tasks[1].name, tasks[1].train)
+    with Memory(m.memory_path) as mem:
+        kept = sorted(mem.read_entry(int(s)).source_id for s in mem.occupied())
+        tau = mem.calibration.tau
+    assert abs(tau - m.adapt_config(1).init_tau) > 1e-4  # calibrated, as InduceKV
+    assert kept == sorted(item["example"]["id"] for item in m.slots) and m.seen == 16
+    if policy == "fifo":  # the 5 most recent examples of the stream
+        assert kept == sorted(ex.id for ex in tasks[1].train[-5:])
+    assert {t for t, _ in read_anchors(m.memory_path)} == {"apple", "river"}  # L_anc of earlier tasks
+    # resumable: task 1 again from the state saved after task 0 gives the same memory
+    again = cls(_ctx(bb, tmp_path / "again", budget))
+    os.makedirs(again.ctx.work_dir, exist_ok=True)
+    again.load(str(tmp_path / "state0"))
+    assert (again.seen, again.slots) == (8, slots0)
+    again.learn(1, tasks[1].name, tasks[1].train)
+    assert (again.seen, again.slots) == (m.seen, m.slots)
+    assert open(again.memory_path, "rb").read() == open(m.memory_path, "rb").read()
+
+
 def _ctx(bb, tmp_path, budget, **cfg):
     from edgekv.bench.base import Context
 
@@ -569,6 +656,32 @@ def test_prompt_text_on_image_examples(vlm, tmp_path):
     # text queries on the VLM: the shots keep their images
     t = Example("t", "a text question", "x")
     assert m.chat(t)[1] == [shots[i].image for i in m.retrieved([t])[0]]
+
+
+def test_prompt_text_matched_counts_the_image_span(vlm, tmp_path):
+    """On a VLM a shot's tokens include its image's whole token span: with k x m just below one
+    image shot nothing fits; with room for one, the best shot alone is kept, with its image."""
+    from edgekv.bench.methods import PromptText, PromptTextMatched
+
+    bb, train, queries = vlm
+    pt = PromptText(_ctx(bb, tmp_path / "pt", 10**6))
+    pt.learn(0, "shapes", train)
+    shots = {ex.id: ex for ex in train}
+    q = queries[0]
+    best = shots[pt.retrieved([q])[0][-1]]
+    mt = PromptTextMatched(_ctx(bb, tmp_path / "mt", 10**6))
+    mt.learn(0, "shapes", train)
+    span = bb.vision.image(best.image)[1].shape[0]
+    need = mt.shot_tokens([best], q)
+    assert need > span  # the image's tokens and the turn's text
+    for m, kept in (((need - 1) // 2, []), (-(-need // 2), [best.id])):  # limit k x m with k = 2
+        mt.ctx.cfg = dataclasses.replace(mt.ctx.cfg, pooled_len=m)
+        got = mt.retrieved([q])[0]
+        assert got == kept
+        if got:
+            ids, imgs = mt.chat(q)
+            assert imgs == [best.image, q.image]
+            assert sum(t == bb.vision.token_id for t in ids) == span + bb.vision.image(q.image)[1].shape[0]
 
 
 def test_lora_on_image_examples_trains_the_language_model(vlm, tmp_path):

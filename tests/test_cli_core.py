@@ -93,7 +93,8 @@ def test_inspect_table(memory):
     assert res.exit_code == 0, res.output
     table = rows(res.stdout)
     assert table["memory"] == memory
-    assert table["format version"] == "1"
+    assert table["format version"] == "2"
+    assert table["k (calibrated for)"] == "not recorded"  # written without a k
     assert table["shape"] == "2 layers x 2 KV heads x head dim 8"
     assert table["payload"] == "int8"
     n = json.loads(invoke("inspect", memory, "--json").stdout)["num_slots"]

@@ -24,6 +24,7 @@ from test_mismatch import memory_for
 from typer.testing import CliRunner
 
 from edgekv.cli import app
+from edgekv.format import Memory
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 runner = CliRunner()
@@ -161,6 +162,9 @@ def test_budget_that_cannot_be_parsed(tiny_model_dir, task_file, tmp_path, budge
 @pytest.mark.parametrize("budget, phrase", [
     ("1KiB", "budget 1024 B is too small for one slot: a slot needs"),
     ("0", "budget 0 B is too small for one slot"),
+    # the library names the config fields; the CLI adds the options that set them
+    ("1KiB", "B with the header (lower EntryConfig.pooled_len, use EntryConfig.payload_dtype int8, or raise the "
+             "budget) (option --pooled-len, --payload)"),
     ("DISK", "every update writes a second copy beside it"),
     ("100000TiB", "a memory holds at most 4294967295"),
 ])
@@ -225,8 +229,44 @@ def test_bad_model_and_memory_paths(tiny_model_dir, task_file, tmp_path):
                  "not a regular file")
 
 
+def test_adapt_cannot_name_the_task_after_a_generic_path(tiny_model_dir, task_file, tmp_path, monkeypatch):
+    (tmp_path / "data").mkdir()
+    generic = tmp_path / "data" / "train.jsonl"
+    generic.write_text(open(task_file).read())
+    mem = tmp_path / "m.ekv"
+    assert_error(adapt(tiny_model_dir("llama"), str(generic), str(mem), "--budget", "64KiB"), 3,
+                 f"{generic}: the file's name and its folder's are generic (train, test, data, ...), so they do "
+                 "not name the task; pass --task NAME")
+    monkeypatch.chdir(tmp_path / "data")
+    assert_error(adapt(tiny_model_dir("llama"), "train.jsonl", str(mem), "--budget", "64KiB"), 3, "pass --task NAME")
+    assert not mem.exists()
+
+
+def test_adapt_names_a_task_after_its_folder(tiny_model_dir, task_file, tmp_path):
+    """tasks/<t>/train.jsonl: each task gets its own name (it was "train" for all, and the second
+    replaced the first's anchors)."""
+    model, mem = tiny_model_dir("llama"), str(tmp_path / "m.ekv")
+    for t in ("shape-code", "receipts"):
+        (tmp_path / "tasks" / t).mkdir(parents=True)
+        (tmp_path / "tasks" / t / "train.jsonl").write_text(open(task_file).read())
+    res = adapt(model, str(tmp_path / "tasks" / "shape-code" / "train.jsonl"), mem, "--budget", "64KiB",
+                "--steps", "1", "--json")
+    assert res.exit_code == 0, res.output
+    assert json.loads(res.stdout)["task"] == "shape-code"
+    with Memory(mem) as m:
+        assert m.top_k == 4  # adapt records its k (AdaptConfig.top_k) with the calibration
+    res = adapt(model, str(tmp_path / "tasks" / "receipts" / "train.jsonl"), mem, "--steps", "1", "-k", "2",
+                "--json")
+    assert res.exit_code == 0, res.output
+    out = json.loads(res.stdout)
+    assert out["task"] == "receipts"
+    assert out["anchors"]["count"] > out["anchors"]["this_task"] > 0  # the first task's anchors are kept
+    with Memory(mem) as m:
+        assert m.top_k == 2  # re-calibrated for the new k
+
+
 def test_adapt_with_another_budget_and_a_full_disk(tiny_model_dir, task_file, tmp_path, monkeypatch):
-    import edgekv.format as fmt
+    import edgekv.format.writer as fmt_writer  # where commit_update looks _copy_file up
 
     model, mem = tiny_model_dir("llama"), str(tmp_path / "m.ekv")
     res = adapt(model, task_file, mem, "--budget", "64KiB", "--steps", "1", "--json")
@@ -237,7 +277,7 @@ def test_adapt_with_another_budget_and_a_full_disk(tiny_model_dir, task_file, tm
     def disk_full(src, dst):
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(fmt, "_copy_file", disk_full)
+    monkeypatch.setattr(fmt_writer, "_copy_file", disk_full)
     assert_error(adapt(model, task_file, mem, "--steps", "1"), 6,
                  "cannot write the update: No space left on device; the memory is unchanged")
     assert open(mem, "rb").read() == before

@@ -97,7 +97,8 @@ STATE_SRC = dedent('''
 
 WRITER_SRC = STATE_SRC + dedent('''
     import os, sys, time
-    from edgekv.format import Memory, MemorySpec, commit_update, TABLE_ENTRY_BYTES, _encode_header
+    from edgekv.format import Memory, MemorySpec, commit_update, TABLE_ENTRY_BYTES
+    from edgekv.format.writer import _encode_header
 
     def atomic(path, gens):
         with Memory(path) as m:
@@ -109,7 +110,8 @@ WRITER_SRC = STATE_SRC + dedent('''
     def in_place(path, gens):
         """The control: the same states, written into the live file (what commit_update avoids)."""
         import zlib
-        from edgekv.format import _slot_bytes_of, FLAG_OCCUPIED
+        from edgekv.format import FLAG_OCCUPIED
+        from edgekv.format.writer import _slot_bytes_of
         for g in range(1, gens + 1):
             with Memory(path) as m:
                 spec, n, h, table = m.spec, m.num_slots, m._h, m.table.copy()

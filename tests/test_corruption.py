@@ -52,7 +52,8 @@ ENTRIES = _entries()
 def make_good(dir_) -> tuple[str, bytes]:
     path = os.path.join(dir_, "good.ekv")
     create_memory(path, SPEC, BUDGET).close()
-    commit_update(path, put=ENTRIES, projection=fit_projection(np.random.default_rng(1).normal(size=(8, 16)), 2))
+    commit_update(path, put=ENTRIES, projection=fit_projection(np.random.default_rng(1).normal(size=(8, 16)), 2),
+                  top_k=2)
     with open(path, "rb") as f:
         return path, f.read()
 
@@ -104,7 +105,7 @@ def assert_content_intact(mem: Memory) -> None:
 # --------------------------------------------------------------------------------------
 HEADER_POSITIONS = {
     "generation": 32, "fingerprint": 50, "num_layers": 72, "tau": 113, "num_slots": 116,
-    "table_crc": 149, "gates": 162, "inv_freq": 160 + 4 * 2, "projection": 200, "task names": 160 + 4 * 52 + 5,
+    "table_crc": 149, "reserved": 157, "top_k": 158, "gates": 162, "inv_freq": 160 + 4 * 2, "projection": 200, "task names": 160 + 4 * 52 + 5,
     "padding": HB - 20, "header crc": HB - 2,
 }
 
@@ -117,7 +118,7 @@ def test_flip_in_header(tmp_path, good, where):
 
 
 @pytest.mark.parametrize("pos, msg", [
-    (3, "not an edgekv memory file"), (8, "memory format version 5 is not supported"),
+    (3, "not an edgekv memory file"), (8, "memory format version 6 is not supported"),
     (12, "header length field"), (14, "header length field"),
 ])
 def test_flip_in_header_prefix(tmp_path, good, pos, msg):
@@ -196,11 +197,28 @@ def test_wrong_magic(tmp_path, good):
         Memory(write(tmp_path, np.random.default_rng(0).bytes(len(good))))
 
 
-def test_wrong_version(tmp_path, good):
-    data = set_field(good, "<I", 8, 2)  # re-CRC'd: the version check itself must fire
-    with pytest.raises(CorruptFileError, match=r"memory format version 2 is not supported; this edgekv "
-                                               r"reads version 1 \(upgrade edgekv or rebuild the memory\)"):
+@pytest.mark.parametrize("version", [0, 3, 1 << 31])
+def test_wrong_version(tmp_path, good, version):
+    data = set_field(good, "<I", 8, version)  # re-CRC'd: the version check itself must fire
+    with pytest.raises(CorruptFileError, match=rf"memory format version {version} is not supported; this edgekv "
+                                               r"reads versions 1, 2 \(upgrade edgekv or rebuild the memory\)"):
         Memory(write(tmp_path, data))
+
+
+def test_checksummed_top_k_and_reserved_byte(tmp_path, good):
+    """top_k is a count with no size derived from it: any u16 reads back (0: not recorded); the
+    reserved byte is not read. Version 1 ignores bytes 157..159 whatever they hold."""
+    with Memory(write(tmp_path, good)) as mem:
+        assert mem.top_k == 2 and mem.format_version == 2
+    for value, want in ((0, None), (1, 1), (0xFFFF, 0xFFFF)):
+        with Memory(write(tmp_path, set_field(good, "<H", 158, value))) as mem:
+            assert mem.top_k == want
+    with Memory(write(tmp_path, set_field(good, "<B", 157, 0xAB))) as mem:
+        assert mem.top_k == 2
+    v1 = set_field(set_field(good, "<I", 8, 1), "<H", 158, 9)
+    with Memory(write(tmp_path, v1)) as mem:
+        assert mem.format_version == 1 and mem.top_k is None
+        assert_content_intact(mem)
 
 
 @pytest.mark.parametrize("fmt, offset, value, msg", [

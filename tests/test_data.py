@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from edgekv.data import Example, read_examples, write_jsonl
+from edgekv.data import Example, default_task_name, read_examples, write_jsonl
 from edgekv.errors import InputError
 
 
@@ -105,3 +105,23 @@ def test_example_is_frozen():
     ex = Example("a", "p", "q")
     with pytest.raises(AttributeError):
         ex.prompt = "x"  # type: ignore[misc]
+
+
+@pytest.mark.parametrize("path, name", [
+    ("edge6/tasks/shape-code/train.json", "shape-code"),  # the documented layout: the folder names the task
+    ("tasks/receipts/val.jsonl", "receipts"),
+    ("x/Validation.JSONL", "x"),  # generic in any case
+    ("tasks/faq/examples", "faq"),
+    ("/abs/tasks/support-faq/test.jsonl", "support-faq"),
+    ("receipts.jsonl", "receipts"),  # a specific file name is the name
+    ("data/receipts.json", "receipts"),
+    ("tasks/shape-code/train_v2.json", "train_v2"),
+    ("train.json", None),  # generic, and no folder in the path
+    ("./train.json", None),
+    ("../train.jsonl", None),
+    ("/train.json", None),
+    ("data/train.json", None),  # the folder is generic too
+    ("tasks/dataset/all.jsonl", None),
+])
+def test_default_task_name(path, name):
+    assert default_task_name(path) == name

@@ -18,6 +18,7 @@ from typer.testing import CliRunner
 from edgekv.cli import app
 from edgekv.errors import BudgetError, InputError
 from edgekv.format import (
+    FORMAT_VERSION,
     TABLE_ENTRY_BYTES,
     Calibration,
     Entry,
@@ -258,6 +259,40 @@ def test_file_keeps_its_size_through_100_random_update_rounds(tmp_path, payload)
 
 
 # --------------------------------------------------------------------------------------
+# top_k: the k the calibration is fitted for (format version 2)
+# --------------------------------------------------------------------------------------
+def test_top_k_round_trip_and_kept_by_commits_without_one(tmp_path):
+    rng = np.random.default_rng(4)
+    spec = small_spec()
+    path = tmp_path / "m.ekv"
+    with create_memory(path, spec, 40_000, top_k=4) as mem:
+        assert mem.top_k == 4 and mem.format_version == FORMAT_VERSION == 2
+    commit_update(path, put={0: random_entry(rng, spec)})  # no top_k: the header keeps its k
+    with Memory(path) as mem:
+        assert mem.top_k == 4
+    commit_update(path, calibration=Calibration(0.2, (1.0, 1.0, 1.0)), top_k=2)
+    with Memory(path) as mem:
+        assert mem.top_k == 2 and mem.generation == 2
+    create_memory(tmp_path / "n.ekv", spec, 40_000).close()  # none recorded
+    with Memory(tmp_path / "n.ekv") as mem:
+        assert mem.top_k is None and mem.format_version == 2
+
+
+@pytest.mark.parametrize("bad", [0, -1, 1 << 16, 2.0, True, "4"])
+def test_top_k_out_of_range_is_refused(tmp_path, bad):
+    spec = small_spec()
+    path = tmp_path / "m.ekv"
+    with pytest.raises(InputError, match=r"top_k .* must be an integer in \[1, 65535\]"):
+        create_memory(path, spec, 40_000, top_k=bad)
+    assert not path.exists()
+    create_memory(path, spec, 40_000, top_k=3).close()
+    before = path.read_bytes()
+    with pytest.raises(InputError, match="top_k"):
+        commit_update(path, top_k=bad)
+    assert path.read_bytes() == before
+
+
+# --------------------------------------------------------------------------------------
 # inspect --json
 # --------------------------------------------------------------------------------------
 def test_inspect_json_reports_required_keys(tmp_path):
@@ -266,13 +301,15 @@ def test_inspect_json_reports_required_keys(tmp_path):
     path = tmp_path / "m.ekv"
     create_memory(path, spec, 40_000).close()
     commit_update(path, put={1: random_entry(rng, spec, "a"), 2: random_entry(rng, spec, "b"),
-                             4: random_entry(rng, spec, "a")})
+                             4: random_entry(rng, spec, "a")}, top_k=3)
     info = cli_json("inspect", str(path))
     required = {"format_version", "num_slots", "num_used", "slot_bytes", "file_bytes", "budget_bytes",
-                "pooled_len", "payload_dtype", "model_fingerprint"}
+                "pooled_len", "payload_dtype", "model_fingerprint", "top_k"}
     assert required <= set(info)
     assert info["file_bytes"] <= info["budget_bytes"]
-    assert info["format_version"] == 1
+    assert info["format_version"] == 2 and info["top_k"] == 3
+    human = CliRunner().invoke(app, ["inspect", str(path)])
+    assert human.exit_code == 0 and "k (calibrated for)  3" in human.stdout, human.output
     assert info["num_slots"] == spec.num_slots_for(40_000)
     assert info["num_used"] == 3
     assert info["slot_bytes"] == spec.slot_bytes

@@ -4,6 +4,9 @@ The file is produced with ``create_memory`` / ``commit_update`` and then decoded
 only ``struct``, ``zlib`` and ``np.frombuffer``, following the document (offsets, types,
 order, checksums). Nothing of edgekv's reader, layout helpers or constants is used, so a
 change to the bytes that the document does not describe fails here.
+
+The other way round, a format-version-1 file is written here byte by byte (the layout before
+``top_k``) and must open with the reader (``top_k`` None) and be upgraded by a commit.
 """
 
 from __future__ import annotations
@@ -50,7 +53,7 @@ def build(tmp_path, payload: str, rope: bool):
     commit_update(path, put={0: entries[0], 2: entries[2], 3: entries[3]})
     proj = fit_projection(rng.normal(size=(16, R)), 2)
     cal = Calibration(0.125, (0.5, 0.75, 0.25))
-    commit_update(path, put={5: entries[5]}, clear=[2], calibration=cal, projection=proj)
+    commit_update(path, put={5: entries[5]}, clear=[2], calibration=cal, projection=proj, top_k=3)
     del entries[2]
     return path, budget, entries, floats, proj, cal
 
@@ -65,7 +68,7 @@ def test_file_decodes_by_the_document(tmp_path, payload, rope):
     u32 = lambda off: struct.unpack_from("<I", buf, off)[0]  # noqa: E731
     u64 = lambda off: struct.unpack_from("<Q", buf, off)[0]  # noqa: E731
     f32 = lambda off: struct.unpack_from("<f", buf, off)[0]  # noqa: E731
-    assert u32(8) == 1  # format version
+    assert u32(8) == 2  # format version
     header_bytes = u32(12)
     assert u64(16) == budget
     file_bytes = u64(24)
@@ -84,7 +87,8 @@ def test_file_decodes_by_the_document(tmp_path, payload, rope):
     num_slots, slot_bytes = u32(116), u32(120)
     table_offset, slots_offset, next_entry_id, table_crc = u64(124), u64(132), u64(140), u32(148)
     assert u32(152) == 2 and buf[156] == 2  # key layer, pooling "last"
-    assert buf[157:160] == b"\x00\x00\x00"
+    assert buf[157] == 0  # reserved
+    assert struct.unpack_from("<H", buf, 158)[0] == 3  # top_k
 
     # ---- sizes from the document's formulas ------------------------------------------
     parts = [4 * R] + ([L * H * M * D, L * H * M * D, 2 * L * H * D, 2 * L * H * M] if payload == "int8"
@@ -174,3 +178,75 @@ def test_file_decodes_by_the_document(tmp_path, payload, rope):
             assert np.array_equal(k16, k.astype(np.float16)) and np.array_equal(v16, v.astype(np.float16))
         assert off == sum(parts)
         assert not any(raw[off:])  # padding to a multiple of 64
+
+
+# ---- format version 1 --------------------------------------------------------------------
+def v1_file(path, with_padding: bytes = b"\x00\x00\x00") -> tuple[bytes, np.ndarray, np.ndarray, np.ndarray]:
+    """A version-1 memory written byte by byte as the document describes it (int8, RoPE, one
+    entry in slot 1 of task "old"): the layout of edgekv before format version 2."""
+    rng = np.random.default_rng(3)
+    rd, n = 2 * len(INV_FREQ), 3
+    header_bytes = align64(160 + 4 * (L + rd // 2 + R + P * R) + 256 * 32 + 4)
+    slot_raw = 4 * R + 2 * L * H * M * D + 2 * L * H * D + 2 * L * H * M
+    slot_bytes = align64(slot_raw)
+    file_bytes = header_bytes + n * (64 + slot_bytes)
+    key = rng.normal(size=R).astype(np.float32)
+    kq = rng.integers(-127, 128, size=(L, H, M, D)).astype(np.int8)
+    vq = rng.integers(-127, 128, size=(L, H, M, D)).astype(np.int8)
+    ks = rng.uniform(0.01, 1, size=(L, H, D)).astype(np.float16)
+    vs = rng.uniform(0.01, 1, size=(L, H, M)).astype(np.float16)
+    slot = (key.astype("<f4").tobytes() + kq.tobytes() + vq.tobytes() + ks.astype("<f2").tobytes()
+            + vs.astype("<f2").tobytes()).ljust(slot_bytes, b"\x00")
+    row = struct.pack("<BBHIIQQ36s", 1, 0, 0, crc(slot), crc(slot[: 4 * R]), 7, 1, b"src-1")
+    table = bytes(64) + row + bytes(64)
+    fixed = struct.pack("<8sIIQQQ32sIIIIIBBHIIIffIIQQQIIB", b"EDGEKVM\x00", 1, header_bytes, file_bytes + 100,
+                        file_bytes, 5, bytes.fromhex(FP), L, H, D, M, R, 1, 1, 1, rd, P, 0, 0.75, 0.25,
+                        n, slot_bytes, header_bytes, header_bytes + 64 * n, 8, crc(table), 2, 1) + with_padding
+    assert len(fixed) == 160
+    arrays = (np.array([0.5, 0.75, 0.25], "<f4").tobytes() + INV_FREQ.astype("<f4").tobytes()
+              + bytes(4 * R) + bytes(4 * P * R) + b"old".ljust(32, b"\x00") + bytes(255 * 32))
+    body = (fixed + arrays).ljust(header_bytes - 4, b"\x00")
+    data = body + struct.pack("<I", crc(body)) + table + bytes(slot_bytes) + slot + bytes(slot_bytes)
+    assert len(data) == file_bytes
+    path.write_bytes(data)
+    return data, key, kq, vq
+
+
+@pytest.mark.parametrize("padding", [b"\x00\x00\x00", b"\x00\x07\x00"])
+def test_version_1_file_opens_without_top_k(tmp_path, padding):
+    from edgekv.format import Memory
+
+    path = tmp_path / "v1.ekv"
+    v1_file(path, padding)  # version 1's padding means nothing, whatever it holds
+    with Memory(path) as mem:
+        assert mem.format_version == 1 and mem.top_k is None
+        assert mem.generation == 5 and mem.tasks == ["old"] and mem.occupied().tolist() == [1]
+        assert mem.calibration == Calibration(0.25, (0.5, 0.75, 0.25))
+        assert mem.spec.key_layer == 2 and mem.spec.key_pooling == "mean"
+        e = mem.read_entry(1)
+        assert e.entry_id == 7 and e.source_id == "src-1"
+        mem.verify()
+
+
+def test_commit_upgrades_a_version_1_file(tmp_path):
+    from edgekv.format import Memory
+
+    path = tmp_path / "v1.ekv"
+    old, key, kq, vq = v1_file(path)
+    commit_update(path, calibration=Calibration(0.5, (1.0, 1.0, 1.0)), top_k=2)
+    new = path.read_bytes()
+    assert len(new) == len(old)
+    assert struct.unpack_from("<I", new, 8)[0] == 2 and new[157] == 0 and struct.unpack_from("<H", new, 158)[0] == 2
+    header_bytes = struct.unpack_from("<I", old, 12)[0]
+    assert new[header_bytes:] == old[header_bytes:]  # table and slots as they were
+    with Memory(path) as mem:
+        assert mem.format_version == 2 and mem.top_k == 2 and mem.generation == 6
+        e = mem.read_entry(1)
+        assert np.array_equal(e.key, key) and np.array_equal(e.k, kq) and np.array_equal(e.v, vq)
+    path2 = tmp_path / "v1b.ekv"
+    v1_file(path2)
+    commit_update(path2, clear=[2])  # a commit without a k: version 2, k still not recorded
+    raw = path2.read_bytes()
+    assert struct.unpack_from("<I", raw, 8)[0] == 2 and raw[157:160] == b"\x00\x00\x00"
+    with Memory(path2) as mem:
+        assert mem.format_version == 2 and mem.top_k is None

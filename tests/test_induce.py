@@ -4,8 +4,10 @@ constructed cases with a known answer. SmolLM2 checks are marked slow."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -207,7 +209,7 @@ def test_torch_induction_logits_equal_runtime(backbone, exported, tmp_path):
     with Memory(mem) as m:
         bank, slots = read_bank(m)
         proj, cal = m.projection, m.calibration
-    ind = Induction(bb.model, bank, effective(bank.raw_keys, proj), 3, bb.rope)
+    ind = Induction(bb.model, bank, effective(bank.raw_keys, proj), SMALL.top_k, bb.rope)  # the k tau is fitted for
     km = _key_model(bb)
     q = effective(raw_keys(km, [key_ids(bb.tokenizer, prompt)]), proj)
     idx, alpha, k_mem, v_mem = ind.memory_for(q, None, torch.zeros(len(bank)), torch.tensor(cal.tau),
@@ -217,7 +219,8 @@ def test_torch_induction_logits_equal_runtime(backbone, exported, tmp_path):
     with torch.no_grad():
         want = bb.model(input_ids=torch.tensor([ids]), past_key_values=make_cache(k_mem, v_mem, 3),
                         position_ids=torch.arange(T, T + len(ids))[None]).logits[0].numpy()
-    with Runtime.load(exported("llama"), memory=mem, k=3) as rt:
+    with Runtime.load(exported("llama"), memory=mem) as rt:  # k: the memory's, SMALL.top_k
+        assert rt.config.k == SMALL.top_k
         assert rt.prompt_ids(prompt) == ids
         got_ret = rt.retrieve(prompt)
         assert [r.slot for r in got_ret] == [slots[i] for i in idx[0].tolist()]
@@ -420,10 +423,66 @@ def test_adapt_refuses_mismatches(backbone, tmp_path):
     adapt(bb, _examples(), mem, budget, "t", SMALL)
     with pytest.raises(MismatchError, match="keeps its budget"):
         adapt(bb, _examples(), mem, budget + 1, "t", SMALL)
-    with pytest.raises(MismatchError, match="m = 4 positions"):
-        adapt(bb, _examples(), mem, None, "t", AdaptConfig(entry=EntryConfig(pooled_len=8)), explicit=["pooled_len"])
+    with pytest.raises(MismatchError, match="m = 4 positions, EntryConfig.pooled_len says 8"):
+        adapt(bb, _examples(), mem, None, "t", AdaptConfig(entry=EntryConfig(pooled_len=8)))
+    with pytest.raises(MismatchError, match="stores int8 payloads, EntryConfig.payload_dtype says fp16"):
+        adapt(bb, _examples(), mem, None, "t", AdaptConfig(entry=EntryConfig(payload_dtype="fp16")))
     with pytest.raises(MismatchError, match="another model"):
         adapt(backbone("qwen2"), _examples(), mem, None, "t", SMALL)
+    # unset entry sizes follow the memory (m = 4, int8), not the new-memory defaults (16, int8)
+    s = adapt(bb, _examples(), mem, None, "t", dataclasses.replace(SMALL, entry=EntryConfig()))
+    assert s["pooled_len"] == 4 and s["payload_dtype"] == "int8"
+
+
+def test_a_selector_keeps_exactly_the_rows_it_names(backbone, tmp_path):
+    """adapt(selector=...) replaces the bilevel selection only: the rows named are kept (old
+    entries in their slots), and the memory is still calibrated and committed with anchors."""
+    bb = backbone("llama")
+    mem = str(tmp_path / "m.ekv")
+    budget = memory_spec(bb, SMALL).file_bytes_for(4)
+    calls = []
+
+    def keep_0_1_3(num_slots, old, new):
+        calls.append((num_slots, list(old), list(new)))
+        return [3, 0, 1]
+
+    s = adapt(bb, _examples("a"), mem, budget, "a", SMALL, selector=keep_0_1_3)
+    assert calls == [(4, [], [("a", f"a-{i}") for i in range(len(EXAMPLES))])]
+    assert (s["kept_new"], s["selection_steps"], s["num_used"]) == (3, 0, 3)
+    assert s["calibration"]["tau"] != pytest.approx(SMALL.init_tau, abs=1e-5) and s["anchors"]["this_task"] == 3
+    with Memory(mem) as m:
+        before = {int(i): m.read_entry(int(i)).source_id for i in m.occupied()}
+    assert sorted(before.values()) == ["a-0", "a-1", "a-3"]
+    s = adapt(bb, _examples("b"), mem, None, "b", SMALL, selector=lambda n, old, new: [2, len(old), len(old) + 2])
+    assert (s["kept_old"], s["kept_new"], s["dropped_old"]) == (1, 2, 2)
+    with Memory(mem) as m:
+        after = {int(i): m.read_entry(int(i)).source_id for i in m.occupied()}
+    assert sorted(after.values()) == ["a-3", "b-0", "b-2"]
+    assert after[[k for k, v in before.items() if v == "a-3"][0]] == "a-3"  # a kept entry stays in its slot
+    assert [t for t, _ in read_anchors(mem)] == ["a"] * 3 + ["b"] * 3
+    for bad in ([0, 0], [0, 1, 2, 3, 4], [99]):
+        with pytest.raises(RuntimeError, match="the selector must keep at most 4 distinct rows"):
+            adapt(bb, _examples("c"), mem, None, "c", SMALL, selector=lambda n, old, new, bad=bad: bad)
+    with Memory(mem) as m:
+        assert {int(i): m.read_entry(int(i)).source_id for i in m.occupied()} == after
+
+
+def test_entry_config_resolves_against_the_memory():
+    from edgekv.errors import MismatchError
+    from edgekv.induce.config import resolve_entry_config
+
+    spec = SimpleNamespace(pooled_len=8, payload_dtype="fp16")
+    unset = EntryConfig(pooling="adaptive")
+    assert unset.pooled_len is None and unset.payload_dtype is None
+    assert resolve_entry_config(unset) == EntryConfig(16, "adaptive", payload_dtype="int8")  # a new memory
+    assert resolve_entry_config(unset, spec) == EntryConfig(8, "adaptive", payload_dtype="fp16")
+    same = EntryConfig(pooled_len=8, payload_dtype="fp16")
+    assert resolve_entry_config(same, spec) == same
+    with pytest.raises(MismatchError, match=r"m.ekv holds entries of m = 8 positions, EntryConfig.pooled_len says 4"):
+        resolve_entry_config(EntryConfig(pooled_len=4), spec, "m.ekv")
+    with pytest.raises(MismatchError, match="stores fp16 payloads, EntryConfig.payload_dtype says int8"):
+        resolve_entry_config(EntryConfig(payload_dtype="int8"), spec)
+    assert EntryConfig.from_dict(unset.to_dict()) == unset  # None survives the JSON round trip
 
 
 def test_adapt_cli_json(tiny_model_dir, tmp_path):
@@ -447,9 +506,14 @@ def test_adapt_cli_json(tiny_model_dir, tmp_path):
     assert out["file_bytes"] <= 40_000 and out["per_task_counts"] == {"task-a": out["num_used"]}
     size = os.path.getsize(mem)
     write_jsonl(tmp_path / "b.jsonl", _examples("b"))
-    res = runner.invoke(app, base + ["--data", str(tmp_path / "b.jsonl"), "--task", "second"])
+    no_m = [a for a in base if a not in ("--pooled-len", "4")]  # m follows the memory
+    res = runner.invoke(app, no_m + ["--data", str(tmp_path / "b.jsonl"), "--task", "second"])
     assert res.exit_code == 0, res.output
     assert "entries of second" in res.stdout and os.path.getsize(mem) == size
+    for flag, value, phrase in (("--pooled-len", "8", "EntryConfig.pooled_len says 8"),
+                                ("--payload", "fp16", "EntryConfig.payload_dtype says fp16")):
+        res = runner.invoke(app, no_m + ["--data", str(data), flag, value])
+        assert res.exit_code == 5 and phrase in res.output and f"(option {flag})" in res.output, res.output
     res = runner.invoke(app, base + ["--data", str(data), "--budget", "80KB"])
     assert res.exit_code == 5 and "keeps its budget" in res.output and "Traceback" not in res.output
     (tmp_path / "bad.jsonl").write_text('{"id": "x", "prompt": "p"}\n')

@@ -8,7 +8,8 @@ used at all. Library-level versions of the first and the index case live in
 tests/test_runtime.py (``test_memory_for_another_model_is_refused``,
 ``test_index_for_another_memory_is_refused``); the manifest hash case in
 tests/test_export.py (``test_flipped_byte_and_missing_file_are_refused``); export-time
-refusal of a foreign memory in tests/test_export.py too.
+refusal of a foreign memory in tests/test_export.py too. And a ``-k`` other than the k the
+memory's tau was calibrated for (the memory records it), and the default k that follows it.
 """
 
 from __future__ import annotations
@@ -28,8 +29,9 @@ from edgekv.rope import RopeSpec
 runner = CliRunner()
 
 
-def memory_for(art: str, path: str, n: int = 4, **change) -> str:
-    """A memory matching the artifacts' manifest (fingerprint, shapes, key, RoPE) except ``change``."""
+def memory_for(art: str, path: str, n: int = 4, top_k: int | None = None, **change) -> str:
+    """A memory matching the artifacts' manifest (fingerprint, shapes, key, RoPE) except ``change``;
+    ``top_k``: the k it records (None: none, as a format-version-1 file)."""
     m = json.load(open(os.path.join(art, "manifest.json")))
     rope = RopeSpec(tuple(m["rope"]["inv_freq"]), m["rope"]["attention_scaling"]) if m["rope"] else None
     fields = dict(num_layers=m["num_layers"], num_kv_heads=m["num_kv_heads"], head_dim=m["head_dim"], pooled_len=2,
@@ -41,7 +43,8 @@ def memory_for(art: str, path: str, n: int = 4, **change) -> str:
     rng = np.random.default_rng(abs(hash(path)) % 2**32)
     shape = spec.payload_shape
     commit_update(path, {s: Entry.from_float(rng.normal(size=spec.key_dim), rng.normal(size=shape),
-                                             rng.normal(size=shape), "int8", "t", f"s{s}") for s in range(n)})
+                                             rng.normal(size=shape), "int8", "t", f"s{s}") for s in range(n)},
+                  top_k=top_k)
     return path
 
 
@@ -70,6 +73,53 @@ def test_matching_memory_runs(art, tmp_path):
     res = run(art, memory_for(art, str(tmp_path / "ok.ekv")), "--json")
     assert res.exit_code == 0, res.output
     assert len(json.loads(res.stdout)["retrieved"]) == 1
+
+
+# --- k: the memory records the k its tau is fitted for ---------------------------------
+def run_k(art: str, memory: str, *k: str):
+    return runner.invoke(app, ["run", art, "--prompt", "code for river?", "-n", "1", "--json", *k, "--memory", memory])
+
+
+def test_k_defaults_to_the_memory_s_k(art, tmp_path):
+    from edgekv.runtime import Runtime
+
+    cases = [(dict(n=4, top_k=3), 3),  # the k it was adapted with
+             (dict(n=4, top_k=None), 4),  # none recorded (format version 1): 4, as before
+             (dict(n=2, top_k=3), 2)]  # fewer entries than its k: adapt fitted tau for that many
+    for i, (kw, want) in enumerate(cases):
+        mem = memory_for(art, str(tmp_path / f"m{i}.ekv"), **kw)
+        res = run_k(art, mem)
+        assert res.exit_code == 0, res.output
+        assert len(json.loads(res.stdout)["retrieved"]) == want, kw
+        with Runtime.load(art, memory=mem) as rt:
+            assert rt.config.k == want
+    with Runtime.load(art) as rt:  # no memory: the default as before
+        assert rt.config.k == 4
+
+
+def test_k_other_than_the_memory_s_is_refused(art, tmp_path):
+    from edgekv.errors import MismatchError
+    from edgekv.runtime import Runtime
+
+    mem = memory_for(art, str(tmp_path / "k3.ekv"), top_k=3)
+    for extra in ([], ["--json"]):
+        res = runner.invoke(app, ["run", art, "--prompt", "hi", "-n", "1", "-k", "2", "--memory", mem, *extra])
+        assert_refused(res, 5, f"RuntimeConfig.k = 2 asked for, but {mem} was calibrated for k = 3: its tau is "
+                               "fitted to that many retrieved entries; run with k = 3 (the default), or re-adapt "
+                               "the memory with AdaptConfig.top_k = 2 (option -k/--top-k)")
+    with pytest.raises(MismatchError, match="calibrated for k = 3"):
+        Runtime.load(art, memory=mem, k=4)
+    for k in (3, 0):  # its own k, and no retrieval at all
+        with Runtime.load(art, memory=mem, k=k) as rt:
+            assert rt.config.k == k
+    few = memory_for(art, str(tmp_path / "few.ekv"), n=2, top_k=3)
+    with Runtime.load(art, memory=few, k=2) as rt:  # what adapt fitted with 2 entries
+        assert rt.config.k == 2
+    with pytest.raises(MismatchError, match=r"calibrated for k = 3 \(k = 2 with its 2 entries\).*run with k = 2"):
+        Runtime.load(art, memory=few, k=1)
+    any_k = memory_for(art, str(tmp_path / "none.ekv"), top_k=None)  # records no k: any k, as before
+    with Runtime.load(art, memory=any_k, k=2) as rt:
+        assert rt.config.k == 2
 
 
 def test_memory_for_another_model(art, tmp_path):

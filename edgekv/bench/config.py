@@ -7,6 +7,11 @@ from dataclasses import dataclass, replace
 from edgekv.configs import Config, knob
 from edgekv.errors import InputError
 
+TUNABLE = ("lora", "replay-lora")  # methods BenchConfig.tune can tune (learning rate x epochs on val)
+# fields that organise runs but change no stage's result: left out of the stage fingerprint
+RUN_FIELDS = ("sweep_fractions", "sweep_methods", "ttft_queries", "tune", "tune_lora_lrs", "tune_lora_epochs",
+              "ladder", "device_ttft")
+
 
 @dataclass(frozen=True)
 class BenchConfig(Config):
@@ -45,8 +50,20 @@ class BenchConfig(Config):
     replay_size: int = 32  # replay buffer (host) capacity in examples, reservoir over earlier tasks
     # budgets and timing
     sweep_fractions: tuple[float, ...] = (0.25, 0.5)  # without --budgets: these fractions of --budget are added
-    sweep_methods: tuple[str, ...] = ("induce",)  # methods run at every budget
+    sweep_methods: tuple[str, ...] = ("induce", "reservoir", "fifo", "lora", "replay-lora")  # methods run at
+    # every budget (every fixed-footprint method); in a grid of runs only on its first run (stream, seed)
     ttft_queries: int = 6  # queries timed for time to first token (prompt-text vs injected KV)
+    # tuning on val (edgekv.bench.grid.tune): a grid per tuned method on the first run, the best by val Last
+    tune: tuple[str, ...] = knob((), "Methods tuned on the val split first (comma-separated: lora,replay-lora): "
+                                 "the lr x epochs grid on the first run into OUT/tuning/; the test runs use the "
+                                 "best by val Last.")
+    tune_lora_lrs: tuple[float, ...] = (3e-4, 1e-3, 3e-3)  # LoRA learning rates of the tuning grid
+    tune_lora_epochs: tuple[int, ...] = (2, 6)  # LoRA epochs of the tuning grid
+    # after the runs, on the first run (edgekv.bench.grid.run_extras)
+    ladder: bool = knob(False, "After the runs, the accuracy ladder on the first run's stream (memory rung: "
+                               "induce's final state at the main budget) into OUT/ladder/.")
+    device_ttft: bool = knob(True, "Time to first token of every method on the onnxruntime device runtime "
+                                   "(an export in OUT/artifacts), first run; off in the quick preset.")
 
     def __post_init__(self) -> None:
         positive = ("max_train_per_task", "top_k", "eval_batch_size",
@@ -66,10 +83,19 @@ class BenchConfig(Config):
             raise InputError("BenchConfig.lora_targets must name at least one linear layer")
         if any(not 0 < f < 1 for f in self.sweep_fractions):
             raise InputError("BenchConfig.sweep_fractions must lie in (0, 1)")
+        bad = [m for m in self.tune if m not in TUNABLE]
+        if bad:
+            raise InputError(f"BenchConfig.tune: cannot tune {', '.join(bad)}: choose from {', '.join(TUNABLE)}")
+        if not self.tune_lora_lrs or any(not 0 < x < 1 for x in self.tune_lora_lrs):
+            raise InputError(f"BenchConfig.tune_lora_lrs must be learning rates in (0, 1), got {self.tune_lora_lrs}")
+        if not self.tune_lora_epochs or any(isinstance(e, bool) or not isinstance(e, int) or e < 1
+                                            for e in self.tune_lora_epochs):
+            raise InputError(f"BenchConfig.tune_lora_epochs must be integers >= 1, got {self.tune_lora_epochs}")
 
     def quick(self) -> BenchConfig:
         """A preset for tests and CI: a few examples, a couple of steps, short answers."""
         return replace(self, max_train_per_task=12, max_test_per_task=6, eval_batch_size=8,
                        pooled_len=4, short_pooled_len=2, long_pooled_len=8, selection_steps=2,
                        calibration_steps=2, induce_batch_size=2, max_queries=8, anchors_per_task=2, eval_queries=4, lora_epochs=1,
-                       lora_batch_size=4, replay_size=4, ttft_queries=2)
+                       lora_batch_size=4, replay_size=4, ttft_queries=2, tune_lora_lrs=(1e-3, 3e-3),
+                       tune_lora_epochs=(1,), device_ttft=False)

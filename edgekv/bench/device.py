@@ -18,8 +18,11 @@ another's prefill):
   --memory``), and even then only from 2,048 entries on (``IndexConfig.exact_below``);
   benchmark memories hold far fewer, so exact numpy search over the memory's effective
   keys is what the device would run. No index is built.
-* ``prompt`` (prompt-text; also prompt-text at matched context: fewer / shorter shots via
-  :attr:`MethodState.top_k` / :attr:`MethodState.shot`): the key pass on the same
+* ``prompt`` (prompt-text; also prompt-text at matched context, ``prompt-text-matched``: a
+  best-first prefix of the shots that fits :attr:`MethodState.shot_tokens`, counted with the
+  device tokenizer's own chat rendering, inside the timed call since the device must do it
+  too; other variants through :attr:`MethodState.top_k` /
+  :attr:`MethodState.shot`): the key pass on the same
   ``key.onnx`` (``Runtime.query_key``), the method's own key projection and numpy
   top-k over its stored keys (exactly ``PromptText._retrieve``), the retrieved examples as
   earlier answered chat turns (best last) rendered by the device tokenizer's chat template
@@ -68,9 +71,13 @@ class MethodState:
     fitted from ``keys`` with ``proj_dirs`` directions when None) or ``plain`` (nothing).
     ``top_k``: shots / entries per query (None: the config's ``top_k``). ``shot``: applied to
     each retrieved example before it goes into the prompt (a matched-context variant's
-    shortening). ``key_layer`` / ``key_pooling``: what ``keys`` pool (None: the default key
-    layer, mean pooling, as :class:`edgekv.bench.methods.PromptText`); checked against the
-    export's key graph.
+    shortening). ``shot_tokens``: at most this many prompt tokens of shots (None: no limit): of
+    the top-k, best first, each shot is added whole while the tokens the shots add to the
+    query's prompt fit; the first that does not ends the list
+    (:class:`edgekv.bench.methods.PromptTextMatched`; ``method_states_from_bench`` sets it from
+    the class's ``shot_token_limit(cfg)``). ``key_layer`` / ``key_pooling``: what ``keys`` pool
+    (None: the default key layer, mean pooling, as :class:`edgekv.bench.methods.PromptText`);
+    checked against the export's key graph.
     """
 
     kind: str
@@ -81,6 +88,7 @@ class MethodState:
     proj_dirs: int = 3
     top_k: int | None = None
     shot: Callable[[Example], Example] | None = None
+    shot_tokens: int | None = None
     key_layer: int | None = None
     key_pooling: str | None = None
     info: dict = field(default_factory=dict)
@@ -182,7 +190,8 @@ def method_states_from_bench(out_dir: str, names: Sequence[str], main_budget: in
     T = tasks if isinstance(tasks, int) else len(tasks)
     if T < 1:
         raise InputError("the run has no tasks")
-    reg = registry(cfg if cfg is not None else BenchConfig())
+    reg_cfg = cfg if cfg is not None else BenchConfig()
+    reg = registry(reg_cfg)
     out: dict[str, MethodState] = {}
     for name in names:
         cls = reg.get(name)
@@ -199,7 +208,9 @@ def method_states_from_bench(out_dir: str, names: Sequence[str], main_budget: in
         elif os.path.isfile(os.path.join(state, "state.json")) and os.path.isfile(os.path.join(state, "keys.npy")):
             st = read_prompt_state(state)
             top_k = getattr(cls, "top_k", None) if cls is not None else None  # a variant with fewer shots
-            out[name] = replace(st, top_k=top_k if isinstance(top_k, int) else None)
+            limit = getattr(cls, "shot_token_limit", None) if cls is not None else None  # matched context
+            out[name] = replace(st, top_k=top_k if isinstance(top_k, int) else None,
+                                shot_tokens=int(limit(reg_cfg)) if callable(limit) else None)
     return out
 
 
@@ -384,9 +395,24 @@ class _PromptShots(_Timed):
             return listed
         return {"role": "user", "content": f"{v.image_token}\n{prompt}"}
 
+    def fit(self, rows: list[int], q: Example, qimg=None) -> list[int]:
+        """The best-first prefix of ``rows`` (best last) whose shots add at most ``state.shot_tokens``
+        tokens to the query's prompt, each shot whole (what ``PromptTextMatched`` keeps on the host)."""
+        limit = self.state.shot_tokens
+        if limit is None or not rows:
+            return rows
+        base = len(self.chat_ids([], q, qimg)[0])
+        keep: list[int] = []  # best first
+        for r in reversed(rows):
+            cand = keep + [r]
+            if len(self.chat_ids(self._shots(cand[::-1]), q, qimg)[0]) - base > limit:
+                break
+            keep = cand
+        return keep[::-1]
+
     def build(self, q: Example, qimg=None) -> tuple[list[int], np.ndarray | None, list[Example], list[int]]:
         """(prompt ids, image features or None, the shots, their rows; best last) of one query."""
-        rows = self.retrieve(q, qimg)
+        rows = self.fit(self.retrieve(q, qimg), q, qimg)
         shots = self._shots(rows)
         ids, feats = self.chat_ids(shots, q, qimg)
         return ids, feats, shots, rows
@@ -488,6 +514,22 @@ def close_methods(base, methods: dict) -> None:
     base.close()
 
 
+def _time_interleaved(methods: dict[str, _Timed], qs: Sequence[Example], repeats: int) -> dict[str, list[float]]:
+    """ms of every call: ``repeats`` passes over ``qs``, every method per query, the order rotating."""
+    names = list(methods)
+    times: dict[str, list[float]] = {n: [] for n in names}
+    turn = 0
+    for _ in range(repeats):
+        for q in qs:
+            order = names[turn % len(names):] + names[:turn % len(names)]
+            turn += 1
+            for n in order:
+                t0 = time.perf_counter()
+                methods[n].run(q)
+                times[n].append((time.perf_counter() - t0) * 1000)
+    return times
+
+
 def measure_device_ttft(artifacts_dir: str, method_states: dict[str, MethodState], queries, cfg=None,
                         repeats: int | None = None, threads: int | None = None, reference: str = "induce") -> dict:
     """Time to first token of every method on the device runtime, in ms.
@@ -516,16 +558,7 @@ def measure_device_ttft(artifacts_dir: str, method_states: dict[str, MethodState
             t.run(qs[0])
             t.reset()
         names = list(methods)
-        times: dict[str, list[float]] = {n: [] for n in names}
-        turn = 0
-        for _ in range(repeats):
-            for q in qs:
-                order = names[turn % len(names):] + names[:turn % len(names)]
-                turn += 1
-                for n in order:
-                    t0 = time.perf_counter()
-                    methods[n].run(q)
-                    times[n].append((time.perf_counter() - t0) * 1000)
+        times = _time_interleaved(methods, qs, repeats)
         out: dict = {}
         for n in names:
             x = np.asarray(times[n])

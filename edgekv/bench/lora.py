@@ -7,7 +7,9 @@ in/out width of a targeted layer (a higher rank adds nothing). Training: AdamW o
 answer tokens' NLL (the same loss as InduceKV's L_cur, no memory), ``lora_epochs`` passes
 over each task's train set, seeded; a fresh optimiser per task. Replay + LoRA mixes a
 replay buffer (reservoir over earlier tasks' train examples, ``replay_size`` examples,
-kept on the host and reported as host bytes) into every task's training set.
+kept on the host and reported as host bytes) into every task's training set. ``lora_lr`` and
+``lora_epochs`` can be tuned on the val split first (``BenchConfig.tune``,
+:func:`edgekv.bench.grid.tune`); the test runs then use the chosen values.
 
 Image+text examples (vision-language backbones): the adapters sit on the language model
 only (its ``lora_targets`` layers; the vision encoder and projector stay frozen and carry
@@ -111,8 +113,9 @@ class Lora(Method):
         return sum(len(json.dumps(ex.__dict__).encode("utf-8")) for ex in self.buffer)
 
     def info(self) -> dict:
-        return {"rank": self.rank, "targets": list(self.ctx.cfg.lora_targets), "num_params": self.num_params(),
-                "replay_buffer": len(self.buffer)}
+        c = self.ctx.cfg
+        return {"rank": self.rank, "targets": list(c.lora_targets), "num_params": self.num_params(),
+                "replay_buffer": len(self.buffer), "lr": c.lora_lr, "epochs": c.lora_epochs}
 
     def adapted(self):
         """The backbone with the adapted model in its place (same tokenizer, vision inputs)."""

@@ -119,6 +119,11 @@ class MemoryMethod(Method):
     def deployed_bytes(self) -> int:
         return os.path.getsize(self.memory_path) if os.path.exists(self.memory_path) else 0
 
+    def host_bytes(self) -> int:
+        """The anchors beside the memory (host only)."""
+        p = self.memory_path + ".anchors.jsonl"
+        return os.path.getsize(p) if os.path.exists(p) else 0
+
     def info(self) -> dict:
         from edgekv.format import Memory
 
@@ -181,10 +186,6 @@ class Induce(MemoryMethod):
         return {"kept_new": s["kept_new"], "dropped_old": s["dropped_old"], "J_after": s["J_after"]["J"],
                 "adapt_seconds": s["seconds"]}
 
-    def host_bytes(self) -> int:
-        p = self.memory_path + ".anchors.jsonl"
-        return os.path.getsize(p) if os.path.exists(p) else 0
-
 
 class InduceRandom(Induce):
     """Ablation: a seeded random subset of current memory + candidates instead of the bilevel selection."""
@@ -226,18 +227,90 @@ class InduceLong(Induce):
     pooled_len_field = "long_pooled_len"
 
 
+UNIFORM_TAU = 1e6  # softmax(sim / tau) over sims in [-1, 1] is uniform to < 1e-6 (exact in the header's float32)
+
+
+class InduceUniform(Induce):
+    """Ablation: uniform alpha = 1/k over the retrieved entries (no retrieval-weighted induction).
+
+    Everything else is InduceKV's (selection, calibrated gates); tau is set to ``UNIFORM_TAU`` at
+    creation and kept out of the calibration (``CalibrationConfig.fit_tau=False``), and the memory
+    file stores it, so softmax(sim / tau) is 1/k to within 1e-6 on the host and on the device
+    (no runtime change)."""
+
+    name = "induce-uniform"
+
+    def adapt_config(self, task_index: int):
+        cfg = super().adapt_config(task_index)
+        return replace(cfg, init_tau=UNIFORM_TAU, calibration=replace(cfg.calibration, fit_tau=False))
+
+    def params(self) -> dict:
+        return {**super().params(), "uniform_alpha": True, "tau": UNIFORM_TAU}
+
+
+def stream_slot(policy: str, seen: int, num_slots: int, rng: np.random.Generator) -> int | None:
+    """Slot of the ``seen``-th example of the stream (1-based: ``seen`` counts it), or None to skip it.
+
+    ``fifo``: the slots in turn, so the most recent ``num_slots`` examples are kept;
+    ``reservoir`` (Algorithm R): the first ``num_slots`` fill the slots, then the n-th replaces a
+    uniformly chosen slot with probability num_slots / n, so each of the n seen is kept with
+    the same probability num_slots / n.
+    """
+    if policy == "fifo":
+        return (seen - 1) % num_slots
+    if seen <= num_slots:
+        return seen - 1
+    j = int(rng.integers(0, seen))
+    return j if j < num_slots else None
+
+
+def offer_stream(policy: str, slots: Sequence, seen: int, items: Sequence, rng: np.random.Generator
+                 ) -> tuple[list, int, set[int]]:
+    """Offer ``items`` in order to ``slots`` (one per memory slot, None: empty) under ``policy``.
+
+    -> (the new slots, the new count of examples seen, the slots that now hold one of ``items``)
+    """
+    slots, filled = list(slots), set()
+    for item in items:
+        seen += 1
+        s = stream_slot(policy, seen, len(slots), rng)
+        if s is not None:
+            slots[s] = item
+            filled.add(s)
+    return slots, seen, filled
+
+
+def stream_rows(slots: Sequence[dict | None], filled: set[int], old: Sequence[tuple[str, str]],
+                new: Sequence[tuple[str, str]]) -> list[int]:
+    """The pool rows (``adapt``'s selector: ``old`` the memory's entries, then ``new`` the
+    candidates, each as (task, example id)) of the examples in ``slots``: a slot in ``filled``
+    holds a candidate, any other one an entry already in the memory."""
+    old_rows = {k: i for i, k in enumerate(old)}
+    new_rows = {k: len(old) + j for j, k in enumerate(new)}
+    rows = set()
+    for s, item in enumerate(slots):
+        if item is not None:
+            key, table = (item["task"], item["example"]["id"]), new_rows if s in filled else old_rows
+            if key not in table:
+                raise RuntimeError(f"slot {s} holds {key}, which is neither a candidate nor in the memory")
+            rows.add(table[key])
+    return sorted(rows)
+
+
 class StreamMemory(MemoryMethod):
-    """Reservoir / FIFO KV memory: the same entries and file format, slots chosen by the
-    stream order instead of the bilevel selection; no calibration (tau, gates initial), the
-    key projection refitted on the kept keys as InduceKV does."""
+    """Reservoir / FIFO KV memory, calibrated exactly as InduceKV: the same candidates, entries and
+    file; the slots are chosen by the stream order (reservoir or FIFO over every train example
+    seen) instead of the bilevel selection, and everything else is InduceKV's ``adapt``: the key
+    projection refitted on memory + candidates, the final calibration of tau and the gates on
+    the kept memory with the current task's queries and the anchors of earlier tasks, and one
+    atomic commit with the anchors (``adapt(..., selector=...)``)."""
 
     policy = "reservoir"
 
     def __init__(self, ctx: Context):
         super().__init__(ctx)
         self.seen = 0  # examples offered so far
-        self.slots: list[dict | None] = []  # per slot: {"task", "example"} or None
-        self._entries: dict[str, object] = {}  # example id -> Entry (computed once)
+        self.slots: list[dict | None] = []  # per slot of the policy: {"task", "example"} or None
 
     @property
     def state_path(self) -> str:
@@ -246,54 +319,28 @@ class StreamMemory(MemoryMethod):
     def params(self) -> dict:
         return {**super().params(), "policy": self.policy}
 
-    def choose(self, num_slots: int, rng: np.random.Generator) -> int | None:
-        """Slot for the next offered example (``self.seen`` already counts it), or None to skip."""
-        n = self.seen
-        if self.policy == "fifo":
-            return (n - 1) % num_slots
-        if n <= num_slots:
-            return n - 1
-        j = int(rng.integers(0, n))  # reservoir sampling (Algorithm R)
-        return j if j < num_slots else None
-
     def learn(self, task_index, task_name, train) -> dict:
-        from edgekv.format import Calibration, Memory, commit_update, create_memory
-        from edgekv.host.keymodel import KeyModel
-        from edgekv.induce.entries import EntryConfig, compute_entries
-        from edgekv.retrieval import fit_projection
+        from edgekv.induce.adapt import adapt
 
-        bb, c = self.ctx.backbone, self.ctx.cfg
+        task, train = task_name[:32], list(train)
         acfg = self.adapt_config(task_index)
-        spec = self.spec()
-        if not os.path.exists(self.memory_path):
-            create_memory(self.memory_path, spec, self.ctx.budget,
-                          Calibration(acfg.init_tau, (acfg.init_gate,) * bb.shape.num_layers)).close()
-        with Memory(self.memory_path) as mem:
-            num_slots, gen = mem.num_slots, mem.generation
-        if not self.slots:
-            self.slots = [None] * num_slots
-        rng = np.random.default_rng(c.seed * 1000 + task_index)
-        changed: dict[int, Example] = {}
-        for ex in train:
-            self.seen += 1
-            s = self.choose(num_slots, rng)
-            if s is not None:
-                self.slots[s] = {"task": task_name[:32], "example": ex.__dict__}
-                changed[s] = ex
-        ecfg = EntryConfig(pooled_len=spec.pooled_len, payload_dtype=spec.payload_dtype)
-        km = KeyModel(bb.decoder, spec.key_layer, spec.key_pooling)
-        todo = [ex for ex in changed.values() if ex.id not in self._entries]
-        if todo:
-            for ex, e in zip(todo, compute_entries(bb, todo, km, ecfg, task_name[:32])[0], strict=True):
-                self._entries[ex.id] = e
-        put = {s: self._entries[ex.id] for s, ex in changed.items()}
-        with Memory(self.memory_path) as mem:
-            old = [int(s) for s in mem.occupied() if int(s) not in put]
-            keys = [mem.read_keys([s])[0] for s in old] + [np.asarray(e.key, np.float32) for e in put.values()]
-        proj = fit_projection(np.stack(keys), acfg.proj_dirs)
-        commit_update(self.memory_path, put=put, projection=proj, expect_generation=gen)
+        # every example offered must be a candidate (the runner caps train at max_train_per_task already)
+        acfg = replace(acfg, max_candidates=max(acfg.max_candidates, len(train)))
+        rng = np.random.default_rng(self.ctx.cfg.seed * 1000 + task_index)
+        after: dict = {}
+
+        def selector(num_slots: int, old, new) -> list[int]:
+            items = [{"task": task, "example": ex.__dict__} for ex in train]
+            slots, seen, filled = offer_stream(self.policy, self.slots or [None] * num_slots, self.seen, items, rng)
+            after.update(slots=slots, seen=seen)
+            return stream_rows(slots, filled, old, new)
+
+        budget = None if os.path.exists(self.memory_path) else self.ctx.budget
+        s = adapt(self.ctx.backbone, train, self.memory_path, budget, task, acfg, selector=selector)
+        self.slots, self.seen = after["slots"], after["seen"]  # only once the memory is committed
         self._write_state()
-        return {"replaced_slots": len(put), "seen": self.seen}
+        return {"replaced_slots": s["kept_new"], "seen": self.seen, "dropped_old": s["dropped_old"],
+                "J_after": s["J_after"]["J"], "adapt_seconds": s["seconds"]}
 
     def _write_state(self) -> None:
         with open(self.state_path, "w", encoding="utf-8") as f:
@@ -308,14 +355,14 @@ class StreamMemory(MemoryMethod):
 
 
 class Reservoir(StreamMemory):
-    """Reservoir sampling over every train example seen (each kept with equal probability)."""
+    """Reservoir sampling over every train example seen (each kept with equal probability); calibrated as InduceKV."""
 
     name = "reservoir"
     policy = "reservoir"
 
 
 class Fifo(StreamMemory):
-    """First in, first out: the most recent examples fill the slots."""
+    """First in, first out: the most recent examples fill the slots; calibrated as InduceKV."""
 
     name = "fifo"
     policy = "fifo"
@@ -431,23 +478,32 @@ class PromptText(Method):
 
     def prompt_ids(self, examples: Sequence[Example]) -> list[list[int]]:
         """Prompt ids of text queries on a text backbone (batched path; images ignored)."""
+        return [self.text_ids([self.items[r][1] for r in rows], ex)
+                for ex, rows in zip(examples, self._retrieve(examples), strict=True)]
+
+    def text_ids(self, shots: Sequence[Example], ex: Example) -> list[int]:
+        """Prompt ids of text query ``ex`` after ``shots`` (layout order, best last) as answered chat
+        turns (the template's layout; without a template, prompt and answer lines); images ignored."""
         from edgekv.host.tokens import has_chat_template
 
         tok = self.ctx.backbone.tokenizer
-        out = []
-        for ex, rows in zip(examples, self._retrieve(examples), strict=True):
-            shots = [self.items[r][1] for r in rows]
-            if has_chat_template(tok):
-                msgs = []
-                for s in shots:
-                    msgs += [{"role": "user", "content": s.prompt}, {"role": "assistant", "content": s.answer}]
-                msgs.append({"role": "user", "content": ex.prompt})
-                text = tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
-                out.append(list(tok(text, add_special_tokens=False).input_ids))
-            else:
-                text = "".join(f"{s.prompt}\n{s.answer}\n" for s in shots) + ex.prompt
-                out.append(list(tok(text, add_special_tokens=True).input_ids))
-        return out
+        if has_chat_template(tok):
+            msgs = []
+            for s in shots:
+                msgs += [{"role": "user", "content": s.prompt}, {"role": "assistant", "content": s.answer}]
+            msgs.append({"role": "user", "content": ex.prompt})
+            text = tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
+            return list(tok(text, add_special_tokens=False).input_ids)
+        text = "".join(f"{s.prompt}\n{s.answer}\n" for s in shots) + ex.prompt
+        return list(tok(text, add_special_tokens=True).input_ids)
+
+    def shot_ids(self, shots: Sequence[Example], ex: Example) -> list[int]:
+        """The ids this method prefills for query ``ex`` with ``shots`` (best last): on a VLM the chat
+        with every image's token span expanded (``chat_ids``), else :meth:`text_ids`."""
+        if self.vision is not None:
+            turns = [(s.prompt, s.image, s.answer) for s in shots] + [(ex.prompt, ex.image, None)]
+            return self.vision.chat_ids(self.ctx.backbone.tokenizer, turns)[0]
+        return self.text_ids(shots, ex)
 
     def answer(self, examples):
         c = self.ctx.cfg
@@ -491,6 +547,46 @@ class PromptText(Method):
         self._write_state()
 
 
+class PromptTextMatched(PromptText):
+    """prompt-text at InduceKV's context: shots best-first, whole, while their prompt tokens fit k x m.
+
+    The same stored examples, keys and retrieval as prompt-text; of a query's top-k (best first)
+    each shot is added whole while the prompt tokens the shots add (their answered chat turns,
+    an image's whole token span on a VLM) stay within ``top_k * pooled_len``, the positions
+    InduceKV injects; the first shot that does not fit ends the list (so the shots are a
+    best-first prefix of prompt-text's). Counted exactly: the query's prompt with the shots
+    minus the query's prompt alone, in the layout that is prefilled (best last)."""
+
+    name = "prompt-text-matched"
+
+    @staticmethod
+    def shot_token_limit(cfg: BenchConfig) -> int:
+        """Most prompt tokens of shots: k x m, what InduceKV injects."""
+        return cfg.top_k * cfg.pooled_len
+
+    def params(self) -> dict:
+        return {"shot_tokens": self.shot_token_limit(self.ctx.cfg)}
+
+    def shot_tokens(self, shots: Sequence[Example], ex: Example) -> int:
+        """Prompt tokens ``shots`` (layout order) add to query ``ex``'s prompt."""
+        return len(self.shot_ids(shots, ex)) - len(self.shot_ids([], ex))
+
+    def _retrieve(self, examples: Sequence[Example]) -> list[list[int]]:
+        limit = self.shot_token_limit(self.ctx.cfg)
+        out = []
+        for ex, rows in zip(examples, super()._retrieve(examples), strict=True):
+            if self.vision is None:  # a text backbone ignores images
+                ex = replace(ex, image=None)
+            keep: list[int] = []  # best first
+            for r in reversed(rows):
+                cand = keep + [r]
+                if self.shot_tokens([self.items[x][1] for x in reversed(cand)], ex) > limit:
+                    break
+                keep = cand
+            out.append(keep[::-1])  # best last
+        return out
+
+
 # ---------------------------------------------------------------------------------
 # the registry
 # ---------------------------------------------------------------------------------
@@ -502,8 +598,8 @@ def registry(cfg: BenchConfig) -> dict[str, Callable[[Context], Method]]:
         "name": f"induce-m{cfg.short_pooled_len}", "__doc__": f"Ablation: pooled length m = {cfg.short_pooled_len}."})
     long_ = type(f"InduceM{cfg.long_pooled_len}", (InduceLong,), {
         "name": f"induce-m{cfg.long_pooled_len}", "__doc__": f"Ablation: pooled length m = {cfg.long_pooled_len}."})
-    classes = [ZeroShot, Induce, InduceRandom, InduceNoCov, InduceNoCal, InduceFp16, short, long_, Reservoir, Fifo,
-               PromptText, Lora, ReplayLora]
+    classes = [ZeroShot, Induce, InduceRandom, InduceNoCov, InduceNoCal, InduceFp16, short, long_, InduceUniform,
+               Reservoir, Fifo, PromptText, PromptTextMatched, Lora, ReplayLora]
     return {c.name: c for c in classes}
 
 

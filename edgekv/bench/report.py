@@ -3,7 +3,11 @@
 * ``heatmap_<method>[_<budget>].png``: the accuracy matrix A (rows: after task i,
   columns: task j) of every run;
 * ``accuracy_vs_budget.png``: Last and Avg against deployed bytes for the methods run at
-  several budgets.
+  several budgets;
+* ``last_vs_bytes.png``: Last with its 95 % interval against deployed bytes after the last
+  task, a point per method at the main budget and a line per swept method (grid reports too);
+* ``last_vs_ttft.png``: Last with its interval against the median device time to first token
+  (p25-p75 bars; host torch medians when the device figure is missing).
 """
 
 from __future__ import annotations
@@ -132,6 +136,69 @@ def per_run_table(agg: dict) -> list[str]:
     return lines + ["", "Cells: Avg / Last / BWT (%, points) of each run.", ""]
 
 
+# ---------------------------------------------------------------------------------
+# tuning, device TTFT, ladder: sections of results.md
+# ---------------------------------------------------------------------------------
+def _fmt(x: float | None, spec: str = ".1f") -> str:
+    return "-" if x is None else format(x, spec)
+
+
+def tuning_table(tuning: dict | None) -> list[str]:
+    """The tuning grid of every tuned method on val, its metrics and the chosen point."""
+    if not tuning:
+        return []
+    lines = ["## Tuning on val", "",
+             f"Stream {tuning['stream'] or '(first)'}, seed {tuning['seed']}, split val, at "
+             f"{format_size(tuning['budget'])}; rule: {tuning['rule']}. Every test run of the method uses the "
+             "chosen values.", "",
+             "| method | lr | epochs | val Last | val Avg | learn s | chosen |", "|---|---|---|---|---|---|---|"]
+    for name, d in tuning["methods"].items():
+        for p in d["grid"]:
+            chosen = (p["lora_lr"], p["lora_epochs"]) == (d["chosen"]["lora_lr"], d["chosen"]["lora_epochs"])
+            lines.append(f"| {name} | {p['lora_lr']:g} | {p['lora_epochs']} | {_pct(p['metrics']['last'])} | "
+                         f"{_pct(p['metrics']['avg'])} | {p['seconds']['learn']:.0f} | {'**yes**' if chosen else ''} |")
+    return lines + [""]
+
+
+def device_ttft_table(ttft: dict | None) -> list[str]:
+    """Median and p25-p75 device TTFT per method, the ratio to InduceKV, prompt and memory tokens."""
+    if not ttft:
+        return []
+    head = ["## Time to first token on the device runtime", ""]
+    if ttft.get("error") or not ttft.get("methods"):
+        return head + [f"Not measured: {ttft.get('error') or 'no method state'}.", ""]
+    ref = ttft.get("reference")
+    lines = head + [f"onnxruntime runtime ({ttft.get('weights')} weights, {ttft.get('threads')} threads), "
+                    f"{ttft.get('queries')} text queries x {ttft.get('repeats')} passes, the methods interleaved "
+                    "query by query, from the query text to the first token's logits (edgekv.bench.device); each "
+                    "method's state after the last task at the main budget, first run. Tokens: mean per query. "
+                    "The host torch TTFT is a secondary figure.", "",
+                    f"| method | kind | median ms | p25-p75 ms | over {ref or '-'} | prompt tokens | memory tokens |",
+                    "|---|---|---|---|---|---|---|"]
+    for name, r in ttft["methods"].items():
+        ratio = r.get(f"over_{ref}") if ref else None
+        lines.append(f"| {name} | {r['kind']} | {r['median_ms']:.1f} | {r['p25_ms']:.1f}-{r['p75_ms']:.1f} | "
+                     f"{_fmt(ratio, '.2f')} | {_fmt(r.get('prompt_tokens'))} | {_fmt(r.get('memory_tokens'))} |")
+    return lines + [""]
+
+
+def ladder_section(ladder: dict | None) -> list[str]:
+    """The ladder's accuracy per rung over every query (the per-task table is in ladder/ladder.md)."""
+    if not ladder:
+        return []
+    rungs = ladder["rungs"]
+    return ["## Accuracy ladder (first run)", "",
+            f"Accuracy (%) over every query per rung; per task, retrieval precision and the largest drop: "
+            f"`{ladder['dir']}/ladder.md`, `{ladder['dir']}/ladder.png`.", "",
+            "| " + " | ".join(rungs) + " |", "|---" * len(rungs) + "|",
+            "| " + " | ".join(_pct(ladder["all"][r]["accuracy"]) for r in rungs) + " |", ""]
+
+
+def extra_sections(results: dict) -> list[str]:
+    return (tuning_table(results.get("tuning")) + device_ttft_table(results.get("ttft_device"))
+            + ladder_section(results.get("ladder")))
+
+
 def grid_markdown(results: dict) -> str:
     """results.md of several runs (``edgekv.bench.grid``): intervals, paired differences, per run."""
     agg = results["aggregate"]
@@ -145,6 +212,7 @@ def grid_markdown(results: dict) -> str:
              "'Continual-learning metrics'; protocol: docs/bench.md).", "", "## Metrics per budget", ""]
     lines += interval_tables(agg, results["main_budget"])
     lines += ["## Paired comparisons", ""] + (paired_table(agg) or ["(no reference method in these runs)", ""])
+    lines += extra_sections(results)
     lines += ["## Every run", ""] + per_run_table(agg)
     lines += [f"- {r['label']}: `{r['dir']}/results.md` ({r['seconds_total']} s)" for r in runs]
     lines += ["", f"Command: `{results['command']}`", f"Total time: {results['seconds_total']} s", ""]
@@ -170,7 +238,7 @@ def markdown(results: dict) -> str:
         info = r["info"][-1] if r["info"] else {}
         notes = []
         if "rank" in info:
-            notes.append(f"rank {info['rank']}")
+            notes.append(f"rank {info['rank']}" + (f", lr {info['lr']:g}, {info['epochs']} ep" if "lr" in info else ""))
         if "num_slots" in info:
             notes.append(f"{info['num_slots']} slots, m {info['pooled_len']} {info['payload_dtype']}")
         if "num_examples" in info:
@@ -190,6 +258,8 @@ def markdown(results: dict) -> str:
     if results.get("aggregate"):  # one run: the intervals resample its queries (edgekv.bench.stats)
         lines += ["", "## Intervals over the evaluated queries", ""] + interval_tables(
             results["aggregate"], results["main_budget"]) + paired_table(results["aggregate"])
+    extra = extra_sections(results)
+    lines += [""] + extra if extra else []
     lines += ["", "## Deployed bytes after every task", ""]
     for r in runs:
         lines.append(f"- {r['method']} @ {'-' if r['budget'] is None else r['budget']}: "
@@ -274,8 +344,118 @@ def budget_plot(runs: Sequence[dict], path: str) -> bool:
     return True
 
 
+# ---------------------------------------------------------------------------------
+# summary plots: Last with its interval against deployed bytes and against TTFT
+# ---------------------------------------------------------------------------------
+def _last(m: dict) -> tuple[float, float, float] | None:
+    """(mean, lo, hi) of Last in % from an aggregate entry, or None."""
+    d = m["metrics"]["last"]
+    if d.get("mean") is None:
+        return None
+    y = 100 * d["mean"]
+    return y, 100 * d["lo"] if d.get("lo") is not None else y, 100 * d["hi"] if d.get("hi") is not None else y
+
+
+def _main_entries(results: dict) -> list[dict]:
+    agg = results.get("aggregate") or {}
+    return [m for m in agg.get("methods", []) if m["budget"] in (None, results["main_budget"]) and _last(m)]
+
+
+def _colours(results: dict) -> dict[str, str]:
+    names = dict.fromkeys(m["method"] for m in (results.get("aggregate") or {}).get("methods", []))
+    return {n: f"C{i % 10}" for i, n in enumerate(names)}
+
+
+def last_vs_bytes(results: dict, path: str) -> bool:
+    """Last (95 % interval bars) vs deployed bytes after the last task: a point per method at the main
+    budget, a line per swept method over its budgets. False when there is nothing to plot."""
+    import numpy as np
+
+    main = _main_entries(results)
+    if not main:
+        return False
+    plt, col = _plt(), _colours(results)
+    fig, ax = plt.subplots(figsize=(7.5, 4.8))
+    swept: dict[str, list[dict]] = {}
+    for m in results["aggregate"]["methods"]:
+        if m["budget"] is not None and _last(m):
+            swept.setdefault(m["method"], []).append(m)
+    for name, ms in swept.items():
+        if len(ms) >= 2:
+            ms = sorted(ms, key=lambda m: m["budget"])
+            ys = np.array([_last(m) for m in ms])  # [n, 3]
+            ax.errorbar([float(np.mean(m["deployed_bytes"])) for m in ms], ys[:, 0],
+                        yerr=[ys[:, 0] - ys[:, 1], ys[:, 2] - ys[:, 0]], color=col[name], alpha=0.45, capsize=2,
+                        marker=".", linestyle="-", label=f"{name} (budgets)")
+    for m in main:
+        y, lo, hi = _last(m)
+        x = float(np.mean(m["deployed_bytes"]))
+        ax.errorbar([x], [y], yerr=[[y - lo], [hi - y]], color=col[m["method"]], fmt="o", capsize=3)
+        ax.annotate(m["method"], (x, y), fontsize=7, xytext=(4, 3), textcoords="offset points")
+    ax.set_xscale("symlog", linthresh=1024)
+    ax.set_ylim(-2, 102)
+    ax.set_xlabel("deployed bytes after the last task (0 = the backbone alone)")
+    ax.set_ylabel("Last accuracy (%), 95 % interval")
+    ax.set_title(f"Last vs bytes (main budget {format_size(results['main_budget'])})", fontsize=10)
+    ax.grid(alpha=0.3)
+    if any(len(v) >= 2 for v in swept.values()):
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
+def _ttft_points(results: dict) -> tuple[dict[str, tuple[float, float, float]], str]:
+    """method -> (median, p25, p75) ms: the device runtime's, else the host torch medians."""
+    dev = results.get("ttft_device") or {}
+    if dev.get("methods"):
+        return {n: (r["median_ms"], r["p25_ms"], r["p75_ms"]) for n, r in dev["methods"].items()}, "device runtime"
+    runs = results.get("runs") or [{}]
+    host = results.get("ttft") or runs[0].get("ttft") or {}
+    return ({k[:-2]: (1000 * v,) * 3 for k, v in host.items() if k.endswith("_s") and isinstance(v, (int, float))},
+            "host torch")
+
+
+def last_vs_ttft(results: dict, path: str) -> bool:
+    """Last (95 % interval bars) vs median time to first token (p25-p75 bars) at the main budget."""
+    ttft, source = _ttft_points(results)
+    main = [m for m in _main_entries(results) if m["method"] in ttft]
+    if not main:
+        return False
+    plt, col = _plt(), _colours(results)
+    fig, ax = plt.subplots(figsize=(7.5, 4.8))
+    for m in main:
+        y, lo, hi = _last(m)
+        x, p25, p75 = ttft[m["method"]]
+        ax.errorbar([x], [y], xerr=[[x - p25], [p75 - x]], yerr=[[y - lo], [hi - y]], color=col[m["method"]],
+                    fmt="o", capsize=3)
+        ax.annotate(m["method"], (x, y), fontsize=7, xytext=(4, 3), textcoords="offset points")
+    ax.set_xscale("log")
+    ax.set_ylim(-2, 102)
+    ax.set_xlabel(f"time to first token, median ms ({source}; bars p25-p75)")
+    ax.set_ylabel("Last accuracy (%), 95 % interval")
+    ax.set_title(f"Last vs time to first token (main budget {format_size(results['main_budget'])})", fontsize=10)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
+def summary_plots(results: dict, plots_dir: str) -> dict[str, str]:
+    """``last_vs_bytes.png`` and ``last_vs_ttft.png`` in ``plots_dir`` (those with points). -> name -> path"""
+    os.makedirs(plots_dir, exist_ok=True)
+    out = {}
+    for name, fn in (("last_vs_bytes", last_vs_bytes), ("last_vs_ttft", last_vs_ttft)):
+        p = os.path.join(plots_dir, f"{name}.png")
+        if fn(results, p):
+            out[name] = p
+    return out
+
+
 def write_all(results: dict, out_dir: str) -> dict[str, str]:
-    """results.json, results.md, heatmaps, accuracy_vs_budget.png. -> name -> path"""
+    """results.json, results.md, heatmaps, accuracy_vs_budget.png, the summary plots. -> name -> path"""
     os.makedirs(out_dir, exist_ok=True)
     paths = {"json": os.path.join(out_dir, "results.json"), "md": os.path.join(out_dir, "results.md")}
     plots = os.path.join(out_dir, "plots")
@@ -287,6 +467,7 @@ def write_all(results: dict, out_dir: str) -> dict[str, str]:
     p = os.path.join(plots, "accuracy_vs_budget.png")
     if budget_plot(results["runs"], p):
         paths["budget_plot"] = p
+    paths.update(summary_plots(results, plots))
     results["outputs"] = {k: os.path.relpath(v, out_dir) for k, v in paths.items()}
     if results.get("command"):  # no machine path in the report: --out as typed, made relative
         results["command"] = portable_command(results["command"])

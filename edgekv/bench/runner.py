@@ -26,7 +26,7 @@ import numpy as np
 from edgekv.atomic import write_file_atomic
 from edgekv.bench import metrics, stats
 from edgekv.bench.base import Context, Method
-from edgekv.bench.config import BenchConfig
+from edgekv.bench.config import RUN_FIELDS, BenchConfig
 from edgekv.bench.evaluate import accuracy, is_correct
 from edgekv.bench.methods import check_budget, registry
 from edgekv.data import Example
@@ -113,7 +113,8 @@ def stream_fingerprint(tasks: Sequence[BenchTask], split: str = "test") -> str:
 def stage_fingerprint(cfg: BenchConfig, method: Method, budget: int, stream_fp: str, model_fp: str,
                       task_index: int) -> str:
     budget = budget if method.budget_dependent else None  # zero-shot does not depend on it
-    d = {"bench": cfg.to_dict(), "method": method.name, "params": method.params(), "budget": budget,
+    bench = {k: v for k, v in cfg.to_dict().items() if k not in RUN_FIELDS}  # what organises runs: not a stage's
+    d = {"bench": bench, "method": method.name, "params": method.params(), "budget": budget,
          "stream": stream_fp, "model": model_fp, "task_index": task_index}
     return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:32]
 
@@ -295,8 +296,14 @@ def remove_empty_dirs(root: str) -> None:
 
 
 def run_bench(backbone, stream, methods: Sequence[str], budgets: Sequence[int], main_budget: int, out_dir: str,
-              cfg: BenchConfig, model_name: str = "", command: str = "", progress: bool = True) -> dict:
-    """Run every (method, budget) of the plan; write results.json, results.md and plots. -> results"""
+              cfg: BenchConfig, model_name: str = "", command: str = "", progress: bool = True,
+              overrides: dict[str, dict] | None = None, write: bool = True) -> dict:
+    """Run every (method, budget) of the plan; write results.json, results.md and plots. -> results
+
+    ``overrides``: per method, BenchConfig fields that method runs with instead (the values
+    tuning chose, e.g. ``{"lora": {"lora_lr": 3e-3, "lora_epochs": 6}}``; part of its stages'
+    fingerprints). ``write`` False: return the results without writing them (the caller adds
+    to them and writes once)."""
     from tqdm.auto import tqdm
 
     from edgekv.bench import report
@@ -313,12 +320,14 @@ def run_bench(backbone, stream, methods: Sequence[str], budgets: Sequence[int], 
     if image_tasks and text_only:
         raise InputError(f"{', '.join(text_only)} cannot learn image examples yet (image tasks: "
                          f"{', '.join(image_tasks)}): leave them out of the methods, or use a text stream")
+    overrides = {k: dict(v) for k, v in (overrides or {}).items() if v}
+    mcfg = {name: replace(cfg, **overrides.get(name, {})) for name in methods}
     for name, b in runs:  # every budget check before any work
-        check_budget(reg[name](Context(backbone, cfg, b, os.path.join(out_dir, "work", "_check"))), b)
+        check_budget(reg[name](Context(backbone, mcfg[name], b, os.path.join(out_dir, "work", "_check"))), b)
     shutil.rmtree(os.path.join(out_dir, "work", "_check"), ignore_errors=True)
     records = []
     for name, b in tqdm(runs, desc="bench", unit="run", disable=not progress):
-        records.append(run_method(backbone, tasks, name, b, out_dir, cfg, sfp, progress=progress))
+        records.append(run_method(backbone, tasks, name, b, out_dir, mcfg[name], sfp, progress=progress))
     ttft = measure_ttft(backbone, tasks, methods, main_budget, out_dir, cfg)
     remove_empty_dirs(os.path.join(out_dir, "work"))  # other runs may share out_dir: keep their live state
     results = {
@@ -329,6 +338,7 @@ def run_bench(backbone, stream, methods: Sequence[str], budgets: Sequence[int], 
                    "train_per_task": [len(t.train) for t in tasks], "test_per_task": [len(t.test) for t in tasks],
                    "val_per_task": [len(t.val) for t in tasks], "eval_split": cfg.eval_split},
         "config": cfg.to_dict(),
+        "overrides": overrides,
         "main_budget": main_budget,
         "budgets": sorted(set(budgets) | {main_budget}),
         "runs": records,
@@ -337,5 +347,6 @@ def run_bench(backbone, stream, methods: Sequence[str], budgets: Sequence[int], 
     }
     label = f"{os.path.basename(os.path.normpath(str(results['stream']['name'] or 'stream')))}-s{cfg.seed}"
     results["aggregate"] = stats.aggregate([results], [label])  # intervals over the test queries of this run
-    report.write_all(results, out_dir)
+    if write:
+        report.write_all(results, out_dir)
     return results

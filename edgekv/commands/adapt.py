@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import os
-from dataclasses import replace
 
 import typer
 
 from edgekv.cli import command, emit, field_option, table
+from edgekv.errors import InputError
 from edgekv.induce.config import AdaptConfig, EntryConfig, SelectionConfig
 from edgekv.units import format_size, parse_size
 
@@ -47,9 +47,11 @@ def adapt_cmd(
                                                  "(image paths relative to the file's folder)."),
     memory: str = typer.Option(..., "--memory", help="Memory file (.ekv); created on the first call."),
     budget: str = typer.Option(None, "--budget", help="Byte budget (16MB, 16MiB); needed to create the memory."),
-    task: str = typer.Option(None, "--task", help="Task name (default: the data file's name)."),
-    pooled_len: int = field_option(EntryConfig, "pooled_len", "--pooled-len", default=None),
-    payload: str = field_option(EntryConfig, "payload_dtype", "--payload", default=None),
+    task: str = typer.Option(None, "--task", help="Task name (default: the data file's name without extension, "
+                                                  "or its folder's when that is generic: tasks/shape-code/train.json "
+                                                  "-> shape-code)."),
+    pooled_len: int = field_option(EntryConfig, "pooled_len", "--pooled-len"),  # None: the memory's
+    payload: str = field_option(EntryConfig, "payload_dtype", "--payload"),
     steps: int = field_option(SelectionConfig, "steps", "--steps", default=None),
     top_k: int = field_option(AdaptConfig, "top_k", "-k", "--top-k"),
     seed: int = field_option(AdaptConfig, "seed", "--seed"),
@@ -58,13 +60,11 @@ def adapt_cmd(
     json_out: bool = typer.Option(False, "--json", help="Print JSON."),
 ) -> None:
     """Adapt MEM.ekv to a task in place (atomic; the file never changes size)."""
-    from edgekv.data import read_examples
+    from edgekv.data import default_task_name, read_examples
     from edgekv.host.models import load_backbone
     from edgekv.induce.adapt import adapt
 
-    entry = {"pooled_len": pooled_len, "payload_dtype": payload}
-    explicit = [name for name, value in entry.items() if value is not None]  # a memory must match these
-    cfg = AdaptConfig(entry=replace(EntryConfig(), **{n: entry[n] for n in explicit}),
+    cfg = AdaptConfig(entry=EntryConfig(pooled_len=pooled_len, payload_dtype=payload),  # set: the memory must match
                       selection=SelectionConfig() if steps is None else SelectionConfig(steps=steps),
                       top_k=top_k, seed=seed)
     budget_bytes = parse_size(budget) if budget is not None else None
@@ -73,8 +73,11 @@ def adapt_cmd(
         import torch
 
         torch.set_num_threads(threads)
-    task = task or os.path.splitext(os.path.basename(data))[0]
+    task = task or default_task_name(data)
+    if not task:  # e.g. data/train.json: every task would be "train" and replace the previous one's anchors
+        raise InputError(f"{data}: the file's name and its folder's are generic (train, test, data, ...), so they "
+                         f"do not name the task; pass --task NAME")
     backbone = load_backbone(model)  # vision-language folders come with their image path (backbone.vision)
-    summary = adapt(backbone, examples, memory, budget_bytes, task, cfg, explicit, progress=not no_progress,
+    summary = adapt(backbone, examples, memory, budget_bytes, task, cfg, progress=not no_progress,
                     image_root=os.path.dirname(os.path.abspath(data)))
     emit(summary, json_out, _human)

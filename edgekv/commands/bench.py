@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import shlex
+from dataclasses import replace
 
 import typer
 
@@ -24,6 +25,23 @@ def parse_budgets(budget: str, budgets: str | None, fractions: tuple[float, ...]
     else:
         sweep = [int(main * f) for f in fractions]
     return main, sorted(set(sweep) | {main})
+
+
+def parse_tune(text: str | None) -> tuple[str, ...]:
+    """--tune: comma-separated tunable methods (BenchConfig.tune checks them)."""
+    return tuple(dict.fromkeys(t.strip() for t in (text or "").split(",") if t.strip()))
+
+
+def command_line(**o) -> str:
+    """The ``edgekv bench`` line that reproduces these options (recorded in results.json)."""
+    parts = ["edgekv", "bench", "--model", o["model"]]
+    parts += ["--streams", o["streams"]] if o["streams"] else ["--stream", o["stream"]]
+    parts += ["--budget", o["budget"]] + (["--budgets", o["budgets"]] if o["budgets"] else [])
+    parts += ["--methods", o["methods"], "--out", o["out"]]
+    parts += ["--seeds", o["seeds"]] if o["seeds"] else ["--seed", str(o["seed"])]
+    parts += (["--tune", o["tune"]] if o["tune"] else []) + (["--ladder"] if o["ladder"] else [])
+    parts += [] if o["device_ttft"] is None else ["--device-ttft" if o["device_ttft"] else "--no-device-ttft"]
+    return " ".join(shlex.quote(a) for a in parts + (["--quick"] if o["quick"] else []))
 
 
 def load_model(model: str):
@@ -52,6 +70,19 @@ def grid_options(stream: str | None, streams: str | None, seed: int, seeds: str 
     return names, nums
 
 
+def _extra_rows(d: dict) -> list[tuple[str, str]]:
+    """Rows for the tuning choice, the device TTFT and the ladder (when they ran)."""
+    rows = [(f"tuned {n}", f"lr {c['chosen']['lora_lr']:g}, {c['chosen']['lora_epochs']} epochs (val)")
+            for n, c in (d.get("tuning") or {}).get("methods", {}).items()]
+    dev = d.get("ttft_device")
+    if dev:
+        rows += [("device TTFT", f"not measured: {dev['error']}")] if dev.get("error") else [
+            (f"device TTFT {n}", f"{r['median_ms']:.1f} ms") for n, r in dev.get("methods", {}).items()]
+    if d.get("ladder"):
+        rows.append(("ladder", f"{d['ladder']['dir']}/ladder.md"))
+    return rows
+
+
 def _human_grid(d: dict) -> str:
     from edgekv.bench.report import ci_cell
 
@@ -64,6 +95,7 @@ def _human_grid(d: dict) -> str:
         v = p["metrics"]["last"]
         rows.append((f"{d['aggregate']['paired']['reference']} vs {p['method']}",
                      f"Last {ci_cell(v, signed=True)}: {v['verdict']}"))
+    rows += _extra_rows(d)
     rows.append(("results", d["outputs"]["md"]))
     rows.append(("time", f"{d['seconds_total']} s"))
     return table(rows)
@@ -80,6 +112,7 @@ def _human(d: dict) -> str:
         rows.append((f"{r['method']} @ {budget}", f"Avg {avg}  Last {last}  BWT {bwt}  deployed "
                                                  f"{r['deployed_bytes'][-1]} B"
                                                  f"{'' if r['bytes_constant'] else ' (CHANGED between tasks)'}"))
+    rows += _extra_rows(d)
     rows.append(("results", d["outputs"]["md"]))
     rows.append(("time", f"{d['seconds_total']} s"))
     return table(rows)
@@ -100,6 +133,9 @@ def bench_cmd(
                                 "OUT/results.md aggregates them with intervals. Instead of --stream."),
     seeds: str = typer.Option(None, "--seeds", help="Comma-separated seeds of a grid of runs (0,1). "
                               "Instead of --seed."),
+    tune: str = field_option(BenchConfig, "tune", "--tune", default=None),
+    ladder: bool = field_option(BenchConfig, "ladder", "--ladder"),
+    device_ttft: bool = field_option(BenchConfig, "device_ttft", "--device-ttft/--no-device-ttft", default=None),
     quick: bool = typer.Option(False, "--quick", help="Tiny settings for tests and CI (BenchConfig.quick)."),
     threads: int = typer.Option(2, "--threads", help="PyTorch threads."),
     no_progress: bool = typer.Option(False, "--no-progress", help="Hide progress bars."),
@@ -112,29 +148,29 @@ def bench_cmd(
     stream_list, seed_list = grid_options(stream, streams, seed, seeds)
     cfg = BenchConfig(seed=seed_list[0])
     cfg = cfg.quick() if quick else cfg
+    cfg = replace(cfg, tune=parse_tune(tune), ladder=ladder,
+                  device_ttft=cfg.device_ttft if device_ttft is None else device_ttft)
     names = parse_methods(methods, cfg)
+    if [t for t in cfg.tune if t not in names]:
+        raise InputError(f"--tune {tune}: tune only methods that run (--methods {methods})")
     main, sweep = parse_budgets(budget, budgets, cfg.sweep_fractions)
     if threads < 1:
         raise InputError(f"--threads must be >= 1, got {threads}")
     import torch
 
-    from edgekv.bench.runner import run_bench
+    from edgekv.bench.grid import run_grid, run_single
     from edgekv.data.stream import load_stream
 
     torch.set_num_threads(threads)
     the_stream = None if streams or seeds else load_stream(stream, seed=seed)
     backbone = load_model(model)
-    parts = ["edgekv", "bench", "--model", model] + (["--streams", streams] if streams else ["--stream", stream])
-    parts += ["--budget", budget] + (["--budgets", budgets] if budgets else []) + ["--methods", methods, "--out", out]
-    parts += ["--seeds", seeds] if seeds else ["--seed", str(seed)]
-    cmd = " ".join(shlex.quote(a) for a in parts + (["--quick"] if quick else []))
+    cmd = command_line(model=model, stream=stream, streams=streams, budget=budget, budgets=budgets, methods=methods,
+                       out=out, seed=seed, seeds=seeds, tune=tune, ladder=ladder, device_ttft=device_ttft, quick=quick)
     if the_stream is None:  # a grid of runs, one report
-        from edgekv.bench.grid import run_grid
-
         results = run_grid(backbone, stream_list, seed_list, names, sweep, main, out, cfg, model_name=model,
                            command=cmd, progress=not no_progress)
         emit(results, json_out, _human_grid)
         return
-    results = run_bench(backbone, the_stream, names, sweep, main, out, cfg, model_name=model, command=cmd,
-                        progress=not no_progress)
+    results = run_single(backbone, the_stream, names, sweep, main, out, cfg, model_name=model, command=cmd,
+                         progress=not no_progress)
     emit(results, json_out, _human)

@@ -16,7 +16,7 @@ def describe_memory(path: str) -> dict:
         s = m.spec
         return {
             "path": path,
-            "format_version": 1,
+            "format_version": m.format_version,
             "model_fingerprint": s.model_fingerprint,
             "num_layers": s.num_layers,
             "num_kv_heads": s.num_kv_heads,
@@ -36,6 +36,7 @@ def describe_memory(path: str) -> dict:
             "file_bytes_on_disk": os.path.getsize(path),
             "budget_bytes": m.budget_bytes,
             "generation": m.generation,
+            "top_k": m.top_k,  # the k tau is fitted for (None: not recorded, format version 1)
             "tau": m.calibration.tau,
             "value_gates": list(m.calibration.gates),
             "key_projection_dirs": int(len(m.projection.dirs)),
@@ -56,6 +57,7 @@ def _human(d: dict) -> str:
         ("file size", f"{format_size(d['file_bytes'])} of budget {format_size(d['budget_bytes'])}"),
         ("generation", d["generation"]),
         ("tau", f"{d['tau']:.4g}"),
+        ("k (calibrated for)", "not recorded" if d["top_k"] is None else d["top_k"]),
     ]
     rows += [(f"task {t}", f"{n} entries") for t, n in d["per_task_counts"].items()]
     return table(rows)

@@ -7,6 +7,7 @@ import typer
 
 from edgekv.budget import BudgetConfig, budget_report
 from edgekv.cli import command, emit, field_option, table
+from edgekv.compat import DEFAULT_TOP_K
 from edgekv.devices.profiler import ProfileConfig
 from edgekv.errors import BudgetError, InputError, MissingDependencyError
 from edgekv.modelshape import model_shape
@@ -140,7 +141,7 @@ def profile_cmd(
     budget: str = typer.Option(None, "--budget", help="Budget arithmetic: memory budget, bytes, 16MB or 16MiB."),
     pooled_len: int = field_option(BudgetConfig, "pooled_len", "--pooled-len"),
     payload: str = field_option(BudgetConfig, "payload_dtype", "--payload"),
-    k: int = field_option(ProfileConfig, "k", "-k", "--top-k"),
+    k: int | None = field_option(ProfileConfig, "k", "-k", "--top-k"),
     threads: int = field_option(ProfileConfig, "threads", "--threads"),
     context: int = field_option(ProfileConfig, "context", "--context"),
     plot: str = typer.Option(None, "--plot", help="Write a stacked bar of the breakdown (PNG/SVG/PDF)."),
@@ -153,7 +154,7 @@ def profile_cmd(
             raise InputError("pass ARTIFACTS to measure an export, or --model and --budget for the arithmetic")
         if plot:
             raise InputError("--plot needs ARTIFACTS: it draws the measured breakdown")
-        _budget_mode(model, budget, pooled_len, payload, k, device, json_out)
+        _budget_mode(model, budget, pooled_len, payload, DEFAULT_TOP_K if k is None else k, device, json_out)
         return
     if model is not None or budget is not None:
         raise InputError("--model/--budget are for the arithmetic without ARTIFACTS; pass one or the other")

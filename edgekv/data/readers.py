@@ -241,6 +241,28 @@ def read_examples(path: str | os.PathLike) -> list[Example]:
     return out
 
 
+# File and folder names that say which split or what kind of file it is, not which task
+GENERIC_DATA_NAMES = frozenset({"train", "val", "valid", "validation", "test", "data", "dataset", "examples", "all"})
+
+
+def default_task_name(data_path: str | os.PathLike) -> str | None:
+    """The task name for a data file when none is given: the file's name without its extension
+    (``tasks/receipts.jsonl`` -> ``receipts``), or, when that is generic (a split name such as
+    ``train``, see :data:`GENERIC_DATA_NAMES`), the name of the folder the path gives
+    (``edge6/tasks/shape-code/train.json`` -> ``shape-code``). None when that is generic too
+    or the path gives no folder (``train.json``): the caller must name the task. Looks at the
+    path only (no file system access, no working folder).
+    """
+    head, name = os.path.split(os.path.normpath(os.fspath(data_path)))
+    stem = os.path.splitext(name)[0]
+    if stem and stem.lower() not in GENERIC_DATA_NAMES:
+        return stem
+    parent = os.path.basename(head)
+    if parent in ("", ".", "..") or parent.lower() in GENERIC_DATA_NAMES:
+        return None
+    return parent
+
+
 def write_jsonl(path: str | os.PathLike, examples: list[Example]) -> None:
     """Write examples as simple JSONL (``id``, ``prompt``, ``answer``, ``image`` when set)."""
     with open(os.fspath(path), "w", encoding="utf-8") as f:

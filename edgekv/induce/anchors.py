@@ -165,7 +165,7 @@ def commit_with_anchors(memory_path: str | os.PathLike, anchors: Sequence[tuple[
 
     ``current``: the anchors of the state the update was computed from, (``read_generation``,
     ``read_crc32``); ``update``: :func:`edgekv.format.commit_update`'s keywords (``put``,
-    ``clear``, ``calibration``, ``projection``); the commit is refused if the memory is no
+    ``clear``, ``calibration``, ``projection``, ``top_k``); the commit is refused if the memory is no
     longer at ``read_generation``. Returns ``{"generation", "bytes"}`` (the anchors file's size).
     """
     if commit is None:

@@ -16,12 +16,16 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 
 from edgekv.format import Calibration
 from edgekv.induce.config import CalibrationConfig
+
+if TYPE_CHECKING:
+    from edgekv.induce.torch_induction import Induction, QuerySet
 
 
 def inverse_softplus(y: float) -> float:
@@ -36,17 +40,20 @@ def logit(p: float) -> float:
 class Phi(torch.nn.Module):
     """phi_tau (scalar) and phi_l (one per layer); tau and lambda derived from them."""
 
-    def __init__(self, tau: float, gates: Sequence[float], gate_clip: float = 0.02, min_tau: float = 1e-3):
+    def __init__(self, tau: float, gates: Sequence[float], gate_clip: float = 0.02, min_tau: float = 1e-3,
+                 fit_tau: bool = True):
         super().__init__()
         self.min_tau = min_tau
         g = np.clip(np.asarray(gates, np.float64), gate_clip, 1 - gate_clip)
-        self.phi_tau = torch.nn.Parameter(torch.tensor(inverse_softplus(max(tau - min_tau, 1e-6))))
+        # fit_tau False: phi_tau is frozen (no gradient, so no optimiser moves it), tau stays as given
+        self.phi_tau = torch.nn.Parameter(torch.tensor(inverse_softplus(max(tau - min_tau, 1e-6))),
+                                          requires_grad=fit_tau)
         self.phi_gates = torch.nn.Parameter(torch.tensor([logit(x) for x in g], dtype=torch.float32))
 
     @staticmethod
     def from_calibration(cal: Calibration, cfg: CalibrationConfig | None = None) -> Phi:
         cfg = cfg or CalibrationConfig()
-        return Phi(cal.tau, cal.gates, cfg.gate_clip, cfg.min_tau)
+        return Phi(cal.tau, cal.gates, cfg.gate_clip, cfg.min_tau, cfg.fit_tau)
 
     def tau(self) -> torch.Tensor:
         return torch.nn.functional.softplus(self.phi_tau) + self.min_tau
@@ -80,7 +87,7 @@ def calibrate(phi: Phi, loss_fn: Callable[[Phi, list[int]], torch.Tensor], num_q
 
     if num_queries == 0 or cfg.steps == 0 or not cfg.enabled:
         return []
-    opt = torch.optim.Adam(phi.parameters(), lr=cfg.lr)
+    opt = torch.optim.Adam([p for p in phi.parameters() if p.requires_grad], lr=cfg.lr)  # a frozen tau stays
     losses = []
     for rows in tqdm(batches(num_queries, cfg.batch_size, cfg.steps, cfg.seed), desc=desc, leave=False,
                      disable=not progress):
@@ -90,3 +97,26 @@ def calibrate(phi: Phi, loss_fn: Callable[[Phi, list[int]], torch.Tensor], num_q
         opt.step()
         losses.append(float(loss.detach()))
     return losses
+
+
+def calibration_loss(phi: Phi, induction: Induction, cur: QuerySet, cur_rows: Sequence[int],
+                     anc: QuerySet | None = None, anc_rows: Sequence[int] = (), beta: float = 1.0) -> torch.Tensor:
+    """The final calibration's objective on exactly the kept memory (``induction`` over it, every
+    w = 1): L_cur(phi) on the queries ``cur_rows`` of ``cur``, plus beta * L_anc(phi) on the
+    anchors ``anc_rows`` of ``anc`` when ``anc`` is given. -> scalar."""
+    zeros = torch.zeros(len(induction.bank))  # [N] log w = 0: every kept entry at full weight
+    loss = induction.loss(cur, cur_rows, zeros, phi.tau(), phi.gates())
+    if anc is not None:
+        loss = loss + beta * induction.loss(anc, anc_rows, zeros, phi.tau(), phi.gates())
+    return loss
+
+
+def kept_memory_objective(induction: Induction, cur: QuerySet, anc: QuerySet | None, cfg: CalibrationConfig,
+                          beta: float) -> Callable[[Phi, list[int]], torch.Tensor]:
+    """:func:`calibrate`'s ``loss_fn`` for the final calibration: :func:`calibration_loss`, its
+    i-th call with the i-th of ``batches(len(anc), cfg.batch_size, cfg.steps, cfg.seed + 1)``
+    (the anchors only with ``cfg.with_anchors``)."""
+    if anc is None or not cfg.with_anchors:
+        return lambda phi, rows: calibration_loss(phi, induction, cur, rows)
+    anc_batches = iter(batches(len(anc), cfg.batch_size, cfg.steps, cfg.seed + 1))
+    return lambda phi, rows: calibration_loss(phi, induction, cur, rows, anc, next(anc_batches), beta)

@@ -9,13 +9,19 @@ takes its options' help and defaults from them without importing torch.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING
 
 from edgekv.configs import Config, knob
-from edgekv.errors import InputError
+from edgekv.errors import InputError, MismatchError
+
+if TYPE_CHECKING:
+    from edgekv.format import MemorySpec
 
 POOLINGS = ("adaptive", "answer", "answer_avg")  # EntryConfig.pooling (see edgekv.induce.entries)
 PAYLOAD_DTYPES = ("int8", "fp16")
+DEFAULT_POOLED_LEN = 16  # EntryConfig.pooled_len of a new memory when none is set
+DEFAULT_PAYLOAD_DTYPE = "int8"  # EntryConfig.payload_dtype of a new memory when none is set
 
 
 def _at_least(obj: object, low: float, *names: str) -> None:
@@ -27,22 +33,49 @@ def _at_least(obj: object, low: float, *names: str) -> None:
 
 @dataclass(frozen=True)
 class EntryConfig(Config):
-    """How an example becomes an entry."""
+    """How an example becomes an entry.
 
-    pooled_len: int = knob(16, "KV positions per entry, m (sets the slot size).")
+    ``pooled_len`` and ``payload_dtype`` are properties of the memory file: None (the default)
+    follows an existing memory and gives a new one 16 / "int8"; a set value must match an
+    existing memory (:func:`resolve_entry_config`).
+    """
+
+    pooled_len: int | None = knob(None, "KV positions per entry, m (sets the slot size); default: the "
+                                        f"memory's, {DEFAULT_POOLED_LEN} for a new memory.")
     pooling: str = "answer"  # answer | answer_avg | adaptive (see edgekv.induce.entries)
     skip_template_prefix: bool = True  # drop the chat template's fixed preamble before pooling
-    payload_dtype: str = knob("int8", "Payload dtype of a new memory: int8 or fp16.")
+    payload_dtype: str | None = knob(None, "Payload dtype, int8 or fp16; default: the memory's, "
+                                           f"{DEFAULT_PAYLOAD_DTYPE} for a new memory.")
     batch_size: int = 8  # examples per forward pass
 
     def __post_init__(self) -> None:
-        if isinstance(self.pooled_len, bool) or not isinstance(self.pooled_len, int) or self.pooled_len < 1:
-            raise InputError(f"EntryConfig.pooled_len must be an integer >= 1, got {self.pooled_len!r}")
+        m = self.pooled_len
+        if m is not None and (isinstance(m, bool) or not isinstance(m, int) or m < 1):
+            raise InputError(f"EntryConfig.pooled_len must be an integer >= 1, got {m!r}")
         if self.pooling not in POOLINGS:
             raise InputError(f"EntryConfig.pooling must be one of {POOLINGS}, got {self.pooling!r}")
-        if self.payload_dtype not in PAYLOAD_DTYPES:
+        if self.payload_dtype is not None and self.payload_dtype not in PAYLOAD_DTYPES:
             raise InputError(f"EntryConfig.payload_dtype must be 'int8' or 'fp16', got {self.payload_dtype!r}")
         _at_least(self, 1, "batch_size")
+
+
+def resolve_entry_config(cfg: EntryConfig, spec: MemorySpec | None = None, where: str = "the memory"
+                         ) -> EntryConfig:
+    """``cfg`` with ``pooled_len`` and ``payload_dtype`` set: from the memory ``spec`` (``where``:
+    its path, for errors) where they are None, else the defaults of a new memory (``spec`` None).
+
+    A value set in ``cfg`` that differs from ``spec`` raises :class:`MismatchError` naming the field.
+    """
+    if spec is None:
+        return replace(cfg, pooled_len=DEFAULT_POOLED_LEN if cfg.pooled_len is None else cfg.pooled_len,
+                       payload_dtype=DEFAULT_PAYLOAD_DTYPE if cfg.payload_dtype is None else cfg.payload_dtype)
+    if cfg.pooled_len is not None and cfg.pooled_len != spec.pooled_len:
+        raise MismatchError(f"{where} holds entries of m = {spec.pooled_len} positions, EntryConfig.pooled_len "
+                            f"says {cfg.pooled_len} (omit it, or start a new memory)")
+    if cfg.payload_dtype is not None and cfg.payload_dtype != spec.payload_dtype:
+        raise MismatchError(f"{where} stores {spec.payload_dtype} payloads, EntryConfig.payload_dtype says "
+                            f"{cfg.payload_dtype} (omit it, or start a new memory)")
+    return replace(cfg, pooled_len=spec.pooled_len, payload_dtype=spec.payload_dtype)
 
 
 @dataclass(frozen=True)
@@ -79,6 +112,7 @@ class CalibrationConfig(Config):
     with_anchors: bool = True  # phi's objective adds beta * L_anc (phi is shared by every task); False: current task only
     seed: int = 0
     enabled: bool = True  # False (ablation): phi keeps its initial value; no inner-level or final steps
+    fit_tau: bool = True  # False (ablation "uniform alpha"): tau stays at its initial value, the gates are still fitted
 
     def __post_init__(self) -> None:
         _at_least(self, 0, "steps")

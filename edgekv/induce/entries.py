@@ -48,7 +48,7 @@ from edgekv.errors import InputError
 from edgekv.format import Entry
 from edgekv.host.models import text_decoder
 from edgekv.host.tokens import has_chat_template, pad_batch, token_ids
-from edgekv.induce.config import EntryConfig
+from edgekv.induce.config import EntryConfig, resolve_entry_config
 from edgekv.induce.torch_induction import remove_rope_t
 from edgekv.rope import RopeSpec
 
@@ -185,7 +185,9 @@ def pool_tokens(x: torch.Tensor, W: torch.Tensor) -> torch.Tensor:
 
 
 def entry_pooling_matrix(enc: Encoded, cfg: EntryConfig) -> torch.Tensor:
-    """[m, T] weights over the whole conversation for this example and strategy."""
+    """[m, T] weights over the whole conversation for this example and strategy (m unset: a new
+    memory's default)."""
+    cfg = resolve_entry_config(cfg)
     T = len(enc.ids)
     c = enc.content_start if cfg.skip_template_prefix else 0
     if cfg.pooling == "adaptive":
@@ -287,8 +289,11 @@ def _warn_images_ignored(backbone) -> None:
 
 def compute_entries(backbone, examples: Sequence[Example], key_model, cfg: EntryConfig, task: str,
                     progress: bool = False) -> tuple[list[Entry], list[Encoded]]:
-    """Entries (quantised as the memory stores them) and tokens of ``examples``."""
+    """Entries (quantised as the memory stores them) and tokens of ``examples`` (m and payload
+    unset in ``cfg``: a new memory's defaults)."""
     from tqdm.auto import tqdm
+
+    cfg = resolve_entry_config(cfg)
 
     model = backbone.model
     vision = getattr(backbone, "vision", None)

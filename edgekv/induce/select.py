@@ -22,13 +22,18 @@ the capped simplex (bisection on the shift). The top-B entries by w are kept.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 
 from edgekv.induce.config import SelectionConfig
+
+if TYPE_CHECKING:
+    from edgekv.induce.calibrate import Phi
+    from edgekv.induce.torch_induction import Induction, QuerySet
 
 
 def project_capped_simplex(v: torch.Tensor, total: float, iters: int = 100) -> torch.Tensor:
@@ -90,6 +95,38 @@ class SelectionResult:
 
 
 LossTerms = Callable[[torch.Tensor, int], tuple[torch.Tensor, torch.Tensor | None]]
+
+
+@dataclass(frozen=True)
+class SelectionLoss:
+    """J's loss terms at one step of :func:`select` (a :data:`LossTerms`): L_cur and L_anc, the
+    answer NLL of a batch of current-task queries / anchors of earlier tasks with retrieval
+    over the w-weighted candidates (w enters alpha and the top-k ranking as log w).
+
+    ``induction``: over every candidate (the current memory's entries, then the new ones);
+    ``cur_batches[step]`` / ``anc_batches[step]``: the query rows of each step; ``phi``: the
+    calibration the inner level steps between outer steps (tau and gates are read at each
+    call). ``anchors_move_phi`` False: L_anc's gradient does not reach phi
+    (``CalibrationConfig.with_anchors``), it still reaches w.
+    """
+
+    induction: Induction
+    phi: Phi
+    cur: QuerySet
+    cur_batches: Sequence[Sequence[int]]
+    anc: QuerySet | None = None
+    anc_batches: Sequence[Sequence[int]] | None = None
+    anchors_move_phi: bool = True
+
+    def __call__(self, w: torch.Tensor, step: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """w: [N] selection weights (differentiable) -> (L_cur, L_anc or None), scalars."""
+        phi = self.phi
+        log_w = torch.log(w.clamp(min=1e-6))  # [N]
+        l_cur = self.induction.loss(self.cur, self.cur_batches[step], log_w, phi.tau(), phi.gates())
+        if self.anc is None or self.anc_batches is None:
+            return l_cur, None
+        tau, gates = (phi.tau(), phi.gates()) if self.anchors_move_phi else (phi.tau().detach(), phi.gates().detach())
+        return l_cur, self.induction.loss(self.anc, self.anc_batches[step], log_w, tau, gates)
 
 
 def select(num_slots: int, P: torch.Tensor, loss_terms: LossTerms, cfg: SelectionConfig,
