@@ -10,6 +10,7 @@ else in edgekv should reach a user as a traceback. Exit codes (documented in REA
     5  artifacts and memory do not belong together (fingerprint, shapes, hashes)
     6  a budget too small / capacity exceeded
     7  a required optional component is missing (e.g. host extra not installed)
+    8  a signature is missing, invalid, or not by the trusted key (``--trust``)
 """
 
 from __future__ import annotations
@@ -49,3 +50,10 @@ class MissingDependencyError(EdgeKVError, ImportError):
     """An optional component (e.g. the host tools) is not installed."""
 
     exit_code = 7
+
+
+class SignatureError(EdgeKVError):
+    """A file that must be signed by the trusted key is not: no signature, another key, a
+    signature that does not verify, another purpose, or contents that differ from what was signed."""
+
+    exit_code = 8

@@ -1,24 +1,35 @@
 """The HNSW index over a memory's effective retrieval keys, and the retriever that uses it.
 
-``build_index`` writes ``index.hnsw`` (hnswlib, inner-product space, labels = slot
-numbers) and ``index.json`` binding it to one memory state: the sha256 of the slot
-numbers and effective keys it was built from, and of the index file itself. The
-:class:`Retriever` uses the index only when it exists, matches the memory, and the memory
-is large enough for it to pay off; otherwise (or when hnswlib is missing or crashes on this
-CPU: probed once per process in a subprocess, see :func:`hnswlib_status`) it falls back to
-exact numpy search and says so in ``Retriever.mode``.
+The index belongs to the memory, not to the model export. Every index file is bound to one
+memory state by a JSON description: the memory's model fingerprint, generation and header
+CRC32, the sha256 of the slot numbers and effective keys it holds, and the sha256 of the index
+file itself (:func:`memory_state`, :func:`bound_to`). Two places hold one:
+
+* ``edgekv export --memory`` ships ``index.hnsw`` + ``index.json`` (:func:`build_index`): a head
+  start, used only while the memory is in exactly that state;
+* beside the memory, ``MEM.ekv.hnsw`` + ``MEM.ekv.hnsw.json`` (:func:`cached_index`): built on
+  the device when missing or stale (seconds for thousands of keys), written atomically, and
+  moved along by ``edgekv memory apply`` (:func:`follow_update`: in place or rebuilt).
+
+The :class:`Retriever` uses exact numpy search when asked, below ``IndexConfig.exact_below``
+entries, or when hnswlib is missing or crashes on this CPU (probed once per process in a
+subprocess, see :func:`hnswlib_status`); otherwise HNSW over the first index bound to the
+memory's current state, building one if there is none. An index bound to another state is never
+used. ``Retriever.mode`` / ``reason`` say what was used and why.
 
 hnswlib's own loader trusts every count and offset in its file and never checks neighbour
 ids, so hostile bytes would make it read out of bounds. Hashes cannot stop that (whoever
-can write the folder can rewrite index.json and manifest.json too), so
+can write the folder can rewrite the JSON and manifest.json too), so
 :func:`check_index_file` parses the whole file first: every header field, size, link
 count and neighbour id is checked, and its labels and vectors must be exactly the memory's
-occupied slots and effective keys. hnswlib only ever loads a file that passed; what a
-hostile graph can still do is lower recall.
+occupied slots and effective keys. hnswlib only ever loads a file that passed (through the
+same open descriptor the hash and the check read); what a hostile graph can still do is lower
+recall.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import importlib.util
@@ -30,13 +41,14 @@ import signal
 import struct
 import subprocess
 import sys
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import numpy as np
 
-from edgekv.atomic import publish_file, storage_errors, temp_name, write_file_atomic
+from edgekv.atomic import publish_file, remove_stale, storage_errors, temp_name, write_file_atomic
 from edgekv.configs import Config
-from edgekv.errors import CorruptFileError, InputError, MismatchError
+from edgekv.errors import CorruptFileError, EdgeKVError, InputError, MismatchError
 from edgekv.format import Memory
 from edgekv.manifest import file_sha256
 from edgekv.retrieval import effective_keys, topk_exact
@@ -76,22 +88,40 @@ def memory_keys(memory: Memory) -> tuple[np.ndarray, np.ndarray]:
     return slots, effective_keys(raw, memory.projection) if len(slots) else raw
 
 
-def build_index(memory_path: str, out_dir: str, config: IndexConfig = IndexConfig()) -> dict:
-    """Build ``out_dir/index.hnsw`` + ``index.json`` for the memory; return the metadata."""
+def memory_state(memory: Memory, slots: np.ndarray, keys: np.ndarray) -> dict:
+    """What an index is bound to: one committed state of one memory (model, generation, header
+    CRC32) and the digest of the slots [n] and effective keys [n, R] it holds."""
+    return {"memory_fingerprint": memory.spec.model_fingerprint, "memory_generation": int(memory.generation),
+            "memory_header_crc32": int(memory.header_crc32), "keys_sha256": keys_digest(slots, keys)}
+
+
+def bound_to(meta: dict, state: dict, legacy: bool = False) -> bool:
+    """Whether the index description ``meta`` is bound to exactly ``state`` (:func:`memory_state`);
+    values must be equal and of the same type. ``legacy``: an export's ``index.json`` written before
+    it recorded the header CRC32 may lack that field (its generation and keys digest must still match)."""
+    for name, value in state.items():
+        if legacy and name == "memory_header_crc32" and name not in meta:
+            continue
+        if type(meta.get(name)) is not type(value) or meta.get(name) != value:
+            return False
+    return True
+
+
+def _new_index(slots: np.ndarray, keys: np.ndarray, config: IndexConfig):
+    """A fresh hnswlib index of keys [n, R] labelled by slots [n] (seeded, one thread: reproducible)."""
     import hnswlib
 
-    with Memory(memory_path) as mem:
-        slots, keys = memory_keys(mem)
-        fingerprint = mem.spec.model_fingerprint
-        generation = mem.generation
-    os.makedirs(out_dir, exist_ok=True)
     index = hnswlib.Index(space="ip", dim=keys.shape[1])
     index.init_index(max_elements=max(len(slots), 1), ef_construction=config.ef_construction,
                      M=config.M, random_seed=0)
     if len(slots):
         index.add_items(keys, slots, num_threads=1)
-    path = os.path.join(out_dir, INDEX_FILE)
-    tmp = temp_name(path)  # hnswlib writes a path: save beside it, then publish it whole (edgekv.atomic)
+    return index
+
+
+def _save_index(index, path: str) -> None:
+    """hnswlib writes a path: save beside ``path``, then publish the file whole (edgekv.atomic)."""
+    tmp = temp_name(path)
     try:
         with storage_errors(path):
             index.save_index(tmp)
@@ -99,26 +129,33 @@ def build_index(memory_path: str, out_dir: str, config: IndexConfig = IndexConfi
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
-    meta = {
-        "file": INDEX_FILE,
-        "file_sha256": file_sha256(path),
-        "keys_sha256": keys_digest(slots, keys),
-        "num_items": int(len(slots)),
-        "dim": int(keys.shape[1]),
-        "M": config.M,
-        "ef_construction": config.ef_construction,
-        "memory_fingerprint": fingerprint,
-        "memory_generation": int(generation),
-    }
-    write_file_atomic(os.path.join(out_dir, INDEX_META), json.dumps(meta, indent=2, sort_keys=True))
+
+
+def _write_meta(index_path: str, meta_path: str, slots: np.ndarray, keys: np.ndarray, state: dict,
+                config: IndexConfig) -> dict:
+    """The description binding ``index_path`` (already written) to the memory ``state``."""
+    meta = {"file": os.path.basename(index_path), "file_sha256": file_sha256(index_path),
+            "num_items": int(len(slots)), "dim": int(keys.shape[1]), "M": config.M,
+            "ef_construction": config.ef_construction, **state}
+    write_file_atomic(meta_path, json.dumps(meta, indent=2, sort_keys=True))
     return meta
 
 
-def read_index_meta(index_dir: str) -> dict | None:
-    """index.json from ``index_dir``, or None when there is no index."""
-    path = os.path.join(index_dir, INDEX_META)
-    if not os.path.isfile(path):
-        return None
+def build_index(memory_path: str, out_dir: str, config: IndexConfig = IndexConfig()) -> dict:
+    """Build ``out_dir/index.hnsw`` + ``index.json`` for the memory (what ``edgekv export --memory``
+    ships: a head start the runtime uses only while the memory is in exactly this state); return
+    the metadata."""
+    with Memory(memory_path) as mem:
+        slots, keys = memory_keys(mem)
+        state = memory_state(mem, slots, keys)
+    os.makedirs(out_dir, exist_ok=True)
+    path = os.path.join(out_dir, INDEX_FILE)
+    _save_index(_new_index(slots, keys, config), path)
+    return _write_meta(path, os.path.join(out_dir, INDEX_META), slots, keys, state, config)
+
+
+def _read_meta(path: str) -> dict:
+    """An index description (JSON) with its required fields checked; :class:`CorruptFileError` otherwise."""
     if os.path.getsize(path) > _MAX_META_BYTES:
         raise CorruptFileError(f"{path}: too large to be an index description")
     try:
@@ -138,6 +175,12 @@ def read_index_meta(index_dir: str) -> dict | None:
     return meta
 
 
+def read_index_meta(index_dir: str) -> dict | None:
+    """index.json from ``index_dir``, or None when there is no index."""
+    path = os.path.join(index_dir, INDEX_META)
+    return _read_meta(path) if os.path.isfile(path) else None
+
+
 # --- hnswlib's file, parsed before hnswlib sees it ------------------------------------
 # hnswlib 0.8 ``saveIndex``: this header, then per element one level-0 record
 # [links count u32 | maxM0 neighbour ids u32 | vector f32 x dim | label u64], then per
@@ -149,18 +192,19 @@ _MAX_M = 1024
 _MAX_LEVEL = 64
 
 
-def check_index_file(path: str, slots: np.ndarray, keys: np.ndarray) -> None:
+def check_index_file(path: str, slots: np.ndarray, keys: np.ndarray, shown: str | None = None) -> None:
     """Parse hnswlib's ``index.hnsw`` completely; refuse anything hnswlib could mis-read.
 
     slots: [n] occupied slots, keys: [n, R] their effective keys. After this passes, every
     count, offset and neighbour id hnswlib uses is in range (so loading and searching stay
     inside its buffers), and its labels and vectors are exactly ``slots`` and ``keys``.
+    ``shown``: the name errors give the file (default ``path``).
     """
     n, dim = len(slots), keys.shape[1]
 
     def bad(why: str) -> CorruptFileError:
-        return CorruptFileError(f"{path}: not a valid HNSW index for this memory ({why}); rebuild it with "
-                                f"`edgekv export MODEL --out DIR --memory MEM.ekv` or delete index.hnsw/index.json")
+        return CorruptFileError(f"{shown or path}: not a valid HNSW index for this memory ({why}); restore the file or "
+                                f"re-export (a memory needs no shipped index: the runtime builds one beside it)")
 
     size = os.path.getsize(path)
     if size < HNSW_HEADER.size:
@@ -288,47 +332,215 @@ def hnswlib_available() -> bool:
     return hnswlib_status()[0]
 
 
+@contextlib.contextmanager
+def _pinned(path: str) -> Iterator[str]:
+    """Open ``path`` once and yield a name for exactly that file (Linux: ``/proc/self/fd/N``), so
+    its hash, the structural check and hnswlib's loader read the same bytes even if ``path`` is
+    replaced meanwhile (elsewhere: ``path`` itself)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        alias = f"/proc/self/fd/{fd}"
+        yield alias if os.path.exists(alias) else path
+    finally:
+        os.close(fd)
+
+
+def _load_checked(path: str, meta: dict, slots: np.ndarray, keys: np.ndarray, capacity: int = 0):
+    """hnswlib's index from ``path`` after its hash (``meta``), shape and whole structure are
+    checked against slots [n] and keys [n, R]; ``capacity``: room for that many items."""
+    import hnswlib
+
+    try:
+        with _pinned(path) as alias:
+            if file_sha256(alias) != meta["file_sha256"]:
+                raise MismatchError(f"{path} does not match its index description (hash differs)")
+            if meta["dim"] != keys.shape[1] or meta["num_items"] != len(slots):
+                raise MismatchError(f"{path}: index shape does not match the memory")
+            check_index_file(alias, slots, keys, shown=path)  # hnswlib sees nothing this has not checked
+            index = hnswlib.Index(space="ip", dim=meta["dim"])
+            index.load_index(alias, max_elements=max(meta["num_items"], capacity, 1))
+            return index
+    except FileNotFoundError:
+        raise InputError(f"{path} is missing: its index description names it") from None
+
+
+# --- the index beside the memory: MEM.ekv.hnsw + MEM.ekv.hnsw.json ------------------------
+CACHE_SUFFIX = ".hnsw"  # MEM.ekv.hnsw: the index of the memory's current state, built on the device
+CACHE_META_SUFFIX = ".hnsw.json"  # MEM.ekv.hnsw.json: binds it to one state (generation, header CRC32, keys)
+
+
+def cache_paths(memory_path: str) -> tuple[str, str]:
+    """(index file, its binding) cached beside the memory at ``memory_path``."""
+    return memory_path + CACHE_SUFFIX, memory_path + CACHE_META_SUFFIX
+
+
+def load_cached_index(memory_path: str, slots: np.ndarray, keys: np.ndarray, state: dict,
+                      capacity: int = 0) -> tuple[object | None, str]:
+    """(index, why): the cached index when its binding names exactly ``state`` and the file passes
+    every check against slots [n] and keys [n, R]; else (None, why not). Never raises for a bad
+    cache: it is rebuilt, never trusted."""
+    index_path, meta_path = cache_paths(memory_path)
+    if not os.path.isfile(meta_path):
+        return None, "no index cached beside the memory"
+    try:
+        meta = _read_meta(meta_path)
+        if meta["file"] != os.path.basename(index_path):
+            return None, "the cached index's binding names another file"
+        if not bound_to(meta, state):
+            gen = meta.get("memory_generation")
+            return None, f"the cached index is bound to another memory state (generation {gen!r}, memory at " \
+                         f"{state['memory_generation']})"
+        return _load_checked(index_path, meta, slots, keys, capacity), "the cached index matches the memory"
+    except (EdgeKVError, OSError, RuntimeError) as e:  # hnswlib's loader raises RuntimeError
+        return None, f"the cached index failed its checks ({str(e)[:160]})"
+
+
+def save_cached_index(index, memory_path: str, slots: np.ndarray, keys: np.ndarray, state: dict,
+                      config: IndexConfig) -> str | None:
+    """Write ``index`` beside the memory, bound to ``state``: the index file first, then its binding
+    (each atomic, edgekv.atomic; a crash in between leaves a binding whose hash does not match, so
+    the pair is rebuilt). Returns None, or why it could not be written (the index is still usable)."""
+    index_path, meta_path = cache_paths(memory_path)
+    try:
+        remove_stale(index_path)
+        remove_stale(meta_path)
+        _save_index(index, index_path)
+        _write_meta(index_path, meta_path, slots, keys, state, config)
+    except (EdgeKVError, RuntimeError) as e:
+        return str(e)
+    return None
+
+
+def cached_index(memory_path: str, slots: np.ndarray, keys: np.ndarray, state: dict,
+                 config: IndexConfig = IndexConfig()) -> tuple[object, str]:
+    """(index, how) for the memory's current state: the cached one if it is bound to ``state`` and
+    passes its checks; else built now (seconds for thousands of keys) and cached beside the memory."""
+    index, why = load_cached_index(memory_path, slots, keys, state)
+    if index is not None:
+        return index, why
+    index = _new_index(slots, keys, config)
+    failed = save_cached_index(index, memory_path, slots, keys, state, config)
+    where = "cached beside the memory" if failed is None else f"not cached: {failed}"
+    return index, f"built on the device ({why}); {where}"
+
+
+def index_before_update(memory_path: str) -> tuple[np.ndarray, np.ndarray, dict] | None:
+    """(slots [n], keys [n, R], state) of the memory's current state when an index cached beside it
+    is bound to that state (what :func:`follow_update` can update in place); else None."""
+    _, meta_path = cache_paths(memory_path)
+    if not os.path.isfile(meta_path) or not os.path.isfile(memory_path):
+        return None
+    try:
+        meta = _read_meta(meta_path)
+        with Memory(memory_path) as mem:
+            if (meta.get("memory_generation"), meta.get("memory_header_crc32")) != \
+                    (mem.generation, mem.header_crc32):
+                return None
+            slots, keys = memory_keys(mem)
+            return slots, keys, memory_state(mem, slots, keys)
+    except EdgeKVError:
+        return None
+
+
+def _updated_in_place(memory_path: str, before: tuple | None, slots: np.ndarray, keys: np.ndarray,
+                      changed: set[int]):
+    """The cached index of the state before the update, with the changed slots' keys written in
+    place (``add_items`` replaces an existing label's vector): possible when no entry left and the
+    other slots' effective keys are bit-identical (same key projection). Else None (rebuild)."""
+    if before is None:
+        return None
+    old_slots, old_keys, old_state = before
+    row_old = {int(s): i for i, s in enumerate(old_slots)}
+    if not set(row_old) <= set(slots.tolist()):
+        return None  # an entry left: hnswlib would keep it as a deleted mark, which the checks refuse
+    keep = [i for i, s in enumerate(slots.tolist()) if s in row_old and s not in changed]
+    old_rows = [row_old[int(slots[i])] for i in keep]
+    if not np.array_equal(keys[keep].view(np.uint32), old_keys[old_rows].view(np.uint32)):
+        return None  # the projection changed: every effective key moved
+    index, _ = load_cached_index(memory_path, old_slots, old_keys, old_state, capacity=len(slots))
+    if index is None:
+        return None
+    rows = [i for i, s in enumerate(slots.tolist()) if s not in row_old or s in changed]
+    if rows:
+        index.add_items(keys[rows], slots[rows], num_threads=1)
+    return index
+
+
+def follow_update(memory_path: str, before: tuple | None, changed, config: IndexConfig = IndexConfig()) -> dict:
+    """Bring the index cached beside the memory to its new state after an update (``changed``: the
+    slots it wrote or zeroed; ``before``: :func:`index_before_update` of the state it applied to).
+    In place when :func:`_updated_in_place` can, else rebuilt; its binding moves to the new state.
+    Without a cached index nothing is done (the runtime builds one when it needs it)."""
+    index_path, meta_path = cache_paths(memory_path)
+    if not (os.path.exists(index_path) or os.path.exists(meta_path)):
+        return {"index": "none", "reason": "no index cached beside the memory (the runtime builds one when needed)"}
+    if not hnswlib_available():
+        return {"index": "none", "reason": hnswlib_status()[1]}
+    with Memory(memory_path) as mem:
+        slots, keys = memory_keys(mem)
+        state = memory_state(mem, slots, keys)
+    index, how = _updated_in_place(memory_path, before, slots, keys, {int(c) for c in changed}), "updated"
+    if index is None:
+        index, how = _new_index(slots, keys, config), "rebuilt"
+    failed = save_cached_index(index, memory_path, slots, keys, state, config)
+    if failed is not None:
+        return {"index": "failed", "reason": f"{failed} (the runtime rebuilds it)"}
+    return {"index": how, "generation": state["memory_generation"]}
+
+
 class Retriever:
-    """Top-k by inner product over a memory's effective keys (HNSW or exact numpy)."""
+    """Top-k by inner product over a memory's effective keys (HNSW or exact numpy).
+
+    Exact search when asked (``force="exact"``), for memories below ``config.exact_below`` entries,
+    or when hnswlib is missing or crashes on this CPU. Otherwise HNSW over, in this order: the
+    export's index (``index_dir``) if it is bound to exactly this memory state; the index cached
+    beside the memory (``MEM.ekv.hnsw``) if bound to this state; else one built now and cached there
+    (``cache=False``: no cache, exact search). An index bound to another state is never used.
+    """
 
     def __init__(self, memory: Memory, index_dir: str | None = None, config: IndexConfig = IndexConfig(),
-                 force: str | None = None):
+                 force: str | None = None, cache: bool = True):
         self.slots, self.keys = memory_keys(memory)
         self.config = config
         self.index = None
         self.mode = "exact"
-        self.reason = "no index"
-        meta = read_index_meta(index_dir) if index_dir else None
-        if meta is not None:
-            if meta["keys_sha256"] != keys_digest(self.slots, self.keys):
-                raise MismatchError(
-                    f"the HNSW index in {index_dir} was built for another memory state; rebuild it: "
-                    f"edgekv export MODEL --out DIR --memory MEM.ekv (or run without the index)")
-            use = force == "hnsw" or (force is None and len(self.slots) >= config.exact_below)
-            if not use:
-                self.reason = f"{len(self.slots)} entries < {config.exact_below}: exact search is as fast"
-            elif not hnswlib_available():
-                self.reason = hnswlib_status()[1]
-            else:
-                self._load(os.path.join(index_dir, meta["file"]), meta)
-        if force == "hnsw" and self.index is None and meta is not None:
+        self.reason = self._exact_reason(force)
+        if self.reason is None:
+            self._open(memory, index_dir, cache)
+        if force == "hnsw" and self.index is None:
             self.reason = f"hnsw requested but unavailable ({self.reason})"
 
-    def _load(self, path: str, meta: dict) -> None:
-        import hnswlib
+    def _exact_reason(self, force: str | None) -> str | None:
+        """Why exact search is used without looking for an index, or None."""
+        n = len(self.slots)
+        if force == "exact":
+            return "exact search requested"
+        if n == 0:
+            return "the memory is empty"
+        if force is None and n < self.config.exact_below:
+            return f"{n} entries < {self.config.exact_below}: exact search is as fast"
+        if not hnswlib_available():
+            return hnswlib_status()[1]
+        return None
 
-        if not os.path.isfile(path):
-            raise InputError(f"{path} is missing: index.json names it; rebuild the index or delete index.json")
-        if file_sha256(path) != meta["file_sha256"]:
-            raise MismatchError(f"{path} does not match its index.json (hash differs); rebuild the index")
-        if meta["dim"] != self.keys.shape[1] or meta["num_items"] != len(self.slots):
-            raise MismatchError(f"{path}: index shape does not match the memory; rebuild the index")
-        check_index_file(path, self.slots, self.keys)  # hnswlib sees nothing this has not checked
-        index = hnswlib.Index(space="ip", dim=meta["dim"])
-        index.load_index(path, max_elements=max(meta["num_items"], 1))
+    def _open(self, memory: Memory, index_dir: str | None, cache: bool) -> None:
+        state = memory_state(memory, self.slots, self.keys)
+        meta = read_index_meta(index_dir) if index_dir else None
+        if meta is not None and bound_to(meta, state, legacy=True):  # the export's head start
+            path = os.path.join(index_dir, meta["file"])
+            self._use(_load_checked(path, meta, self.slots, self.keys), "the export's index matches the memory")
+            return
+        why = "the export's index is for another memory state (not used)" if meta is not None else "no index"
+        if not cache:
+            self.reason = why
+            return
+        index, how = cached_index(memory.path, self.slots, self.keys, state, self.config)
+        self._use(index, how if meta is None else f"{how}; {why}")
+
+    def _use(self, index, reason: str) -> None:
         self.index = index
         self.mode = "hnsw"
-        self.reason = "index matches memory"
+        self.reason = reason
         self._row_of = {int(s): i for i, s in enumerate(self.slots)}
 
     def __len__(self) -> int:

@@ -37,6 +37,8 @@ class ExportOptions(Config):
                                        "default).")
     key_pooling: str = "mean"  # mean | last (a memory's own pooling wins)
     force: bool = knob(False, "Replace a non-empty output folder that is not an edgekv export.")
+    sign: str | None = knob(None, "Private key file (`edgekv keys generate`): sign manifest.json "
+                                  "(manifest.json.sig) so that boards run it with --trust.")
     opset: int = DEFAULT_OPSET  # ONNX opset of both graphs
     check: bool = True  # compare the decoder with PyTorch at export time
 

@@ -44,6 +44,7 @@ from edgekv.export.onnx_export import (
 from edgekv.host.models import Backbone, load_backbone
 from edgekv.host.vlm import vlm_type
 from edgekv.manifest import MANIFEST_FILE, file_hashes, is_export_folder, write_manifest
+from edgekv.signing import key_id, load_private_key, sign_export
 
 # The export-time check holds the fp32 decoder to this, relative to the logits' scale
 # (the tests hold 1e-4 absolute on tiny models and SmolLM2).
@@ -189,6 +190,7 @@ def run_export(model: str, out_dir: str, opts: ExportOptions, progress: bool = T
     """Export ``model`` into ``out_dir`` with ``opts``; return a summary (sizes, checks, seconds)."""
     out_dir = os.path.abspath(out_dir)
     check_out_dir(out_dir, opts.force)
+    signer = load_private_key(opts.sign) if opts.sign else None  # a bad key fails before the export runs
     t0 = time.perf_counter()
     from edgekv.export import vlm  # vision-language models: their own graphs (export/vlm.py)
 
@@ -197,6 +199,10 @@ def run_export(model: str, out_dir: str, opts: ExportOptions, progress: bool = T
     staging = staging_dir(out_dir)
     try:
         summary = (vlm.export_vlm_into if is_vlm else _export_into)(model, staging, opts, stages)
+        if signer is not None:  # inside the staging folder: the export and its signature appear together
+            sig = sign_export(staging, signer)
+            summary["files"][os.path.basename(sig)] = os.path.getsize(sig)
+            summary["signed_by"] = key_id(signer.public_key())
         publish(staging, out_dir)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
@@ -212,8 +218,9 @@ def run_export(model: str, out_dir: str, opts: ExportOptions, progress: bool = T
 
 def export_model(model: str, out_dir: str, quantize_weights: str | None = None, memory: str | None = None,
                  key_layer: int | None = None, progress: bool = True, force: bool = False,
-                 graph: str = "fused") -> dict:
-    """Export MODEL (folder, .gguf or built-in name) into ``out_dir``; return the summary."""
+                 graph: str = "fused", sign: str | None = None) -> dict:
+    """Export MODEL (folder, .gguf or built-in name) into ``out_dir``; return the summary.
+    ``sign``: a private key file; the manifest is signed (``manifest.json.sig``, edgekv.signing)."""
     opts = ExportOptions(quantize_weights=quantize_weights, memory=memory, key_layer=key_layer, force=force,
-                         graph=graph)
+                         graph=graph, sign=sign)
     return run_export(model, out_dir, opts, progress)

@@ -3,7 +3,9 @@
 Per query (see ``docs/runtime.md``):
 1. retrieval key: ``key.onnx`` pools the prompt's hidden state at the key layer; the
    memory's key projection and unit normalisation are applied in numpy;
-2. top-k entries by inner product (HNSW when an index matches the memory, else exact);
+2. top-k entries by inner product: exact, or HNSW over the memory's own index (the export's
+   when it is bound to this memory state, else the one cached beside the memory, built on the
+   device when missing or stale: :class:`edgekv.index.Retriever`);
 3. alpha = softmax(sim / tau); entries laid out best-last, dequantised with sqrt(k*alpha)
    and the per-layer value gate folded into the scales, keys rotated to positions
    0..k*m-1 (:func:`edgekv.induction.assemble_memory_kv`);
@@ -44,6 +46,7 @@ from edgekv.runtime.decoder import (
 from edgekv.runtime.multimodal import EncodedImage, MultimodalModel
 from edgekv.runtime.sampling import SamplingConfig, next_token
 from edgekv.runtime.tokenizer import DeviceTokenizer
+from edgekv.signing import key_id, trusted_key, verify_export, verify_memory
 
 
 @dataclass(frozen=True)
@@ -136,6 +139,7 @@ class Runtime:
             os.path.join(artifacts, m["decoder"]["file"]), self.num_layers, int(m["num_kv_heads"]),
             int(m["head_dim"]), config.threads, session_options(config.threads, self._tables))
         self.key_session = None
+        self.trusted_key_id: str | None = None  # the key manifest and memory were checked against (load's trust)
         self.memory = memory
         self.retriever = None
         if memory is None:
@@ -154,22 +158,34 @@ class Runtime:
     # --- loading ------------------------------------------------------------------
     @classmethod
     def load(cls, artifacts: str, memory: str | None = None, k: int | None = None, threads: int | None = None,
-             retrieval: str | None = None, chat: bool = True, verify_hashes: bool = True) -> Runtime:
+             retrieval: str | None = None, chat: bool = True, verify_hashes: bool = True,
+             trust: str | bytes | None = None) -> Runtime:
         """Open exported ``artifacts`` (and a memory file) for generation.
 
         ``k``: entries retrieved per query; None: the k the memory was adapted with (4 when it
         does not record one). A k other than the memory's is refused (:class:`MismatchError`):
         its tau is calibrated for its own k.
+
+        ``trust``: a public key (PEM file path, PEM or raw bytes; None: the file named by
+        ``EDGEKV_TRUST``, if set). Then ``manifest.json`` and the memory must be signed by it
+        (``edgekv.signing``; :class:`SignatureError` otherwise) and every artifact's hash is checked.
         """
         config = RuntimeConfig(k=k, threads=threads, retrieval=retrieval, chat=chat, verify_hashes=verify_hashes)
         if not os.path.isdir(artifacts):
             raise InputError(f"{artifacts}: not a folder; pass the folder `edgekv export` wrote")
-        manifest = read_manifest(artifacts, verify_hashes=verify_hashes)
+        key = trusted_key(trust)
+        if key is not None:  # the signed manifest vouches for the artifacts through their hashes
+            verify_export(artifacts, key)
+        manifest = read_manifest(artifacts, verify_hashes=verify_hashes or key is not None)
         mem = Memory(memory) if memory else None
         # only an index the manifest lists (and so, with verify_hashes, one whose hash it records)
         index_dir = artifacts if mem is not None and manifest.get("index") else None
         try:
-            return cls(artifacts, manifest, config, mem, index_dir)
+            if key is not None and mem is not None:
+                verify_memory(mem, key)  # hashed through the descriptor the runtime then reads
+            rt = cls(artifacts, manifest, config, mem, index_dir)
+            rt.trusted_key_id = None if key is None else key_id(key)
+            return rt
         except BaseException:
             if mem is not None:
                 mem.close()

@@ -2,7 +2,7 @@
 kill the memory must open, pass ``verify()``, and equal the previous or the next committed
 state, byte for byte.
 
-Three parts, all seeded:
+Four parts, all seeded:
 
 * ``commit_update``: a child process commits updates to a ~4 MB memory in a loop (the state
   after generation g is a pure function of g) and logs each committed generation (fsync-ed).
@@ -29,14 +29,23 @@ Three parts, all seeded:
   must be a committed state (sha256) and ``read_anchors`` must return the anchors of its
   generation (``inconsistent_states`` counts the others). A control that commits in the old
   order (memory, then anchors file) must show inconsistent states.
+* ``apply``: ``edgekv memory apply`` (``edgekv.updates.apply_memory_update``: the update, then
+  the HNSW index cached beside the memory) of two updates to a ~4 MB memory whose index is
+  cached: one the index follows in place, one that makes it rebuild. Each trial restores OLD and
+  its index; half of the kills at each syscall boundary of an apply in turn (as ``anchors``, plus
+  ``pread``), half after a random delay. After each kill the memory must be OLD or NEW byte for
+  byte, a cached index whose binding names the memory's state must pass every check, and HNSW
+  search (rebuilding a stale index) must equal exact search; every fourth kill that left OLD is
+  retried and must give NEW.
 
 Children are forked from this process after it has imported torch and edgekv but before it
 runs any torch op, so each trial costs the adapt work, not the interpreter start. Results go
 to ``benchmarks/results/crash_harness.json``.
 
-    python scripts/crash_harness.py                          # full: 120 adapt + 240 commit + 240 anchors kills
+    python scripts/crash_harness.py                          # full: 120 adapt + 240 commit + 240 anchors + 400 apply kills
     python scripts/crash_harness.py --adapt-kills 10 --commit-kills 0 --anchor-kills 0 --out out/x.json  # quick
     python scripts/crash_harness.py --adapt-kills 0 --commit-kills 0 --merge   # the anchors part alone, merged
+    python scripts/crash_harness.py --adapt-kills 0 --commit-kills 0 --anchor-kills 0 --anchor-control-kills 0 --merge  # apply alone
 """
 
 from __future__ import annotations
@@ -456,8 +465,8 @@ def _anchors_for(g: int) -> list:
     return [(f"task-{g % 3}", Example(f"a{g}-{i}", f"prompt {g} {i} ☃", f"answer {g % 7}")) for i in range(2 + g % 3)]
 
 
-def _arm_kill(at: int) -> list[int]:
-    """From now on, count calls of the file-system functions in BOUNDARIES (and builtin open) and
+def _arm_kill(at: int, names: tuple[str, ...] = BOUNDARIES) -> list[int]:
+    """From now on, count calls of the file-system functions in ``names`` (and builtin open) and
     SIGKILL this process right before call number ``at`` (a kill at that syscall boundary)."""
     import builtins
 
@@ -474,7 +483,7 @@ def _arm_kill(at: int) -> list[int]:
 
         setattr(mod, name, boundary)
 
-    for name in BOUNDARIES:
+    for name in names:
         if hasattr(os, name):
             wrap(os, name)
     wrap(builtins, "open")
@@ -626,6 +635,195 @@ def run_anchors_part(work: str, kills: int, rng: random.Random, control: bool = 
     return out
 
 
+# ---------------------------------------------------------------------------------
+# part 4: edgekv memory apply (edgekv.updates.apply_memory_update: the update and the cached index)
+# ---------------------------------------------------------------------------------
+APPLY_BOUNDARIES = BOUNDARIES + ("pread", "preadv")  # the update and the memory are read with these
+
+
+def _apply_states(folder: str) -> dict:
+    """OLD (300 of ~450 slots of a 4 MB memory, its HNSW index cached beside it) and two updates:
+    ``inplace`` (40 slots written, same key projection: the index is updated in place) and
+    ``rebuild`` (30 written, 20 cleared, a new projection and calibration: the index is rebuilt)."""
+    import numpy as np
+
+    from edgekv.format import Calibration, Memory, commit_update, create_memory, write_update
+    from edgekv.index import Retriever, cache_paths
+    from edgekv.retrieval import fit_projection
+
+    spec, rng = _commit_spec(), np.random.default_rng(7)
+    old = os.path.join(folder, "old", "m.ekv")
+    os.makedirs(os.path.dirname(old))
+    create_memory(old, spec, 4 << 20).close()
+    commit_update(old, {s: _entry_for(spec, s) for s in range(300)}, projection=fit_projection(
+        rng.normal(size=(32, spec.key_dim)), 2), top_k=4)
+    with Memory(old) as m:
+        Retriever(m, force="hnsw")  # the index of OLD, cached beside it (m.ekv.hnsw + .json)
+    news = {"inplace": ({s: _entry_for(spec, 1000 + s) for s in range(280, 320)}, [], None, None),
+            "rebuild": ({s: _entry_for(spec, 2000 + s) for s in range(320, 350)}, list(range(0, 40, 2)),
+                        Calibration(0.07, (0.9,) * spec.num_layers), fit_projection(rng.normal(size=(32, 64)), 2))}
+    out = {"old": old, "old_sha": sha256_file(old), "old_index": [sha256_file(p) for p in cache_paths(old)]}
+    for name, (put, clear, cal, proj) in news.items():
+        new = os.path.join(folder, name, "m.ekv")
+        os.makedirs(os.path.dirname(new))
+        shutil.copy(old, new)
+        commit_update(new, put, clear=clear, calibration=cal, projection=proj)
+        upd = os.path.join(folder, f"{name}.ekvu")
+        out[name] = {"update": upd, "new_sha": sha256_file(new), **write_update(old, new, upd)}
+    return out
+
+
+def _apply_child(path: str, update: str, at: int, counter_file: str | None) -> int:
+    """A child: apply ``update`` to ``path`` (the CLI's library call), killed by itself at syscall
+    boundary ``at`` (0: never; the boundaries crossed go to ``counter_file``)."""
+    from edgekv.updates import apply_memory_update
+
+    count = _arm_kill(at, APPLY_BOUNDARIES) if at >= 0 else [0]
+    apply_memory_update(path, update)
+    crossed = count[0]  # before the open below, which is no boundary of the apply
+    if counter_file:
+        with open(counter_file, "w") as f:
+            f.write(str(crossed))
+    return 0
+
+
+def _restore_old(states: dict, trial: str) -> str:
+    """A fresh trial folder holding OLD and its cached index; returns the memory's path."""
+    from edgekv.index import cache_paths
+
+    shutil.rmtree(trial, ignore_errors=True)
+    os.makedirs(trial)
+    path = os.path.join(trial, "m.ekv")
+    for src, dst in zip([states["old"], *cache_paths(states["old"])], [path, *cache_paths(path)], strict=True):
+        shutil.copy(src, dst)
+    return path
+
+
+def _check_applied(path: str, states: dict, name: str, killed: set[int]) -> tuple[str, str]:
+    """After a kill: the memory is OLD or NEW byte for byte (verified); a cached index whose binding
+    names the memory's state passes every check; HNSW search (rebuilding a stale index) equals
+    exact search. Returns (memory outcome, index outcome)."""
+    import numpy as np
+
+    from edgekv.format import Memory
+    from edgekv.index import Retriever, load_cached_index, memory_keys, memory_state
+
+    digest = sha256_file(path)
+    outcome = "old" if digest == states["old_sha"] else "new" if digest == states[name]["new_sha"] else None
+    if outcome is None:
+        raise AssertionError("the memory is neither OLD nor NEW byte for byte")
+    with Memory(path) as mem:
+        mem.verify()
+        slots, keys = memory_keys(mem)
+        state = memory_state(mem, slots, keys)
+        index, why = load_cached_index(path, slots, keys, state)
+        bound = index is not None or "bound to another memory state" not in why and "no index" not in why
+        if index is None and bound:
+            raise AssertionError(f"the cached index names the memory's state but fails its checks: {why}")
+        ann, exact = Retriever(mem, force="hnsw"), Retriever(mem, force="exact")
+        q = np.random.default_rng(len(slots)).normal(size=(4, keys.shape[1])).astype(np.float32)
+        for row in q / np.linalg.norm(q, axis=1, keepdims=True):
+            if ann.mode != "hnsw" or ann.search(row, 4)[0].tolist() != exact.search(row, 4)[0].tolist():
+                raise AssertionError(f"HNSW after the kill differs from exact search ({ann.reason})")
+    stale = [n for n in os.listdir(os.path.dirname(path)) if ".tmp-" in n]
+    if any(int(n.split("tmp-")[1].split("-")[0]) not in killed for n in stale):
+        raise AssertionError(f"temporary files of a live writer {sorted(stale)}")
+    return outcome, "bound to the memory's state" if index is not None else "stale or missing: rebuilt"
+
+
+def _apply_trial(states: dict, trial: str, name: str, mode: str, at: int, delay: float, apply_s: float) -> int | None:
+    """Restore OLD, run one apply of update ``name`` in a child and kill it (at syscall boundary
+    ``at`` or after ``delay`` s). Returns the killed child's pid, or None when it finished first."""
+    path = _restore_old(states, trial)
+    upd = states[name]["update"]
+    if mode == "syscall-boundary":
+        pid = fork_child(_apply_child, path, upd, at, None)
+        return pid if wait_child(pid, 60) == -signal.SIGKILL else None
+    pid = fork_child(_apply_child, path, upd, -1, None)
+    return pid if kill_at(pid, trial, "m.ekv", "random", delay, give_up=10 * apply_s + 30) else None
+
+
+def _apply_boundaries(states: dict, work: str) -> tuple[dict, float]:
+    """Boundaries each apply crosses and its time (unkilled runs; the result checked)."""
+    trial, counts, took = os.path.join(work, "apply-count"), {}, []
+    for name in ("inplace", "rebuild"):
+        path = _restore_old(states, trial)
+        counter = os.path.join(work, f"apply-{name}.txt")
+        t = time.monotonic()
+        if wait_child(fork_child(_apply_child, path, states[name]["update"], 0, counter), 120) != 0 \
+                or sha256_file(path) != states[name]["new_sha"]:
+            raise RuntimeError(f"an unkilled apply of {name} failed")
+        took.append(time.monotonic() - t)
+        counts[name] = int(open(counter).read())
+    return counts, max(took)
+
+
+def _after_apply_kill(path: str, states: dict, name: str, killed: set[int], out: dict) -> None:
+    """Check the state a kill left and count it; every fourth kill that left OLD is retried to the
+    end and must give NEW."""
+    outcome, index = _check_applied(path, states, name, killed)
+    out["outcomes"][outcome] += 1
+    out["index_after_kill"][index] += 1
+    if outcome == "old" and out["kills"] % 4 == 0:
+        out["retries"] += 1
+        code = wait_child(fork_child(_apply_child, path, states[name]["update"], -1, None), 120)
+        if code != 0 or sha256_file(path) != states[name]["new_sha"]:
+            raise AssertionError(f"retry after the kill: exit {code}, memory is not NEW")
+        out["retries_reached_new"] += 1
+
+
+def run_apply_part(work: str, kills: int, rng: random.Random) -> dict:
+    """Kill ``edgekv memory apply`` (the library call, with the cached index following) half at each
+    syscall boundary in turn, half after a random delay; after each kill the memory must be OLD or
+    NEW byte for byte and a cached index must be trusted only when it is right. Every fourth kill
+    that left OLD is retried to completion and must give NEW."""
+    import edgekv.index
+
+    edgekv.index.hnswlib_status()  # probed once here, before the children fork
+    folder = os.path.join(work, "apply")
+    os.makedirs(folder)
+    states = _apply_states(folder)
+    boundaries, apply_s = _apply_boundaries(states, work)
+    out = {"kills": 0, "child_exited_first": 0, "child_exited_first_by_mode": {"syscall-boundary": 0, "random": 0},
+           "boundaries_per_apply": boundaries, "apply_seconds": round(apply_s, 4),
+           "updates": {n: {k: states[n][k] for k in ("slots_written", "slots_zeroed", "update_bytes", "file_bytes")}
+                       for n in boundaries},
+           "kill_modes": {"syscall-boundary": 0, "random": 0}, "outcomes": {"old": 0, "new": 0},
+           "index_after_kill": {"bound to the memory's state": 0, "stale or missing: rebuilt": 0},
+           "landed_mid_write": 0, "inconsistent_states": 0, "retries": 0, "retries_reached_new": 0, "failures": []}
+    sweeps, hit = {n: [] for n in boundaries}, {n: set() for n in boundaries}
+    killed: set[int] = set()
+    t0, trial = time.monotonic(), os.path.join(folder, "trial")
+    while out["kills"] < kills:
+        name = ("inplace", "rebuild")[out["kills"] // 2 % 2]
+        mode = "syscall-boundary" if out["kills"] % 2 == 0 else "random"
+        if mode == "syscall-boundary" and not sweeps[name]:
+            sweeps[name] = list(range(1, boundaries[name] + 1))
+            rng.shuffle(sweeps[name])
+        at = sweeps[name].pop() if mode == "syscall-boundary" else 0
+        delay = rng.uniform(0, 1.2 * apply_s)
+        pid = _apply_trial(states, trial, name, mode, at, delay, apply_s)
+        if pid is None:  # the apply finished first (a random delay past its end, or fewer calls this time)
+            out["child_exited_first"] += 1
+            out["child_exited_first_by_mode"][mode] += 1
+            continue
+        killed.add(pid)
+        out["kills"] += 1
+        out["kill_modes"][mode] += 1
+        out["landed_mid_write"] += os.path.exists(os.path.join(trial, f".m.ekv.tmp-{pid}"))
+        hit[name] |= {at} if at else set()
+        where = f"kill {out['kills']} ({name}, {mode}, {f'boundary {at}' if at else f'{delay * 1000:.1f} ms'})"
+        try:
+            _after_apply_kill(os.path.join(trial, "m.ekv"), states, name, killed, out)
+        except Exception as e:  # noqa: BLE001 - every failure is reported
+            out["inconsistent_states"] += "neither OLD nor NEW" in str(e) or "fails its checks" in str(e)
+            out["failures"].append(f"{where}: {type(e).__name__}: {e}")
+    out["boundaries_hit"] = {n: len(hit[n]) for n in boundaries}
+    out["every_boundary_hit"] = all(hit[n] >= set(range(1, boundaries[n] + 1)) for n in boundaries)
+    out["seconds"] = round(time.monotonic() - t0, 1)
+    return out
+
+
 def tiny_model(work: str) -> str:
     """The tiny Llama of the tests (random weights, trained tokenizer), built in a child."""
     cache = os.path.join(ROOT, ".cache", "edgekv", "crash-harness", "llama")
@@ -647,6 +845,9 @@ def main() -> None:
     p.add_argument("--anchor-control-kills", type=int, default=40,
                    help="the same kills of a control that commits in the old order (memory, then anchors file): "
                         "it must show inconsistent states, or the check has no teeth")
+    p.add_argument("--apply-kills", type=int, default=400,
+                   help="kills of `edgekv memory apply` of two updates (half at each syscall boundary of an apply in "
+                        "turn, half after a random delay; 400 reach every boundary of both)")
     p.add_argument("--merge", action="store_true",
                    help="keep the parts of --out that this run does not redo (totals are recomputed)")
     p.add_argument("--seed", type=int, default=0)
@@ -661,6 +862,7 @@ def main() -> None:
     # imported here, before any fork; no torch op runs in this process (OpenMP and fork do not mix)
     import edgekv.format  # noqa: F401
     import edgekv.induce.anchors  # noqa: F401
+    import edgekv.updates  # noqa: F401
 
     if args.adapt_kills:
         import torch  # noqa: F401
@@ -704,6 +906,11 @@ def main() -> None:
                     report["anchors"]["failures"].append(
                         "the control (memory committed before the anchors file) showed no inconsistent state: "
                         "the check cannot tell the two orders apart")
+        if args.apply_kills:
+            print(f"[crash] memory apply: {args.apply_kills} kills ...", flush=True)
+            report["apply"] = run_apply_part(work, args.apply_kills, random.Random(f"{args.seed}-apply"))
+            report["apply"].update(seed=args.seed, command=report["command"])
+            print(f"[crash] apply: {json.dumps(report['apply'])[:600]}", flush=True)
     finally:
         if not args.work:
             shutil.rmtree(work, ignore_errors=True)
@@ -711,11 +918,11 @@ def main() -> None:
     if args.merge and os.path.exists(args.out):  # earlier parts stay, with their own command and totals
         with open(args.out) as f:
             merged = json.load(f)
-        for key in ("commit_update", "adapt", "anchors", "anchors_control"):
+        for key in ("commit_update", "adapt", "anchors", "anchors_control", "apply"):
             if key in report:
                 merged[key] = report[key]
         report = merged
-    parts = [report[k] for k in ("commit_update", "adapt", "anchors") if k in report]
+    parts = [report[k] for k in ("commit_update", "adapt", "anchors", "apply") if k in report]
     report["total_kills"] = sum(p["kills"] for p in parts)
     report["total_failures"] = sum(len(p["failures"]) for p in parts)
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)

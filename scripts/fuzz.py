@@ -13,7 +13,10 @@ Targets (each feeds a file to edgekv the way a user's command would):
                 does), sometimes ``index.json`` mutated too; then searches;
 * ``tokenizer`` ``DeviceTokenizer.load`` of a mutated ``tokenizer.json`` (and a mutated chat
                 template), then encode / decode / chat encode;
-* ``data``      ``read_examples`` over generated and mutated ``.json`` / ``.jsonl`` task files.
+* ``data``      ``read_examples`` over generated and mutated ``.json`` / ``.jsonl`` task files;
+* ``update``    ``read_update`` + ``apply_update`` (``edgekv memory apply``) of a mutated memory
+                update to a fresh copy of its base; the memory must stay the base or become the
+                update's result, byte for byte.
 
 A case passes when the call returns or raises an ``EdgeKVError`` subclass. A *finding* is:
 another exception (with the frame it came from), a case slower than ``--case-seconds`` (hang),
@@ -55,8 +58,9 @@ import numpy as np
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RESULTS = os.path.join(ROOT, "benchmarks", "results")
 FINDINGS_DIR = os.path.join(RESULTS, "fuzz-findings")
-TARGETS = ("memory", "manifest", "index", "tokenizer", "data")
-FULL_CASES = {"memory": 4000, "manifest": 1500, "index": 2000, "tokenizer": 1000, "data": 3000}  # 11,500
+TARGETS = ("memory", "manifest", "index", "tokenizer", "data", "update")
+FULL_CASES = {"memory": 4000, "manifest": 1500, "index": 2000, "tokenizer": 1000, "data": 3000,
+              "update": 10000}  # 21,500
 
 INTERESTING = [0, 1, 2, 3, 7, 8, 15, 16, 31, 63, 64, 65, 127, 128, 255, 256, 1023, 4096, 0x7FFF, 0xFFFF,
                0x10000, 0x7FFFFFFF, 0x80000000, 0xFFFFFFFF, 1 << 32, (1 << 63) - 1, 1 << 63, (1 << 64) - 1]
@@ -604,7 +608,118 @@ class DataTarget(Target):
         return "accepted"
 
 
-TARGET_CLASSES = {c.name: c for c in (MemoryTarget, ManifestTarget, IndexTarget, TokenizerTarget, DataTarget)}
+class UpdateTarget(Target):
+    """Memory updates (``.ekvu``, ``edgekv memory apply``): valid updates mutated in bytes, in the
+    fixed part's fields, in the embedded memory header's fields, in the slot lists and the table
+    (each with its checksums made valid again or not, so the deeper checks are reached), applied
+    to a fresh copy of their base. Besides edgekv errors only, the memory afterwards must be the
+    base or the update's result byte for byte (anything else is a finding)."""
+
+    name = "update"
+    fields = {"version": (8, "<I"), "flags": (12, "<I"), "base_generation": (48, "<Q"), "new_generation": (56, "<Q"),
+              "base_header_crc32": (64, "<I"), "new_header_crc32": (68, "<I"), "file_bytes": (72, "<Q"),
+              "header_bytes": (80, "<I"), "num_slots": (84, "<I"), "slot_bytes": (88, "<I"),
+              "num_written": (92, "<I"), "num_zeroed": (96, "<I"), "body_crc32": (132, "<I")}
+
+    def setup(self) -> None:
+        from edgekv.format import (
+            Calibration,
+            Entry,
+            MemorySpec,
+            commit_update,
+            create_memory,
+            write_update,
+        )
+        from edgekv.retrieval import fit_projection
+        from edgekv.rope import RopeSpec
+
+        rng = np.random.default_rng(9)
+        specs = [MemorySpec(2, 2, 8, 4, 16, "5a" * 32, "int8", RopeSpec((1.0, 0.25), 1.0), proj_max_dirs=2),
+                 MemorySpec(1, 1, 4, 2, 8, "6b" * 32, "fp16", None, proj_max_dirs=0, key_pooling="last")]
+        self.seeds, self.bases, self.news, self.results = [], [], [], []
+        for i, spec in enumerate(specs):
+            old, new = (os.path.join(self.work, f"{n}{i}.ekv") for n in ("old", "new"))
+            for p in (old, new):
+                if os.path.exists(p):
+                    os.remove(p)
+            create_memory(old, spec, spec.file_bytes_for(6)).close()
+            shape = spec.payload_shape
+
+            def entry(task: str, spec=spec, shape=shape):
+                return Entry.from_float(rng.normal(size=spec.key_dim), rng.normal(size=shape),
+                                        rng.normal(size=shape), spec.payload_dtype, task, "src")
+            commit_update(old, {s: entry("a") for s in (0, 1, 3)}, top_k=2)
+            shutil.copy(old, new)
+            proj = fit_projection(rng.normal(size=(6, spec.key_dim)), spec.proj_max_dirs) if spec.proj_max_dirs else None
+            commit_update(new, {s: entry("b") for s in (1, 4)}, clear=[0], projection=proj,
+                          calibration=Calibration(0.3, (0.8,) * spec.num_layers))
+            upd = os.path.join(self.work, f"u{i}.ekvu")
+            write_update(old, new, upd)
+            self.seeds.append(open(upd, "rb").read())
+            self.bases.append(open(old, "rb").read())
+            self.news.append(open(new, "rb").read())
+            self.results.append(hashlib.sha256(self.news[-1]).hexdigest())
+        self.mem_fields = _header_fields()
+
+    def seed_files(self) -> list[bytes]:
+        return self.seeds
+
+    def strategy(self):
+        st = _st()
+        field = st.tuples(st.just("field"), st.sampled_from(sorted(self.fields)),
+                          st.one_of(st.sampled_from(INTERESTING), st.integers(-3, 3)))
+        header = st.tuples(st.just("header"), st.sampled_from(sorted(self.mem_fields)),
+                           st.one_of(st.sampled_from(INTERESTING), st.integers(-3, 3)))
+        tail = st.tuples(st.just("tail"), st.integers(0, 4096), st.integers(0, 3), st.sampled_from(INTERESTING))
+        return st.tuples(st.integers(0, len(self.seeds) - 1), st.lists(st.one_of(field, header, tail), max_size=3),
+                         st.one_of(st.just([]), byte_ops(20_000)), st.booleans(), st.booleans(),
+                         st.sampled_from([0, 0, 0, 1, 2]))  # applied to: its base, its result, another memory
+
+    def build(self, case) -> bytes:
+        seed, structured, raw_ops, recrc_header, recrc_body, _ = case
+        b = bytearray(self.seeds[seed])
+        hb = struct.unpack_from("<I", b, 80)[0]
+        for op in structured:
+            if op[0] == "tail":  # a u32 in the table / slot lists / slot bytes (after the header)
+                p = 140 + hb + 4 * op[1] + op[2]
+                if p + 4 <= len(b):
+                    struct.pack_into("<I", b, p, op[3] % (1 << 32))
+                continue
+            off, fmt = self.fields[op[1]] if op[0] == "field" else self.mem_fields[op[1]]
+            off += 0 if op[0] == "field" else 140
+            old = struct.unpack_from(fmt, b, off)[0]
+            if fmt == "<f":
+                struct.pack_into("<f", b, off, float(np.float32(old + op[2] if -3 <= op[2] <= 3 else 0.5)))
+            else:
+                b[off: off + struct.calcsize(fmt)] = pack_int(fmt, old + op[2] if -3 <= op[2] <= 3 else op[2])
+        if recrc_header and 140 + hb <= len(b) and hb > 160:
+            struct.pack_into("<I", b, 140 + hb - 4, zlib.crc32(bytes(b[140: 140 + hb - 4])))
+        if recrc_body:
+            struct.pack_into("<I", b, 132, zlib.crc32(bytes(b[140:])))
+        struct.pack_into("<I", b, 136, zlib.crc32(bytes(b[:136])))
+        return apply_byte_ops(bytes(b), raw_ops) if raw_ops else bytes(b)
+
+    def encode_case(self, case) -> bytes:
+        return self.build(case) if isinstance(case, tuple) else case
+
+    def run(self, case) -> str:
+        from edgekv.format import apply_update, read_update
+
+        data = self.build(case) if isinstance(case, tuple) else case
+        seed, onto = (case[0], case[5]) if isinstance(case, tuple) else (0, 0)
+        base = (self.bases[seed], self.news[seed], self.bases[1 - seed])[onto]
+        path, mem = self.write("case.ekvu", data), self.write("m.ekv", base)
+        allowed = {hashlib.sha256(base).hexdigest()} | ({self.results[seed]} if onto == 0 else set())
+        try:
+            read_update(path)
+            res = apply_update(mem, path)
+        finally:
+            if hashlib.sha256(open(mem, "rb").read()).hexdigest() not in allowed:
+                raise AssertionError("after apply the memory is neither what it was nor the update's result")
+        return "accepted" if res["applied"] else "no-op"
+
+
+TARGET_CLASSES = {c.name: c for c in (MemoryTarget, ManifestTarget, IndexTarget, TokenizerTarget, DataTarget, UpdateTarget)}
 
 
 # ---------------------------------------------------------------------------------
@@ -794,6 +909,7 @@ def worker(args) -> None:
             import edgekv.commands.inspect  # noqa: F401
             import edgekv.data  # noqa: F401
             import edgekv.format  # noqa: F401
+            import edgekv.format.update  # noqa: F401
             import edgekv.index  # noqa: F401
             import edgekv.manifest  # noqa: F401
             import edgekv.runtime  # noqa: F401

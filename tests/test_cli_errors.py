@@ -53,10 +53,12 @@ def test_readme_documents_the_error_classes():
         InputError,
         MismatchError,
         MissingDependencyError,
+        SignatureError,
     )
 
     codes = documented_codes()
-    for cls in (EdgeKVError, InputError, CorruptFileError, MismatchError, BudgetError, MissingDependencyError):
+    for cls in (EdgeKVError, InputError, CorruptFileError, MismatchError, BudgetError, MissingDependencyError,
+                SignatureError):
         assert cls.exit_code in codes, cls
 
 

@@ -24,7 +24,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 def test_sigkill_during_adapt_leaves_old_or_new_state(tmp_path):
     out = tmp_path / "crash.json"
     cmd = [sys.executable, os.path.join(ROOT, "scripts", "crash_harness.py"), "--adapt-kills", "10",
-           "--commit-kills", "0", "--anchor-kills", "0", "--anchor-control-kills", "0", "--tasks", "2", "--seed", "1",
+           "--commit-kills", "0", "--anchor-kills", "0", "--anchor-control-kills", "0", "--apply-kills", "0", "--tasks", "2",
+           "--seed", "1",
            "--out", str(out), "--work", str(tmp_path / "w")]
     res = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert out.exists(), res.stderr[-3000:]

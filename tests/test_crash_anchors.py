@@ -38,7 +38,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 def test_sigkill_during_anchors_and_memory_commit_is_never_observed(tmp_path):
     out = tmp_path / "crash.json"
     cmd = [sys.executable, os.path.join(ROOT, "scripts", "crash_harness.py"), "--adapt-kills", "0",
-           "--commit-kills", "0", "--anchor-kills", "10", "--anchor-control-kills", "30", "--seed", "3",
+           "--commit-kills", "0", "--anchor-kills", "10", "--anchor-control-kills", "30", "--apply-kills", "0", "--seed", "3",
            "--out", str(out), "--work", str(tmp_path / "w")]
     res = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert out.exists(), res.stderr[-3000:]

@@ -28,7 +28,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "scripts"))
 import fuzz  # noqa: E402
 
-QUICK = {"memory": 300, "index": 200, "data": 300, "manifest": 80, "tokenizer": 150}
+QUICK = {"memory": 300, "index": 200, "data": 300, "manifest": 80, "tokenizer": 150, "update": 300}
 
 
 @pytest.mark.parametrize("target", sorted(QUICK))
@@ -43,6 +43,52 @@ def test_fuzz_quick(target, exported, tmp_path):
     assert refused > 0 and accepted > 0, outcomes  # the cases reach both sides of the checks
     if target == "index":
         assert outcomes.get("hnsw", 0) > 0, outcomes  # some hostile files passed the checks into hnswlib
+    if target == "update":  # damaged updates, other bases and valid ones (applied, or a no-op) all occur
+        for kind in ("accepted", "no-op", "refused: CorruptFileError", "refused: MismatchError"):
+            assert outcomes.get(kind, 0) > 0, outcomes
+
+
+# --- memory updates: checksums alone forge nothing -------------------------------------
+def test_update_with_every_checksum_recomputed_is_refused_by_the_result_hash(tmp_path):
+    """A written slot changed in an update and every CRC32 made valid again (slot row, table,
+    embedded header, fixed part, body): the update parses, but the result's sha256 is not the
+    one it promises, so nothing is published. And a size field pointing far past the file is
+    refused before anything is sized by it."""
+    import hashlib
+    import shutil
+
+    from edgekv.format import apply_update, write_update
+
+    spec = MemorySpec(1, 1, 4, 2, 8, "6b" * 32, "fp16", None, proj_max_dirs=0)
+    old, new, upd = str(tmp_path / "old.ekv"), str(tmp_path / "new.ekv"), str(tmp_path / "u.ekvu")
+    create_memory(old, spec, spec.file_bytes_for(4)).close()
+    rng = np.random.default_rng(2)
+    zeros = np.zeros(spec.payload_shape, np.float16)
+    commit_update(old, {0: Entry(rng.normal(size=8), zeros, zeros, task="t")})
+    shutil.copy(old, new)
+    commit_update(new, {1: Entry(rng.normal(size=8), zeros, zeros, task="t")})
+    write_update(old, new, upd)
+    b = bytearray(open(upd, "rb").read())
+    hb, n, sb = struct.unpack_from("<III", b, 80)
+    b[-sb] ^= 0x01  # the written slot's first key byte
+    row = 140 + hb + 64 * 1  # slot 1's table row
+    struct.pack_into("<II", b, row + 4, zlib.crc32(bytes(b[-sb:])), zlib.crc32(bytes(b[-sb: len(b) - sb + 32])))
+    struct.pack_into("<I", b, 140 + 148, zlib.crc32(bytes(b[140 + hb: 140 + hb + 64 * n])))
+    struct.pack_into("<I", b, 140 + hb - 4, zlib.crc32(bytes(b[140: 140 + hb - 4])))
+    struct.pack_into("<I", b, 68, struct.unpack_from("<I", b, 140 + hb - 4)[0])
+    struct.pack_into("<I", b, 132, zlib.crc32(bytes(b[140:])))
+    struct.pack_into("<I", b, 136, zlib.crc32(bytes(b[:136])))
+    open(upd, "wb").write(bytes(b))
+    before = hashlib.sha256(open(old, "rb").read()).hexdigest()
+    with pytest.raises(MismatchError, match=r"sha256 differs"):
+        apply_update(old, upd)
+    assert hashlib.sha256(open(old, "rb").read()).hexdigest() == before
+    struct.pack_into("<I", b, 84, 0xFFFFFFFF)  # num_slots: 2^32 - 1 slots of a tiny file
+    struct.pack_into("<Q", b, 72, hb + 0xFFFFFFFF * (64 + sb))  # file_bytes to match
+    struct.pack_into("<I", b, 136, zlib.crc32(bytes(b[:136])))
+    open(upd, "wb").write(bytes(b))
+    with pytest.raises(CorruptFileError, match=r"\(truncated\)"):
+        apply_update(old, upd)
 
 
 # --- the HNSW index: hnswlib never sees a file edgekv has not checked -----------------

@@ -13,7 +13,8 @@ import sys
 from textwrap import dedent
 
 CORE = ["edgekv", "edgekv.errors", "edgekv.units", "edgekv.format", "edgekv.quant", "edgekv.rope",
-        "edgekv.retrieval", "edgekv.modelshape", "edgekv.budget", "edgekv.cli"]
+        "edgekv.retrieval", "edgekv.modelshape", "edgekv.budget", "edgekv.cli", "edgekv.format.update",
+        "edgekv.index", "edgekv.updates", "edgekv.commands.memory"]
 FORBIDDEN = ["torch", "transformers", "optimum"]
 
 SCRIPT = dedent('''

@@ -2,11 +2,12 @@
 
 Through ``edgekv run`` (CliRunner): a memory for another model (fingerprint), a memory of
 other shapes / key layer / RoPE than the model, an artifact whose sha256 differs from the
-manifest (each hashed file), an index built for another memory or for an earlier state of
-the same memory (an adapt since the export). An index the manifest does not list is not
-used at all. Library-level versions of the first and the index case live in
+manifest (each hashed file). An index built for another memory or for an earlier state of
+the same memory (an adapt since the export) is not refused but never used: the runtime builds
+the memory's own index beside it. An index the manifest does not list is not used at all.
+Library-level versions of the first and the index case live in
 tests/test_runtime.py (``test_memory_for_another_model_is_refused``,
-``test_index_for_another_memory_is_refused``); the manifest hash case in
+``test_index_for_another_memory_is_never_used``); the manifest hash case in
 tests/test_export.py (``test_flipped_byte_and_missing_file_are_refused``); export-time
 refusal of a foreign memory in tests/test_export.py too. And a ``-k`` other than the k the
 memory's tau was calibrated for (the memory records it), and the default k that follows it.
@@ -177,19 +178,29 @@ def _add_index(art: str, memory: str) -> None:
 
 
 def test_index_for_another_memory_or_an_older_state(art, tmp_path):
-    from edgekv.index import build_index
+    """The export's index is a head start for the memory state it was built for, never a
+    requirement: another memory or a later state of the same one runs (exact search below
+    exact_below entries, --retrieval exact always), and with --retrieval hnsw gets an index
+    built on the device beside the memory; the export's stale index is not used."""
+    from edgekv.index import build_index, cache_paths
 
     mem_a = memory_for(art, str(tmp_path / "a.ekv"))
     mem_b = memory_for(art, str(tmp_path / "b.ekv"))
     _add_index(art, mem_a)
     res = run(art, mem_a, "--json", "--retrieval", "hnsw")
     assert res.exit_code == 0, res.output
-    assert json.loads(res.stdout)["retrieval_mode"] == "hnsw"
-    assert_refused(run(art, mem_b), 5, "was built for another memory state; rebuild it",
-                   "edgekv export MODEL --out DIR --memory MEM.ekv")
-    # the same memory, adapted after the export: its index is stale
+    out = json.loads(res.stdout)
+    assert out["retrieval_mode"] == "hnsw" and out["retrieval_reason"] == "the export's index matches the memory"
+    for mode, extra in (("exact", ()), ("exact", ("--retrieval", "exact")), ("hnsw", ("--retrieval", "hnsw"))):
+        res = run(art, mem_b, "--json", *extra)
+        assert res.exit_code == 0, res.output
+        assert json.loads(res.stdout)["retrieval_mode"] == mode
+    assert "another memory state (not used)" in json.loads(res.stdout)["retrieval_reason"]
+    assert all(os.path.isfile(p) for p in cache_paths(mem_b))  # built on the device, cached beside it
+    # the same memory, adapted after the export: the export's index is stale, not trusted, not needed
     commit_update(mem_a, clear=[0])
-    assert_refused(run(art, mem_a), 5, "was built for another memory state")
+    for extra in ((), ("--retrieval", "exact"), ("--retrieval", "hnsw")):
+        assert run(art, mem_a, "--json", *extra).exit_code == 0
     # an index.hnsw swapped for another one: the manifest's hash refuses it before anything parses it
     build_index(mem_b, str(tmp_path / "idx-b"))
     shutil.copy(os.path.join(tmp_path, "idx-b", "index.hnsw"), os.path.join(art, "index.hnsw"))

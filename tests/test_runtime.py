@@ -211,9 +211,11 @@ def test_hnsw_recall_against_brute_force(tmp_path):
     assert recall >= 0.95, recall
 
 
-def test_index_for_another_memory_is_refused(tmp_path):
+def test_index_for_another_memory_is_never_used(tmp_path):
+    """An index bound to another memory (or state) is bypassed: exact search without the cache,
+    and with it an index of this memory built and cached beside it; the foreign one is untouched."""
     from edgekv.format import Memory
-    from edgekv.index import Retriever, build_index
+    from edgekv.index import Retriever, build_index, cache_paths
 
     spec = MemorySpec(1, 1, 8, 1, 16, "ab" * 32, "fp16", None)
     zeros = np.zeros((1, 1, 1, 8), np.float16)
@@ -222,9 +224,18 @@ def test_index_for_another_memory_is_refused(tmp_path):
         create_memory(str(tmp_path / f"{name}.ekv"), spec, spec.file_bytes_for(4)).close()
         commit_update(str(tmp_path / f"{name}.ekv"),
                       {i: Entry(rng.normal(size=16), zeros, zeros, task="t") for i in range(4)})
-    build_index(str(tmp_path / "a.ekv"), str(tmp_path / "idx"))
-    with Memory(str(tmp_path / "b.ekv")) as mem, pytest.raises(MismatchError, match="another memory"):
-        Retriever(mem, str(tmp_path / "idx"))
+    meta = build_index(str(tmp_path / "a.ekv"), str(tmp_path / "idx"))
+    with Memory(str(tmp_path / "b.ekv")) as mem:
+        r = Retriever(mem, str(tmp_path / "idx"), force="hnsw", cache=False)
+        assert r.mode == "exact" and "another memory state (not used)" in r.reason
+        assert not os.path.exists(cache_paths(mem.path)[0])
+        r = Retriever(mem, str(tmp_path / "idx"), force="hnsw")
+        assert r.mode == "hnsw" and r.reason.startswith("built on the device") and "cached beside" in r.reason
+        assert Retriever(mem, str(tmp_path / "idx"), force="hnsw").reason.startswith("the cached index matches the memory")
+        q = rng.normal(size=16).astype(np.float32)
+        assert r.search(q / np.linalg.norm(q), 4)[0].tolist() == \
+            Retriever(mem, force="exact").search(q / np.linalg.norm(q), 4)[0].tolist()
+    assert json.load(open(tmp_path / "idx" / "index.json")) == meta
 
 
 # --- boundaries and errors ------------------------------------------------------

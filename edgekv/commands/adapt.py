@@ -36,6 +36,8 @@ def _human(d: dict) -> str:
         ("time", f"{d['seconds']} s"),
     ]
     rows += [(f"entries of {t}", n) for t, n in d["per_task_counts"].items()]
+    if d.get("signature"):
+        rows.append(("signed", f"{d['signature']['path']} (key {d['signature']['key_id']})"))
     return table(rows)
 
 
@@ -56,6 +58,8 @@ def adapt_cmd(
     top_k: int = field_option(AdaptConfig, "top_k", "-k", "--top-k"),
     seed: int = field_option(AdaptConfig, "seed", "--seed"),
     threads: int = typer.Option(None, "--threads", help="PyTorch threads (default: PyTorch decides)."),
+    sign: str = typer.Option(None, "--sign", help="Private key file (`edgekv keys generate`): sign the memory after "
+                                                  "its commit (MEM.ekv.sig) so that boards use it with --trust."),
     no_progress: bool = typer.Option(False, "--no-progress", help="Hide progress bars."),
     json_out: bool = typer.Option(False, "--json", help="Print JSON."),
 ) -> None:
@@ -73,6 +77,11 @@ def adapt_cmd(
         import torch
 
         torch.set_num_threads(threads)
+    signer = None
+    if sign:  # a bad key fails before the adaptation runs
+        from edgekv.signing import load_private_key
+
+        signer = load_private_key(sign)
     task = task or default_task_name(data)
     if not task:  # e.g. data/train.json: every task would be "train" and replace the previous one's anchors
         raise InputError(f"{data}: the file's name and its folder's are generic (train, test, data, ...), so they "
@@ -80,4 +89,9 @@ def adapt_cmd(
     backbone = load_backbone(model)  # vision-language folders come with their image path (backbone.vision)
     summary = adapt(backbone, examples, memory, budget_bytes, task, cfg, progress=not no_progress,
                     image_root=os.path.dirname(os.path.abspath(data)))
+    if signer is not None:  # after the commit: a crash in between leaves a stale signature, refused under --trust
+        from edgekv.signing import key_id, sign_memory
+
+        summary["signature"] = {"path": sign_memory(memory, signer, expect_generation=summary["generation"]),
+                                "key_id": key_id(signer.public_key())}
     emit(summary, json_out, _human)

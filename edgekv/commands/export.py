@@ -33,6 +33,8 @@ def _human(d: dict) -> str:
     if d["index"]:
         rows.append(("HNSW index", f"{d['index']['num_items']} entries, dim {d['index']['dim']}"))
     rows += [(f"  {name}", format_size(size)) for name, size in d["files"].items()]
+    if d.get("signed_by"):
+        rows.append(("signed", f"manifest.json.sig, key {d['signed_by']}"))
     rows.append(("total", f"{format_size(d['total_bytes'])} in {d['seconds']['total']:.1f} s"))
     return table(rows)
 
@@ -46,11 +48,13 @@ def export_cmd(
     key_layer: int = field_option(ExportOptions, "key_layer", "--key-layer"),
     force: bool = field_option(ExportOptions, "force", "--force"),
     graph: str = field_option(ExportOptions, "graph", "--graph"),
+    sign: str = field_option(ExportOptions, "sign", "--sign"),
     json_out: bool = typer.Option(False, "--json", help="Print JSON."),
 ) -> None:
     """Export a decoder for the device runtime: ONNX with past, key graph, tokenizer, manifest."""
     from edgekv.export.pipeline import export_model
 
     summary = export_model(model, out, quantize_weights=quantize_weights, memory=memory, key_layer=key_layer,
-                           progress=sys.stderr.isatty() and not json_out, force=force, graph=graph)
+                           progress=sys.stderr.isatty() and not json_out, force=force, graph=graph,
+                           sign=sign)
     emit(summary, json_out, _human)

@@ -26,6 +26,9 @@ def run_cmd(
     chat: bool = field_option(RuntimeConfig, "chat", "--chat/--no-chat"),
     json_out: bool = typer.Option(False, "--json", help="Print one JSON object at the end."),
     image: str = typer.Option(None, "--image", help="Image file for vision-language artifacts."),
+    trust: str = typer.Option(None, "--trust", envvar="EDGEKV_TRUST",
+                              help="Public key file (.pub of `edgekv keys generate`): refuse artifacts and a memory "
+                                   "that this key did not sign (manifest.json.sig, MEM.ekv.sig)."),
 ) -> None:
     """Generate text for a prompt; streams as it goes (or JSON with --json)."""
     from edgekv.runtime import Runtime
@@ -34,7 +37,7 @@ def run_cmd(
     if prompt == "-":
         prompt = sys.stdin.read()
     with Runtime.load(artifacts, memory=memory, k=k, threads=threads, retrieval=retrieval,
-                      chat=chat) as rt:
+                      chat=chat, trust=trust) as rt:
         res = GenerationResult()
         pieces = rt.stream(prompt, max_new_tokens, temperature, top_p, seed, result=res, image=image)
         if json_out:
@@ -42,6 +45,8 @@ def run_cmd(
                 pass
             data = res.to_dict()
             data["retrieval_mode"] = rt.retriever.mode if rt.retriever else None
+            data["retrieval_reason"] = rt.retriever.reason if rt.retriever else None  # which index, or why exact
+            data["trusted_key_id"] = rt.trusted_key_id
             emit(data, True, str)
             return
         for piece in pieces:

@@ -7,7 +7,10 @@ that touches its bytes.
   :class:`Calibration`, :class:`Entry`, size arithmetic and checksums;
 * :mod:`edgekv.format.reader`: :class:`Memory`, the validating reader;
 * :mod:`edgekv.format.writer`: :func:`create_memory` and :func:`commit_update`, the atomic
-  writers.
+  writers;
+* :mod:`edgekv.format.update`: update files (``.ekvu``): :func:`write_update` (two states of a
+  memory -> the slots that differ), :class:`Update` (the validating parser) and
+  :func:`apply_update` (atomic, on the device, no torch).
 
 The public names are re-exported here (``from edgekv.format import Memory``). Code that
 replaces a helper for a test patches the module that uses it (e.g.
@@ -39,6 +42,14 @@ from edgekv.format.layout import (
     MemorySpec,
 )
 from edgekv.format.reader import RELEASE_ALIGN, Memory, open_memory
+from edgekv.format.update import (
+    UPDATE_MAGIC,
+    UPDATE_VERSION,
+    Update,
+    apply_update,
+    read_update,
+    write_update,
+)
 from edgekv.format.writer import commit_update, create_memory
 
 __all__ = [
@@ -46,4 +57,5 @@ __all__ = [
     "MAX_TOP_K", "PAYLOAD_CODES", "PAYLOAD_NAMES", "POOLING_CODES", "POOLING_NAMES", "READ_VERSIONS",
     "RELEASE_ALIGN", "SOURCE_ID_BYTES", "TABLE_DTYPE", "TABLE_ENTRY", "TABLE_ENTRY_BYTES", "TASK_NAME_BYTES",
     "Calibration", "Entry", "Memory", "MemorySpec", "commit_update", "create_memory", "open_memory",
+    "UPDATE_MAGIC", "UPDATE_VERSION", "Update", "apply_update", "read_update", "write_update",
 ]

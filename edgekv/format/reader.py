@@ -328,6 +328,10 @@ class Memory:
         return Entry(parts["key"], parts["k"], parts["v"], parts.get("k_scale"), parts.get("v_scale"),
                      info["task"], info["source_id"], info["entry_id"], info["insert_seq"])
 
+    def fileno(self) -> int:
+        """The descriptor this reader reads through (for hashing exactly these bytes: edgekv.signing)."""
+        return self._fd
+
     def verify(self) -> None:
         """Check every occupied slot's checksums (reads the whole file)."""
         for s in self.occupied():
