@@ -4,6 +4,8 @@ VENV    ?= .venv
 BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.edgekv-installed
 PYTEST_ARGS ?=
+# The suite runs on both cores (pytest-xdist), a test file per worker so its fixtures are built once.
+PYTEST_WORKERS ?= -n 2 --dist loadfile
 # hnswlib builds from source; without this it would use -march=native and the wheel
 # could crash with illegal instructions on another CPU (or a board).
 export HNSWLIB_NO_NATIVE := 1
@@ -21,7 +23,7 @@ $(STAMP): pyproject.toml constraints.txt
 	touch $(STAMP)
 
 test: $(STAMP)
-	$(BIN)/python -m pytest $(PYTEST_ARGS)
+	$(BIN)/python -m pytest $(PYTEST_WORKERS) $(PYTEST_ARGS)
 
 demo: $(STAMP)
 	$(BIN)/edgekv demo
