@@ -32,11 +32,14 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import RESULTS, machine  # noqa: E402
 
+from edgekv.manifest import file_sha256  # noqa: E402
+
 # Runs in a fresh interpreter: apply the update to copies of the old state, time it, check the bytes.
 DEVICE = r"""
-import hashlib, json, os, shutil, sys, time
+import json, os, shutil, sys, time
 from edgekv.format import Memory
 from edgekv.index import Retriever
+from edgekv.manifest import file_sha256
 from edgekv.updates import apply_memory_update
 old, upd, want, work, repeats, with_index = sys.argv[1:7]
 rows = []
@@ -51,22 +54,12 @@ for r in range(int(repeats)):
     t = time.perf_counter()
     s = apply_memory_update(path, upd)
     total = time.perf_counter() - t
-    ok = hashlib.sha256(open(path, "rb").read()).hexdigest() == want
+    ok = file_sha256(path) == want
     rows.append({"seconds": total, "apply": s["seconds"]["apply"], "index": s["seconds"]["index"],
                  "index_result": s["index"]["index"], "identical": ok})
 torch = sorted(m for m in sys.modules if m.split(".")[0] in ("torch", "transformers"))
 print(json.dumps({"rows": rows, "host_modules": torch}))
 """
-
-
-def sha256(path: str) -> str:
-    import hashlib
-
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 20):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def parse_args() -> argparse.Namespace:
@@ -180,7 +173,7 @@ def measure_task(work: str, i: int, name: str, repeats: int) -> dict:
     old, new = state_paths(work, i - 1)[0], state_paths(work, i)[0]
     upd = os.path.join(work, f"update-{i}.ekvu")
     d = diff_memories(old, new, upd)
-    want = sha256(new)
+    want = file_sha256(new)
     plain = device_apply(old, upd, want, repeats, with_index=False)
     indexed = device_apply(old, upd, want, repeats, with_index=True)
     rows = plain["rows"] + indexed["rows"]

@@ -42,6 +42,7 @@ from edgekv.bench import report, stats
 from edgekv.bench.config import BenchConfig
 from edgekv.bench.runner import bench_tasks, run_bench, stage_dir, stream_fingerprint, ttft_examples
 from edgekv.errors import EdgeKVError, InputError
+from edgekv.manifest import file_sha256
 
 
 def run_label(stream: str, seed: int) -> str:
@@ -133,14 +134,6 @@ def tune(backbone, stream, methods: Sequence[str], main_budget: int, out_dir: st
 # ---------------------------------------------------------------------------------
 # after the runs (first run only): the ladder, device TTFT
 # ---------------------------------------------------------------------------------
-def _file_sha(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def _read_json(path: str) -> dict | None:
     try:
         with open(path, encoding="utf-8") as f:
@@ -161,7 +154,7 @@ def bench_ladder(backbone, stream, tasks, run_dir: str, out_dir: str, methods: S
     lcfg = LadderConfig(top_k=cfg.top_k, pooled_len=cfg.pooled_len, seed=cfg.seed, split=cfg.eval_split,
                         max_new_tokens=cfg.max_new_tokens, batch_size=cfg.eval_batch_size)
     fp = hashlib.sha256(json.dumps({"ladder": lcfg.to_dict(), "tasks": stream_fingerprint(tasks, cfg.eval_split),
-                                    "model": backbone.fingerprint, "memory": mem and _file_sha(mem)},
+                                    "model": backbone.fingerprint, "memory": mem and file_sha256(mem)},
                                    sort_keys=True).encode()).hexdigest()[:32]
     folder = os.path.join(out_dir, "ladder")
     result = _read_json(os.path.join(folder, "ladder.json"))
