@@ -6,7 +6,7 @@ from dataclasses import asdict, dataclass
 
 from edgekv.configs import Config, knob
 from edgekv.errors import InputError
-from edgekv.format import TABLE_ENTRY_BYTES, MemorySpec
+from edgekv.format import PAYLOAD_CODES, TABLE_ENTRY_BYTES, MemorySpec
 from edgekv.modelshape import ModelShape
 
 
@@ -15,7 +15,7 @@ class BudgetConfig(Config):
     """Choices that set a slot's size."""
 
     pooled_len: int = knob(16, "KV positions per entry, m (adapt's default is 16).")
-    payload_dtype: str = knob("int8", "Payload dtype: int8 or fp16.")
+    payload_dtype: str = knob("int8", "Payload dtype: int8, int4 (densest) or fp16.")
     top_k: int = knob(4, "Entries retrieved per query.")
     proj_max_dirs: int = 8  # key-projection directions the header has room for
 
@@ -23,8 +23,8 @@ class BudgetConfig(Config):
         for name in ("pooled_len", "top_k"):
             if getattr(self, name) < 1:
                 raise InputError(f"BudgetConfig.{name} must be >= 1, got {getattr(self, name)}")
-        if self.payload_dtype not in ("int8", "fp16"):
-            raise InputError(f"BudgetConfig.payload_dtype must be int8 or fp16, got {self.payload_dtype!r}")
+        if self.payload_dtype not in PAYLOAD_CODES:
+            raise InputError(f"BudgetConfig.payload_dtype must be int8, int4 or fp16, got {self.payload_dtype!r}")
         if self.proj_max_dirs < 0:
             raise InputError(f"BudgetConfig.proj_max_dirs must be >= 0, got {self.proj_max_dirs}")
 

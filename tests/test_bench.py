@@ -67,14 +67,14 @@ def test_registry_and_parse_methods():
     cfg = BenchConfig()
     names = list(registry(cfg))
     assert names == ["zero-shot", "induce", "induce-random", "induce-nocov", "induce-nocal", "induce-fp16",
-                     "induce-m8", "induce-m32", "induce-uniform", "reservoir", "fifo", "prompt-text",
+                     "induce-int4", "induce-m8", "induce-m32", "induce-uniform", "reservoir", "fifo", "prompt-text",
                      "prompt-text-matched", "lora", "replay-lora"]
     assert all(describe(cfg)[n] for n in names)
     assert parse_methods("lora, induce", cfg) == ["induce", "lora"]  # registry order
     assert parse_methods(None, cfg) == names
     with pytest.raises(InputError, match="unknown method foo: choose from zero-shot, induce"):
         parse_methods("induce,foo", cfg)
-    assert list(registry(BenchConfig(short_pooled_len=4)))[6] == "induce-m4"
+    assert list(registry(BenchConfig(short_pooled_len=4)))[7] == "induce-m4"
 
 
 def test_config_roundtrip_and_validation():

@@ -165,8 +165,8 @@ def test_budget_that_cannot_be_parsed(tiny_model_dir, task_file, tmp_path, budge
     ("1KiB", "budget 1024 B is too small for one slot: a slot needs"),
     ("0", "budget 0 B is too small for one slot"),
     # the library names the config fields; the CLI adds the options that set them
-    ("1KiB", "B with the header (lower EntryConfig.pooled_len, use EntryConfig.payload_dtype int8, or raise the "
-             "budget) (option --pooled-len, --payload)"),
+    ("1KiB", "B with the header (lower EntryConfig.pooled_len, use EntryConfig.payload_dtype int4, the densest, "
+             "or raise the budget) (option --pooled-len, --payload)"),
     ("DISK", "every update writes a second copy beside it"),
     ("100000TiB", "a memory holds at most 4294967295"),
 ])
@@ -207,8 +207,8 @@ def test_unreadable_or_bad_task_data(tiny_model_dir, tmp_path):
 
 @pytest.mark.parametrize("args, code, phrase", [
     (["--budget", "1MiB", "--task", "t" * 33], 3, "must be 1 to 32 bytes"),
-    (["--budget", "1MiB", "--payload", "int4"], 3,
-     "EntryConfig.payload_dtype must be 'int8' or 'fp16', got 'int4' (option --payload)"),
+    (["--budget", "1MiB", "--payload", "int2"], 3,
+     "EntryConfig.payload_dtype must be 'int8', 'int4' or 'fp16', got 'int2' (option --payload)"),
     (["--budget", "1MiB", "--pooled-len", "0"], 3, "EntryConfig.pooled_len must be an integer >= 1, got 0 "
                                                     "(option --pooled-len)"),
     (["--budget", "1MiB", "--steps", "-1"], 3, "SelectionConfig.steps must be >= 0, got -1 (option --steps)"),

@@ -27,7 +27,14 @@ from edgekv.format import (
     commit_update,
     create_memory,
 )
-from edgekv.quant import dequantize_keys, dequantize_values, error_bound
+from edgekv.quant import (
+    dequantize_keys,
+    dequantize_values,
+    error_bound,
+    pack_int4,
+    quantize_keys,
+    quantize_values,
+)
 from edgekv.retrieval import KeyProjection, fit_projection
 from edgekv.rope import RopeSpec
 
@@ -131,6 +138,71 @@ def test_create_commit_read_round_trip(tmp_path, payload):
         mem.verify()
 
 
+def test_int4_memory_round_trip(tmp_path):
+    """int4: codes in [-7, 7] read back exactly (unpacked to int8), packed two per byte in the
+    file (payload code 3), dequantised within the bound; out-of-range entries are refused."""
+    rng = np.random.default_rng(8)
+    spec = small_spec("int4")
+    path = tmp_path / "m.ekv"
+    create_memory(path, spec, 30_000).close()
+    floats = [random_kv(rng, spec) for _ in range(3)]
+    entries = [Entry.from_float(*f, "int4", "t", f"ex-{i}") for i, f in enumerate(floats)]
+    for e, (_, k, v) in zip(entries, floats, strict=True):  # from_float quantises with qmax = 7
+        assert e.k.dtype == e.v.dtype == np.int8 and e.k.shape == e.v.shape == spec.payload_shape
+        assert np.abs(e.k).max() == 7 and np.abs(e.v).max() == 7
+        for a, b in zip((e.k, e.k_scale, e.v, e.v_scale), quantize_keys(k, qmax=7) + quantize_values(v, qmax=7),
+                        strict=True):
+            assert a.tobytes() == b.tobytes()
+    commit_update(path, put={0: entries[0], 2: entries[1], 3: entries[2]})
+    buf = path.read_bytes()
+    assert buf[92] == 3  # payload code
+    with Memory(path) as mem:
+        assert mem.spec == spec and mem.spec.payload_dtype == "int4"
+        for slot, e, (_, k, v) in zip((0, 2, 3), entries, floats, strict=True):
+            got = mem.read_entry(slot)
+            assert_entry_equal(got, e)  # k, v: int8 [L, H, m, D], bit-exact
+            kd, vd = dequantize_keys(got.k, got.k_scale), dequantize_values(got.v, got.v_scale)
+            assert np.all(np.abs(kd - k) <= error_bound(got.k_scale)[..., None, :])
+            assert np.all(np.abs(vd - v) <= error_bound(got.v_scale)[..., :, None])
+            # control: 4-bit, not 8-bit, codes (errors beyond what int8's scales allow)
+            assert np.any(np.abs(kd - k) > error_bound(quantize_keys(k)[1])[..., None, :])
+            # the slot holds the packed codes where slot_layout says
+            start, _ = mem._slot_range(slot)
+            for name in ("k", "v"):
+                off, nbytes, _, shape = spec.slot_layout()[name]
+                assert shape == spec.payload_shape[:3] + (spec.head_dim // 2,) and nbytes == np.prod(shape)
+                assert buf[start + off: start + off + nbytes] == pack_int4(getattr(e, name)).tobytes()
+        mem.verify()
+    # entries that are not int4 codes are refused; the file does not change
+    good = entries[0]
+    wide = Entry(good.key, good.k.copy(), good.v, good.k_scale, good.v_scale)
+    wide.k[1, 0, 2, 3] = 100  # an int8-range code
+    as_int8 = Entry.from_float(*floats[0], "int8")
+    as_fp16 = Entry.from_float(*floats[0], "fp16")
+    for bad, msg in [(wide, "entry 'k' must be int8 with values in [-7, 7] for an int4 memory, got values in "),
+                     (as_int8, "entry 'k' must be int8 with values in [-7, 7]"),
+                     (as_fp16, "got dtype float16 (use Entry.from_float(..., payload_dtype='int4'))"),
+                     (Entry(good.key, good.k[..., :4], good.v, good.k_scale, good.v_scale),
+                      "entry 'k' has shape (3, 2, 5, 4), the memory expects (3, 2, 5, 8)")]:
+        with pytest.raises(InputError, match=re.escape(msg)):
+            commit_update(path, put={1: bad})
+    assert path.read_bytes() == buf
+
+
+def test_int4_slot_is_under_06_of_int8():
+    """SmolLM2-135M's shape at m = 16: int4 halves K and V and keeps the scales."""
+    def spec(payload):
+        return MemorySpec(30, 3, 64, 16, 576, FP, payload)
+
+    i8, i4 = spec("int8"), spec("int4")
+    assert i8.slot_bytes == 201_024 and i4.slot_bytes == 108_864
+    assert i4.slot_bytes < 0.6 * i8.slot_bytes
+    parts = {name: nbytes for name, (_, nbytes, _, _) in i4.slot_layout().items()}
+    assert parts == {"key": 4 * 576, "k": 30 * 3 * 16 * 32, "v": 30 * 3 * 16 * 32,
+                     "k_scale": 2 * 30 * 3 * 64, "v_scale": 2 * 30 * 3 * 16}
+    assert i4.num_slots_for(8 << 20) >= 1.8 * i8.num_slots_for(8 << 20)
+
+
 def test_calibration_and_projection_round_trip(tmp_path):
     rng = np.random.default_rng(2)
     spec = small_spec()
@@ -214,9 +286,9 @@ class Model:
             assert not raw[base + s * spec.slot_bytes: base + (s + 1) * spec.slot_bytes].any()
 
 
-@pytest.mark.parametrize("payload", ["int8", "fp16"])
+@pytest.mark.parametrize("payload", ["int8", "fp16", "int4"])
 def test_file_keeps_its_size_through_100_random_update_rounds(tmp_path, payload):
-    rng = np.random.default_rng(100 if payload == "int8" else 101)
+    rng = np.random.default_rng({"int8": 100, "fp16": 101, "int4": 102}[payload])
     spec = small_spec(payload)
     budget = 27_000 + 123
     path = tmp_path / "m.ekv"
@@ -443,14 +515,16 @@ def test_shape_and_dtype_mismatch_errors(tmp_path):
     create_memory(path16, small_spec("fp16"), 60_000).close()
     with pytest.raises(InputError, match="'k' is int8 but the memory's payload is fp16"):
         commit_update(path16, put={0: e})
-    with pytest.raises(InputError, match="payload dtype must be 'int8' or 'fp16'"):
-        Entry.from_float(*random_kv(rng, spec), "int4")
+    with pytest.raises(InputError, match="payload dtype must be 'int8', 'int4' or 'fp16'"):
+        Entry.from_float(*random_kv(rng, spec), "int2")
 
 
 @pytest.mark.parametrize("change, msg", [
     (dict(model_fingerprint="abc"), "64 hex characters"),
     (dict(model_fingerprint="zz" * 32), "64 hex characters"),
-    (dict(payload_dtype="int4"), "payload_dtype must be 'int8' or 'fp16'"),
+    (dict(payload_dtype="int2"), "payload_dtype must be 'int8', 'int4' or 'fp16'"),
+    (dict(payload_dtype="int4", head_dim=7, rope=None), "'int4' packs two channels per byte and needs an even "
+                                                         "head_dim, got 7"),
     (dict(num_layers=0), r"num_layers must be an integer in \[1, 1024\]"),
     (dict(head_dim=8.0), "head_dim must be an integer"),
     (dict(proj_max_dirs=65), "proj_max_dirs"),

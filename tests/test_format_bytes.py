@@ -35,13 +35,22 @@ def crc(b: bytes) -> int:
     return zlib.crc32(b) & 0xFFFFFFFF
 
 
+def nibbles(raw: bytes, off: int) -> np.ndarray:
+    """int4 K or V [L, H, M, D] decoded by the document: byte j holds channel 2j (low nibble) and
+    2j+1 (high nibble), each a 4-bit two's-complement code."""
+    b = np.frombuffer(raw, "u1", L * H * M * D // 2, off).astype(np.int64)
+    lo, hi = b & 0xF, b >> 4
+    q = np.stack([lo - 16 * (lo >= 8), hi - 16 * (hi >= 8)], axis=-1)  # [n, 2]: channel 2j, 2j+1
+    return q.reshape(L, H, M, D)
+
+
 def build(tmp_path, payload: str, rope: bool):
     """A file with entries in some slots, one cleared, a calibration and a projection."""
     rng = np.random.default_rng(11)
     spec = MemorySpec(L, H, D, M, R, FP, payload, RopeSpec(tuple(INV_FREQ.tolist()), 0.75) if rope else None,
                       proj_max_dirs=P, key_layer=2, key_pooling="last")
     path = tmp_path / "m.ekv"
-    budget = 40_000 if payload == "int8" else 60_000
+    budget = 60_000 if payload == "fp16" else 40_000
     create_memory(path, spec, budget).close()
     floats, entries = {}, {}
     for i, slot in enumerate([0, 2, 3, 5]):
@@ -58,7 +67,7 @@ def build(tmp_path, payload: str, rope: bool):
     return path, budget, entries, floats, proj, cal
 
 
-@pytest.mark.parametrize("payload, rope", [("int8", True), ("fp16", True), ("int8", False)])
+@pytest.mark.parametrize("payload, rope", [("int8", True), ("fp16", True), ("int8", False), ("int4", True)])
 def test_file_decodes_by_the_document(tmp_path, payload, rope):
     path, budget, entries, floats, proj, cal = build(tmp_path, payload, rope)
     buf = path.read_bytes()
@@ -76,7 +85,7 @@ def test_file_decodes_by_the_document(tmp_path, payload, rope):
     assert u64(32) == 2  # generation: two commits
     assert buf[40:72].hex() == FP
     assert (u32(72), u32(76), u32(80), u32(84), u32(88)) == (L, H, D, M, R)
-    assert buf[92] == {"int8": 1, "fp16": 2}[payload]
+    assert buf[92] == {"int8": 1, "fp16": 2, "int4": 3}[payload]
     assert buf[93] == (1 if rope else 0)
     assert struct.unpack_from("<H", buf, 94)[0] == 3  # num_tasks
     rd = 2 * len(INV_FREQ) if rope else 0
@@ -91,8 +100,9 @@ def test_file_decodes_by_the_document(tmp_path, payload, rope):
     assert struct.unpack_from("<H", buf, 158)[0] == 3  # top_k
 
     # ---- sizes from the document's formulas ------------------------------------------
-    parts = [4 * R] + ([L * H * M * D, L * H * M * D, 2 * L * H * D, 2 * L * H * M] if payload == "int8"
-                       else [2 * L * H * M * D, 2 * L * H * M * D])
+    parts = [4 * R] + {"int8": [L * H * M * D, L * H * M * D, 2 * L * H * D, 2 * L * H * M],
+                       "int4": [L * H * M * D // 2, L * H * M * D // 2, 2 * L * H * D, 2 * L * H * M],
+                       "fp16": [2 * L * H * M * D, 2 * L * H * M * D]}[payload]
     assert slot_bytes == align64(sum(parts))
     assert header_bytes == align64(160 + 4 * (L + rd // 2 + R + P * R) + 256 * 32 + 4)
     assert num_slots == (budget - header_bytes) // (64 + slot_bytes)
@@ -154,18 +164,28 @@ def test_file_decodes_by_the_document(tmp_path, payload, rope):
         e, (key, k, v) = entries[s], floats[s]
         assert np.frombuffer(raw, "<f4", R, 0).tobytes() == key.tobytes()
         off = 4 * R
-        if payload == "int8":
-            kq = np.frombuffer(raw, "i1", L * H * M * D, off).reshape(L, H, M, D)
-            off += L * H * M * D
-            vq = np.frombuffer(raw, "i1", L * H * M * D, off).reshape(L, H, M, D)
-            off += L * H * M * D
+        if payload in ("int8", "int4"):
+            if payload == "int8":
+                kq = np.frombuffer(raw, "i1", L * H * M * D, off).reshape(L, H, M, D)
+                off += L * H * M * D
+                vq = np.frombuffer(raw, "i1", L * H * M * D, off).reshape(L, H, M, D)
+                off += L * H * M * D
+            else:  # byte j: channel 2j in the low nibble, 2j+1 in the high one, two's complement
+                kq, off = nibbles(raw, off), off + L * H * M * D // 2
+                vq, off = nibbles(raw, off), off + L * H * M * D // 2
+                assert np.abs(kq).max() == 7 and np.abs(vq).max() == 7
             ks = np.frombuffer(raw, "<f2", L * H * D, off).reshape(L, H, D)
             off += 2 * L * H * D
             vs = np.frombuffer(raw, "<f2", L * H * M, off).reshape(L, H, M)
             off += 2 * L * H * M
             assert np.array_equal(kq, e.k) and np.array_equal(vq, e.v)
             assert np.array_equal(ks, e.k_scale) and np.array_equal(vs, e.v_scale)
-            # and they mean what the document says: per-channel / per-token scales
+            # and they mean what the document says: per-channel / per-token scales, levels [-Q, Q]
+            Q = 127 if payload == "int8" else 7
+            for scale, amax in ((ks, np.abs(k.astype(np.float64)).max(axis=2)),
+                                (vs, np.abs(v.astype(np.float64)).max(axis=3))):
+                s64 = scale.astype(np.float64)  # up16(amax / Q): at most one float16 step above
+                assert np.all(s64 >= amax / Q) and np.all(s64 <= amax / Q * (1 + 2 ** -10))
             kd = kq.astype(np.float64) * ks.astype(np.float64)[:, :, None, :]
             vd = vq.astype(np.float64) * vs.astype(np.float64)[:, :, :, None]
             assert np.all(np.abs(kd - k) <= ks.astype(np.float64)[:, :, None, :] / 2 + 1e-12)

@@ -150,7 +150,7 @@ def test_entries_equal_plain_reference(backbone):
 
 
 # --- torch induction == numpy runtime path ------------------------------------------
-@pytest.mark.parametrize("payload", ["int8", "fp16"])
+@pytest.mark.parametrize("payload", ["int8", "fp16", "int4"])
 def test_torch_memory_kv_equals_numpy_assemble(backbone, payload):
     bb = backbone("llama")
     entries, _, bank = _bank(bb, EntryConfig(pooled_len=4, payload_dtype=payload))

@@ -144,7 +144,7 @@ def test_runtime_generation_uses_one_buffer_and_matches_the_numpy_loop(exported,
     assert res.token_ids == want[:eos[0] if eos else 10]
 
 
-@pytest.mark.parametrize("payload", ["int8", "fp16"])
+@pytest.mark.parametrize("payload", ["int8", "fp16", "int4"])
 def test_entries_written_into_the_cache_equal_assemble_memory_kv(payload, exported, backbone, tmp_path):
     """KVCache.write_entries (dequantise + rotate in place) == edgekv.induction.assemble_memory_kv,
     and Runtime.generate with retrieval (which uses it) == decoding after the assembled past."""
@@ -175,6 +175,51 @@ def test_entries_written_into_the_cache_equal_assemble_memory_kv(payload, export
         eos = [i for i, t in enumerate(want) if t in rt.eos_ids]
         assert res.token_ids == want[:eos[0] if eos else 8]
         assert [r.slot for r in res.retrieved] == [r.slot for r in retrieved]
+
+
+def test_int4_entries_from_a_file_reach_the_cache_within_the_dequantisation_bound(tmp_path):
+    """int4 entries read from a memory file (unpacked int8 codes in [-7, 7]): KVCache.write_entries
+    (the runtime path, rotation included) == assemble_memory_kv, and both are the float K/V the
+    entries came from, scaled by entry_scale (keys) and entry_scale * gate (values), to within
+    the dequantisation bound scale / 2 times those factors."""
+    from edgekv.format import Entry, Memory, MemorySpec, commit_update, create_memory
+    from edgekv.induction import assemble_memory_kv, entry_scale
+    from edgekv.quant import error_bound, quantize_keys
+    from edgekv.rope import RopeSpec, remove_rope
+    from edgekv.runtime.decoder import KVCache
+
+    L, H, m, D, R = 3, 2, 6, 16, 12
+    rope = RopeSpec(tuple(10000.0 ** (-np.arange(0, 12, 2) / 12)), 1.25)  # partial rotary dims, scaled
+    spec = MemorySpec(L, H, D, m, R, "ab" * 32, "int4", rope)
+    path = str(tmp_path / "m.ekv")
+    create_memory(path, spec, spec.file_bytes_for(4)).close()
+    rng = np.random.default_rng(5)
+    floats = [(rng.normal(size=R).astype(np.float32),
+               (rng.normal(size=(L, H, m, D)) * rng.uniform(0.2, 5, size=D)).astype(np.float32),
+               rng.normal(size=(L, H, m, D)).astype(np.float32)) for _ in range(3)]
+    commit_update(path, put={s: Entry.from_float(*f, "int4", "t", f"ex{s}") for s, f in enumerate(floats)})
+    with Memory(path) as mem:
+        entries = [mem.read_entry(s) for s in (2, 0, 1)]  # layout order
+    floats = [floats[s] for s in (2, 0, 1)]
+    assert all(e.k.dtype == np.int8 and e.k.shape == (L, H, m, D) and np.abs(e.k).max() <= 7 for e in entries)
+    alphas, gates = np.array([0.5, 0.3, 0.2]), np.array([0.5, 1.0, 2.0], np.float32)
+    K, V = assemble_memory_kv(entries, alphas, gates, rope)
+    cache = KVCache(L, H, D, 3 * m + 2)
+    cache.write_entries(entries, alphas, gates, rope)
+    ck, cv = cache.k_all[:, 0, :, :3 * m], cache.v_all[:, 0, :, :3 * m]
+    assert np.abs(ck - K).max() <= 1e-5 * np.abs(K).max() and np.array_equal(cv, V)
+    # against the float reference, per entry (keys back to position-free)
+    free = remove_rope(ck, rope, np.arange(3 * m))
+    past_int8 = False
+    for i, (e, (_, k, v), a) in enumerate(zip(entries, floats, alphas, strict=True)):
+        f = entry_scale(a, 3)
+        pos = slice(i * m, (i + 1) * m)
+        kb = f * error_bound(e.k_scale)[..., None, :] + 1e-5 * np.abs(k).max() * f  # float32 rotation slack
+        vb = f * gates[:, None, None, None] * error_bound(e.v_scale)[..., :, None]
+        assert np.all(np.abs(free[:, :, pos] - f * k) <= kb), i
+        assert np.all(np.abs(cv[:, :, pos] - f * gates[:, None, None, None] * v) <= vb * (1 + 1e-5)), i
+        past_int8 |= bool(np.any(np.abs(free[:, :, pos] - f * k) > f * error_bound(quantize_keys(k)[1])[..., None, :]))
+    assert past_int8  # control: the error is 4-bit sized, beyond what int8 codes would leave
 
 
 def test_row_tables_are_mapped_once_for_both_sessions(exported, backbone, tmp_path):

@@ -1,4 +1,4 @@
-"""int8 KV quantisation against a reference, its error bound, and the slot budget it buys.
+"""int8 / int4 KV quantisation against a reference, its error bound, and the slot budget it buys.
 
 Also the size arithmetic through ``edgekv profile``: SmolLM2-135M's shape at m=64, where an
 int8 slot (with its table row) must cost at most 0.53x an fp16 one.
@@ -18,8 +18,10 @@ from edgekv.quant import (
     dequantize_keys,
     dequantize_values,
     error_bound,
+    pack_int4,
     quantize_keys,
     quantize_values,
+    unpack_int4,
 )
 from edgekv.units import parse_size
 
@@ -132,6 +134,74 @@ def test_bad_values_are_refused(bad, msg):
         quantize_keys(x)
     with pytest.raises(InputError, match=msg):
         quantize_values(x)
+
+
+# --------------------------------------------------------------------------------------
+# int4: qmax = 7, packed two codes per byte
+# --------------------------------------------------------------------------------------
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_int4_round_trip_within_error_bound(dtype):
+    for i, x in enumerate(payloads(33, dtype)):
+        kq, ks = quantize_keys(x, qmax=7)
+        vq, vs = quantize_values(x, qmax=7)
+        assert kq.dtype == vq.dtype == np.int8 and kq.shape == vq.shape == x.shape
+        assert ks.shape == (L, H, D) and vs.shape == (L, H, M)
+        assert np.abs(kq).max() <= 7 and np.abs(vq).max() <= 7, i
+        x64 = x.astype(np.float64)
+        assert np.array_equal(ks, up16(np.abs(x64).max(axis=-2) / 7)), i
+        assert np.array_equal(vs, up16(np.abs(x64).max(axis=-1) / 7)), i
+        assert np.array_equal(kq, np.rint(x64 / ks.astype(np.float64)[..., None, :]).astype(np.int8)), i
+        kerr = np.abs(dequantize_keys(kq, ks) - x64)
+        verr = np.abs(dequantize_values(vq, vs) - x64)
+        assert np.all(kerr <= error_bound(ks)[..., None, :]), i
+        assert np.all(verr <= error_bound(vs)[..., :, None]), i
+    # the levels are used: a channel whose maximum is 7 s gets the code 7, not 127's share of it
+    x = payloads(33, dtype)[0]
+    assert np.abs(quantize_keys(x, qmax=7)[0]).max(axis=-2).min() == 7
+    # int8 is the default and unchanged by the keyword
+    for a, b in zip(quantize_keys(x), quantize_keys(x, qmax=127), strict=True):
+        assert a.tobytes() == b.tobytes()
+
+
+def test_int4_scales_refuse_values_beyond_float16_range():
+    x = np.ones((L, H, M, D), np.float32)
+    x[0, 0, 0, 0] = 5e5  # fits int8's scale range (8.3e6), not int4's (7 * 65504)
+    quantize_keys(x)
+    with pytest.raises(InputError, match=r"exceed the float16 scale range \(\|x\| > 4.6e5\)"):
+        quantize_keys(x, qmax=7)
+
+
+def test_pack_int4_round_trip_and_nibble_order():
+    codes = np.arange(-7, 8, dtype=np.int8)  # every value
+    pairs = np.stack(np.meshgrid(codes, codes, indexing="ij"), -1).reshape(-1, 2)  # [225, 2] every pair
+    packed = pack_int4(pairs)
+    assert packed.dtype == np.uint8 and packed.shape == (225, 1)
+    assert np.array_equal(unpack_int4(packed), pairs)
+    # element 2i in the low nibble, 2i+1 in the high one, two's complement
+    assert pack_int4(np.array([1, 2], np.int8)).tolist() == [0x21]
+    assert pack_int4(np.array([-1, 7], np.int8)).tolist() == [0x7F]
+    assert pack_int4(np.array([7, -7], np.int8)).tolist() == [0x97]
+    assert pack_int4(np.array([-7, 0, 0, -2], np.int8)).tolist() == [0x09, 0xE0]
+    assert unpack_int4(np.array([0x8F], np.uint8)).tolist() == [-1, -8]  # -8 reads back (never written)
+    rng = np.random.default_rng(34)
+    for shape in [(L, H, M, D), (5, 2), (1, 64)]:
+        q = rng.integers(-7, 8, size=shape).astype(np.int8)
+        p = pack_int4(q)
+        assert p.shape == shape[:-1] + (shape[-1] // 2,)
+        assert np.array_equal(unpack_int4(p), q)
+        ref = ((q[..., 0::2].astype(np.int64) & 15) | ((q[..., 1::2].astype(np.int64) & 15) << 4))
+        assert np.array_equal(p, ref.astype(np.uint8))
+
+
+@pytest.mark.parametrize("q, msg", [
+    (np.array([0, 8], np.int8), r"int4 codes must be in \[-7, 7\], got values in \[0, 8\]"),
+    (np.array([-8, 0], np.int8), r"int4 codes must be in \[-7, 7\], got values in \[-8, 0\]"),
+    (np.array([[1, 2, 3]], np.int8), r"even last axis, got shape \(1, 3\)"),
+    (np.array([0.5, 1.0]), "int4 codes must be integers, got dtype float64"),
+])
+def test_pack_int4_refuses_out_of_range_and_odd_d(q, msg):
+    with pytest.raises(InputError, match=msg):
+        pack_int4(q)
 
 
 # --------------------------------------------------------------------------------------

@@ -26,7 +26,8 @@ class BenchConfig(Config):
     max_train_per_task: int = 32  # train examples used per task (seeded sample): candidates, LoRA data
     max_test_per_task: int = 0  # evaluated examples per task; 0: the whole (balanced) split; > 0: a subset
     # balanced over the task's concepts (round robin over normalised answers, in split order)
-    eval_split: str = "test"  # split the accuracy matrix is computed on: "test" (reports) or "val" (tuning)
+    eval_split: str = knob("test", "Split the accuracy matrix is computed on: test (reported numbers) or val "
+                                   "(every tuning choice: tune on val, report test once).")
     full_matrix: bool = False  # evaluate every task after every step (upper triangle too); False: j <= i only
     top_k: int = 4  # entries / examples retrieved per query (InduceKV, reservoir, FIFO, prompt-text)
     max_new_tokens: int = 0  # greedy answer length; 0: the longest test answer in tokens + 2 (EOS, slack)

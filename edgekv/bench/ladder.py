@@ -78,7 +78,7 @@ class LadderConfig(Config):
     top_k: int = knob(4, "k: right examples per query, and entries retrieved per query (rungs 6-7).")
     pooled_len: int = knob(16, "m: KV positions per entry of the pooled rungs (4-6).")
     pooling: str = "answer"  # answer | answer_avg | adaptive (edgekv.induce.entries)
-    payload_dtype: str = "int8"  # int8 | fp16: how rungs 5-6 store entries
+    payload_dtype: str = "int8"  # int8 | int4 | fp16: how rungs 5-6 store entries
     tau: float | None = knob(None, "Retrieval temperature of rung 6 (default: a new memory's initial tau).")
     max_test_per_task: int = knob(0, "Queries per task (the first ones of the split); 0: all.")
     seed: int = 0  # the choice of right examples
@@ -96,7 +96,7 @@ class LadderConfig(Config):
         if self.pooling not in POOLINGS:
             raise InputError(f"LadderConfig.pooling must be one of {', '.join(POOLINGS)}, got {self.pooling!r}")
         if self.payload_dtype not in PAYLOAD_DTYPES:
-            raise InputError(f"LadderConfig.payload_dtype must be 'int8' or 'fp16', got {self.payload_dtype!r}")
+            raise InputError(f"LadderConfig.payload_dtype must be one of {', '.join(PAYLOAD_DTYPES)}, got {self.payload_dtype!r}")
         if self.tau is not None and (isinstance(self.tau, bool) or not isinstance(self.tau, (int, float))
                                      or not math.isfinite(self.tau) or self.tau <= 0):
             raise InputError(f"LadderConfig.tau must be a number > 0 (or None), got {self.tau!r}")

@@ -215,6 +215,13 @@ class InduceFp16(Induce):
     payload_dtype = "fp16"
 
 
+class InduceInt4(Induce):
+    """Ablation: 4-bit payloads (scales as int8; about 1.8x the entries of int8 at m = 16)."""
+
+    name = "induce-int4"
+    payload_dtype = "int4"
+
+
 class InduceShort(Induce):
     """Ablation: the short pooled length (BenchConfig.short_pooled_len)."""
 
@@ -598,8 +605,8 @@ def registry(cfg: BenchConfig) -> dict[str, Callable[[Context], Method]]:
         "name": f"induce-m{cfg.short_pooled_len}", "__doc__": f"Ablation: pooled length m = {cfg.short_pooled_len}."})
     long_ = type(f"InduceM{cfg.long_pooled_len}", (InduceLong,), {
         "name": f"induce-m{cfg.long_pooled_len}", "__doc__": f"Ablation: pooled length m = {cfg.long_pooled_len}."})
-    classes = [ZeroShot, Induce, InduceRandom, InduceNoCov, InduceNoCal, InduceFp16, short, long_, InduceUniform,
-               Reservoir, Fifo, PromptText, PromptTextMatched, Lora, ReplayLora]
+    classes = [ZeroShot, Induce, InduceRandom, InduceNoCov, InduceNoCal, InduceFp16, InduceInt4, short, long_,
+               InduceUniform, Reservoir, Fifo, PromptText, PromptTextMatched, Lora, ReplayLora]
     return {c.name: c for c in classes}
 
 

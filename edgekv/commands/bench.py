@@ -40,6 +40,7 @@ def command_line(**o) -> str:
     parts += ["--methods", o["methods"], "--out", o["out"]]
     parts += ["--seeds", o["seeds"]] if o["seeds"] else ["--seed", str(o["seed"])]
     parts += (["--tune", o["tune"]] if o["tune"] else []) + (["--ladder"] if o["ladder"] else [])
+    parts += ["--split", o["split"]] if o.get("split", "test") != "test" else []
     parts += [] if o["device_ttft"] is None else ["--device-ttft" if o["device_ttft"] else "--no-device-ttft"]
     return " ".join(shlex.quote(a) for a in parts + (["--quick"] if o["quick"] else []))
 
@@ -135,6 +136,7 @@ def bench_cmd(
                               "Instead of --seed."),
     tune: str = field_option(BenchConfig, "tune", "--tune", default=None),
     ladder: bool = field_option(BenchConfig, "ladder", "--ladder"),
+    split: str = field_option(BenchConfig, "eval_split", "--split"),
     device_ttft: bool = field_option(BenchConfig, "device_ttft", "--device-ttft/--no-device-ttft", default=None),
     quick: bool = typer.Option(False, "--quick", help="Tiny settings for tests and CI (BenchConfig.quick)."),
     threads: int = typer.Option(2, "--threads", help="PyTorch threads."),
@@ -148,7 +150,7 @@ def bench_cmd(
     stream_list, seed_list = grid_options(stream, streams, seed, seeds)
     cfg = BenchConfig(seed=seed_list[0])
     cfg = cfg.quick() if quick else cfg
-    cfg = replace(cfg, tune=parse_tune(tune), ladder=ladder,
+    cfg = replace(cfg, tune=parse_tune(tune), ladder=ladder, eval_split=split,
                   device_ttft=cfg.device_ttft if device_ttft is None else device_ttft)
     names = parse_methods(methods, cfg)
     if [t for t in cfg.tune if t not in names]:
@@ -165,7 +167,7 @@ def bench_cmd(
     the_stream = None if streams or seeds else load_stream(stream, seed=seed)
     backbone = load_model(model)
     cmd = command_line(model=model, stream=stream, streams=streams, budget=budget, budgets=budgets, methods=methods,
-                       out=out, seed=seed, seeds=seeds, tune=tune, ladder=ladder, device_ttft=device_ttft, quick=quick)
+                       out=out, seed=seed, seeds=seeds, tune=tune, ladder=ladder, split=split, device_ttft=device_ttft, quick=quick)
     if the_stream is None:  # a grid of runs, one report
         results = run_grid(backbone, stream_list, seed_list, names, sweep, main, out, cfg, model_name=model,
                            command=cmd, progress=not no_progress)

@@ -123,7 +123,7 @@ def _budget_mode(model: str, budget: str, pooled_len: int, payload: str, k: int,
     if report["num_slots"] < 1:  # the same refusal `edgekv adapt` gives when creating the memory
         raise BudgetError(f"budget {report['budget_bytes']} B is too small for one slot: a slot needs "
                           f"{report['overhead_bytes'] + report['table_bytes_per_slot'] + report['slot_bytes']} B "
-                          f"with the header (lower --pooled-len, use int8 payloads, or raise the budget)")
+                          f"with the header (lower --pooled-len, use int4 payloads, the densest, or raise the budget)")
     if device:
         from edgekv.devices.profiler import budget_device_verdict
         from edgekv.devices.profiles import load_profile

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from edgekv.errors import InputError
-from edgekv.quant import quantize_keys, quantize_values
+from edgekv.quant import QMAX, QMAX_INT4, quantize_keys, quantize_values
 from edgekv.retrieval import KeyProjection
 from edgekv.rope import RopeSpec
 
@@ -25,7 +25,10 @@ ALIGN = 64
 MAX_TASKS = 256
 TASK_NAME_BYTES = 32
 SOURCE_ID_BYTES = 36
-PAYLOAD_CODES = {"int8": 1, "fp16": 2}
+# code 3 (int4) is newer than format version 2's first readers; they refuse it as an unknown
+# payload code (reader._check_fields), so it needs no version bump
+PAYLOAD_CODES = {"int8": 1, "fp16": 2, "int4": 3}
+QUANT_LEVELS = {"int8": QMAX, "int4": QMAX_INT4}  # qmax of the quantised payloads (codes in [-qmax, qmax])
 PAYLOAD_NAMES = {v: k for k, v in PAYLOAD_CODES.items()}
 POOLING_CODES = {"mean": 1, "last": 2}
 POOLING_NAMES = {v: k for k, v in POOLING_CODES.items()}
@@ -77,7 +80,7 @@ class MemorySpec:
     pooled_len: int  # m, KV positions per entry
     key_dim: int  # R, retrieval-key dimension
     model_fingerprint: str  # 64 hex chars: sha256 of the backbone the entries came from
-    payload_dtype: str = "int8"  # "int8" (per-channel K, per-token V scales) or "fp16"
+    payload_dtype: str = "int8"  # "int8" / "int4" (per-channel K, per-token V scales) or "fp16"
     rope: RopeSpec | None = None  # None: keys are stored as computed (model without RoPE)
     proj_max_dirs: int = 8  # capacity of the stored key projection (directions removed)
     key_layer: int = 1  # hidden-state layer the retrieval key pools (0 = embeddings)
@@ -94,7 +97,10 @@ class MemorySpec:
         if self.key_pooling not in POOLING_CODES:
             raise InputError(f"MemorySpec.key_pooling must be one of {sorted(POOLING_CODES)}, got {self.key_pooling!r}")
         if self.payload_dtype not in PAYLOAD_CODES:
-            raise InputError(f"MemorySpec.payload_dtype must be 'int8' or 'fp16', got {self.payload_dtype!r}")
+            raise InputError(f"MemorySpec.payload_dtype must be 'int8', 'int4' or 'fp16', got {self.payload_dtype!r}")
+        if self.payload_dtype == "int4" and self.head_dim % 2:
+            raise InputError(f"MemorySpec.payload_dtype 'int4' packs two channels per byte and needs an even "
+                             f"head_dim, got {self.head_dim}")
         try:
             fp = bytes.fromhex(self.model_fingerprint)
         except ValueError:
@@ -110,11 +116,17 @@ class MemorySpec:
         return (self.num_layers, self.num_kv_heads, self.pooled_len, self.head_dim)
 
     def slot_layout(self) -> dict[str, tuple[int, int, str, tuple[int, ...]]]:
-        """name -> (offset in slot, nbytes, dtype, shape), in on-disk order."""
+        """name -> (offset in slot, nbytes, dtype, shape), in on-disk order.
+
+        int4: "k" and "v" are the packed bytes [L, H, m, D//2] (:func:`edgekv.quant.pack_int4`).
+        """
         L, H, m, D = self.payload_shape
         parts: list[tuple[str, str, tuple[int, ...]]] = [("key", "<f4", (self.key_dim,))]
         if self.payload_dtype == "int8":
             parts += [("k", "i1", (L, H, m, D)), ("v", "i1", (L, H, m, D)),
+                      ("k_scale", "<f2", (L, H, D)), ("v_scale", "<f2", (L, H, m))]
+        elif self.payload_dtype == "int4":
+            parts += [("k", "u1", (L, H, m, D // 2)), ("v", "u1", (L, H, m, D // 2)),
                       ("k_scale", "<f2", (L, H, D)), ("v_scale", "<f2", (L, H, m))]
         else:
             parts += [("k", "<f2", (L, H, m, D)), ("v", "<f2", (L, H, m, D))]
@@ -161,7 +173,8 @@ class Entry:
     """One memory entry as stored in a slot.
 
     key: [R] f32 raw pooled hidden state; k, v: [L, H, m, D] int8 (with k_scale [L, H, D],
-    v_scale [L, H, m] f16) or float16 (scales None). Keys are position-free.
+    v_scale [L, H, m] f16) or float16 (scales None). Keys are position-free. An int4 entry is
+    an int8 one whose codes lie in [-7, 7]: unpacked here, packed two per byte in the file.
     """
 
     key: np.ndarray
@@ -179,10 +192,10 @@ class Entry:
                    task: str = "", source_id: str = "") -> Entry:
         """Quantise float K/V [L, H, m, D] into an entry of the given payload dtype."""
         if payload_dtype not in PAYLOAD_CODES:
-            raise InputError(f"payload dtype must be 'int8' or 'fp16', got {payload_dtype!r}")
-        if payload_dtype == "int8":
-            kq, ks = quantize_keys(k)
-            vq, vs = quantize_values(v)
+            raise InputError(f"payload dtype must be 'int8', 'int4' or 'fp16', got {payload_dtype!r}")
+        if payload_dtype in QUANT_LEVELS:
+            kq, ks = quantize_keys(k, qmax=QUANT_LEVELS[payload_dtype])
+            vq, vs = quantize_values(v, qmax=QUANT_LEVELS[payload_dtype])
             return Entry(np.asarray(key, np.float32), kq, vq, ks, vs, task, source_id)
         return Entry(np.asarray(key, np.float32), np.asarray(k, np.float16),
                      np.asarray(v, np.float16), None, None, task, source_id)

@@ -43,6 +43,7 @@ from edgekv.format.layout import (
     _Header,
     _stored_crc32,
 )
+from edgekv.quant import unpack_int4
 from edgekv.retrieval import KeyProjection
 from edgekv.rope import RopeSpec
 
@@ -324,6 +325,8 @@ class Memory:
             raise CorruptFileError(f"{self.path}: slot {slot} fails its checksum (corrupt slot)")
         parts = {name: np.frombuffer(raw, dt, int(np.prod(shape)), off).reshape(shape)  # views of raw (owned)
                  for name, (off, _, dt, shape) in self.spec.slot_layout().items()}
+        if self.spec.payload_dtype == "int4":  # [L, H, m, D//2] u8 -> [L, H, m, D] i8 in [-7, 7]
+            parts["k"], parts["v"] = unpack_int4(parts["k"]), unpack_int4(parts["v"])
         info = self.slot_info(slot)
         return Entry(parts["key"], parts["k"], parts["v"], parts.get("k_scale"), parts.get("v_scale"),
                      info["task"], info["source_id"], info["entry_id"], info["insert_seq"])

@@ -53,6 +53,7 @@ from edgekv.format.layout import (
     _zeros_crc32,
 )
 from edgekv.format.reader import Memory
+from edgekv.quant import QMAX_INT4, pack_int4
 from edgekv.retrieval import KeyProjection
 
 
@@ -87,21 +88,30 @@ def _encode_header(h: _Header) -> bytes:
 def _slot_bytes_of(entry: Entry, spec: MemorySpec) -> bytes:
     layout = spec.slot_layout()
     arrays = {"key": entry.key, "k": entry.k, "v": entry.v, "k_scale": entry.k_scale, "v_scale": entry.v_scale}
+    int4 = spec.payload_dtype == "int4"
     buf = bytearray(spec.slot_bytes)
     for name, (off, nbytes, dt, shape) in layout.items():
         arr = arrays[name]
         if arr is None:
             raise InputError(f"entry has no '{name}' but the memory's payload is {spec.payload_dtype}")
         arr = np.asarray(arr)
-        if arr.shape != shape:
-            raise InputError(f"entry '{name}' has shape {arr.shape}, the memory expects {shape}")
-        if spec.payload_dtype == "int8" and name in ("k", "v") and arr.dtype != np.int8:
+        payload = name in ("k", "v")
+        want = spec.payload_shape if int4 and payload else shape  # int4: the entry holds them unpacked
+        if arr.shape != want:
+            raise InputError(f"entry '{name}' has shape {arr.shape}, the memory expects {want}")
+        if spec.payload_dtype == "int8" and payload and arr.dtype != np.int8:
             raise InputError(f"entry '{name}' must be int8 for an int8 memory (use Entry.from_float)")
-        if spec.payload_dtype == "fp16" and name in ("k", "v") and arr.dtype == np.int8:
+        if int4 and payload and (arr.dtype != np.int8 or arr.min() < -QMAX_INT4 or arr.max() > QMAX_INT4):
+            got = f"values in [{arr.min()}, {arr.max()}]" if arr.dtype == np.int8 else f"dtype {arr.dtype}"
+            raise InputError(f"entry '{name}' must be int8 with values in [-{QMAX_INT4}, {QMAX_INT4}] for an int4 "
+                             f"memory, got {got} (use Entry.from_float(..., payload_dtype='int4'))")
+        if spec.payload_dtype == "fp16" and payload and arr.dtype == np.int8:
             raise InputError(f"entry '{name}' is int8 but the memory's payload is fp16 "
                              "(use Entry.from_float(..., payload_dtype='fp16'))")
         if arr.dtype.kind == "f" and not np.all(np.isfinite(arr)):
             raise InputError(f"entry '{name}' contains NaN or inf")
+        if int4 and payload:
+            arr = pack_int4(arr)  # [L, H, m, D] -> [L, H, m, D//2] u8
         buf[off: off + nbytes] = np.ascontiguousarray(arr, dtype=dt).tobytes()
     return bytes(buf)
 
@@ -170,7 +180,7 @@ def create_memory(path: str | os.PathLike, spec: MemorySpec, budget_bytes: int,
         raise BudgetError(
             f"budget {budget_bytes} B is too small for one slot: a slot needs "
             f"{spec.header_bytes + TABLE_ENTRY_BYTES + spec.slot_bytes} B with the header "
-            f"(lower EntryConfig.pooled_len, use EntryConfig.payload_dtype int8, or raise the budget)")
+            f"(lower EntryConfig.pooled_len, use EntryConfig.payload_dtype int4, the densest, or raise the budget)")
     if os.path.exists(path) and not overwrite:
         raise InputError(f"{path} already exists; adapt it in place or choose another path")
     if os.path.isdir(path):

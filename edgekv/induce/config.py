@@ -19,7 +19,7 @@ if TYPE_CHECKING:
     from edgekv.format import MemorySpec
 
 POOLINGS = ("adaptive", "answer", "answer_avg")  # EntryConfig.pooling (see edgekv.induce.entries)
-PAYLOAD_DTYPES = ("int8", "fp16")
+PAYLOAD_DTYPES = ("int8", "int4", "fp16")  # the memory format's payload dtypes (edgekv.format.PAYLOAD_CODES)
 DEFAULT_POOLED_LEN = 16  # EntryConfig.pooled_len of a new memory when none is set
 DEFAULT_PAYLOAD_DTYPE = "int8"  # EntryConfig.payload_dtype of a new memory when none is set
 
@@ -44,7 +44,7 @@ class EntryConfig(Config):
                                         f"memory's, {DEFAULT_POOLED_LEN} for a new memory.")
     pooling: str = "answer"  # answer | answer_avg | adaptive (see edgekv.induce.entries)
     skip_template_prefix: bool = True  # drop the chat template's fixed preamble before pooling
-    payload_dtype: str | None = knob(None, "Payload dtype, int8 or fp16; default: the memory's, "
+    payload_dtype: str | None = knob(None, "Payload dtype, int8, int4 (densest) or fp16; default: the memory's, "
                                            f"{DEFAULT_PAYLOAD_DTYPE} for a new memory.")
     batch_size: int = 8  # examples per forward pass
 
@@ -55,7 +55,7 @@ class EntryConfig(Config):
         if self.pooling not in POOLINGS:
             raise InputError(f"EntryConfig.pooling must be one of {POOLINGS}, got {self.pooling!r}")
         if self.payload_dtype is not None and self.payload_dtype not in PAYLOAD_DTYPES:
-            raise InputError(f"EntryConfig.payload_dtype must be 'int8' or 'fp16', got {self.payload_dtype!r}")
+            raise InputError(f"EntryConfig.payload_dtype must be 'int8', 'int4' or 'fp16', got {self.payload_dtype!r}")
         _at_least(self, 1, "batch_size")
 
 
