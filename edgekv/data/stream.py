@@ -25,6 +25,13 @@ of concepts (:meth:`SplitSizes.balanced`): test 24 becomes 32 for glorp-words an
 for shape-code (4) and date-house (1 concept); val 16 likewise (16, 16, 20, 18, 20, 16, 16).
 Train keeps its size and holds every concept at least once. ``stream.json`` records the
 requested ``sizes``, each task's actual ``num_examples`` and its ``concept_counts`` per split.
+
+Held out: the text stream ``facts4`` (tasks in ``HELD_OUT_TASKS``, data in
+:mod:`edgekv.data.facts`) checks that a method generalises. Nothing in the project may be tuned
+on it (no default, hyperparameter or choice between methods); it is only reported. Unlike
+edge6, its facts are drawn from the seed (the ``label_map`` in stream.json is the seed's), its
+train and eval (val, test) splits use disjoint sets of phrasings, and its default sizes are
+``STREAM_SIZES["facts4"]`` (64 train = 4 per item, 16 val, 32 test).
 """
 
 from __future__ import annotations
@@ -42,6 +49,9 @@ import numpy as np
 
 from edgekv.atomic import replace_dir_atomic
 from edgekv.configs import Config, knob
+from edgekv.data.facts import TASK_NAMES as FACT_TASKS
+from edgekv.data.facts import TASK_SPECS as FACT_SPECS
+from edgekv.data.facts import facts_world
 from edgekv.data.readers import Example, read_examples, resolve_images
 from edgekv.errors import InputError
 
@@ -110,15 +120,31 @@ class TaskDef:
     """A built-in task: what it asks and how its items are generated.
 
     ``generate(rng, sizes)`` returns the items of each split; ``label_map`` is the fixed
-    concept -> answer mapping the examples teach (empty for format tasks).
+    concept -> answer mapping the examples teach (empty for format tasks). A task whose facts
+    are drawn from the seed (facts4) has ``seeded_labels(seed)`` instead, and its ``generate``
+    takes that mapping as a third argument; ``meta`` goes into its stream.json entry.
     """
 
     name: str
     kind: str  # "image" | "text"
     description: str
     why_weak: str
-    generate: Callable[[np.random.Generator, SplitSizes], dict[str, list[Item]]] = field(repr=False)
+    generate: Callable[..., dict[str, list[Item]]] = field(repr=False)
     label_map: dict[str, str] = field(default_factory=dict)
+    seeded_labels: Callable[[int], dict[str, str]] | None = field(default=None, repr=False)
+    held_out: bool = False
+    meta: dict = field(default_factory=dict)
+
+    def labels(self, seed: int) -> dict[str, str]:
+        """The concept -> answer mapping this task teaches for ``seed``."""
+        return dict(self.seeded_labels(seed)) if self.seeded_labels is not None else dict(self.label_map)
+
+    def make_splits(self, seed: int, sizes: SplitSizes) -> dict[str, list[Item]]:
+        """The items of every split for ``seed`` (drawn from the task's own generator)."""
+        rng = _task_rng(seed, self.name)
+        if self.seeded_labels is None:
+            return self.generate(rng, sizes)
+        return self.generate(rng, sizes, self.labels(seed))
 
 
 def _task_rng(seed: int, task: str) -> np.random.Generator:
@@ -204,6 +230,42 @@ def _combo_splits(concepts: Sequence[str], templates: Sequence[str], make: Calla
         train = first + rest[: sizes.train - len(first)]
         train, val, test = ([ps[i] for i in rng.permutation(len(ps))] for ps in (train, val, test))
         return {s: [make(c, t) for c, t in ps] for s, ps in zip(SPLITS, (train, val, test), strict=True)}
+
+    return generate
+
+
+def _fact_splits(task: str, train_templates: Sequence[str], eval_templates: Sequence[str]
+                 ) -> Callable[[np.random.Generator, SplitSizes, dict[str, str]], dict[str, list[Item]]]:
+    """Splits of a held-out facts task: train phrasings and eval (val + test) phrasings never overlap.
+
+    Every split is balanced over the items: the sizes are rounded UP to a multiple of the item
+    count (train too). Each item gets ``train / items`` distinct train templates, and distinct
+    eval templates: ``test / items`` for test, then ``val / items`` for val; so no prompt
+    occurs twice, and no val or test prompt uses a template that train uses.
+    """
+
+    def generate(rng: np.random.Generator, sizes: SplitSizes, label_map: dict[str, str]) -> dict[str, list[Item]]:
+        items = list(label_map)
+        n = len(items)
+        q = {s: -(-getattr(sizes, s) // n) for s in SPLITS}
+        if q["train"] > len(train_templates) or q["val"] + q["test"] > len(eval_templates):
+            raise InputError(f"task {task}: has {n} items, {len(train_templates)} train phrasings and "
+                             f"{len(eval_templates)} val/test phrasings; split sizes (rounded up to a multiple "
+                             f"of {n}: {q['train'] * n}/{q['val'] * n}/{q['test'] * n}) allow at most "
+                             f"{len(train_templates) * n} train and {len(eval_templates) * n} val + test "
+                             f"examples")
+        pairs: dict[str, list[tuple[str, str]]] = {s: [] for s in SPLITS}
+        for item in items:
+            ts = [train_templates[i] for i in rng.permutation(len(train_templates))]
+            pairs["train"] += [(item, t) for t in ts[: q["train"]]]
+            es = [eval_templates[i] for i in rng.permutation(len(eval_templates))]
+            pairs["test"] += [(item, t) for t in es[: q["test"]]]
+            pairs["val"] += [(item, t) for t in es[q["test"]: q["test"] + q["val"]]]
+        out = {}
+        for s in SPLITS:
+            ps = [pairs[s][i] for i in rng.permutation(len(pairs[s]))]
+            out[s] = [Item(t.format(c), label_map[c], c) for c, t in ps]
+        return out
 
     return generate
 
@@ -352,11 +414,45 @@ TASKS: dict[str, TaskDef] = {t.name: t for t in (
             _combo_splits(tuple(HOMES), HOME_TEMPLATES, _lookup(HOMES), "home-city"), dict(HOMES)),
 )}
 
+
+# --- held-out text tasks (facts4) -------------------------------------------------
+def _edge6_words() -> frozenset[str]:
+    """edge6's invented words and names, which facts4 never reuses."""
+    words = {*GLORP.values(), *HOMES.values(), *DIGIT_NAMES.values(), *SHAPE_CODES.values(),
+             *COLOUR_TAGS.values()}
+    words |= {w for name in HOMES for w in name.replace("-", " ").split()}
+    return frozenset(w.casefold() for w in words)
+
+
+def _fact_labels(task: str) -> Callable[[int], dict[str, str]]:
+    return lambda seed: facts_world(seed, _edge6_words())[task]
+
+
+# Held out from tuning: never used to choose a default, a hyperparameter or a method; reported only.
+HELD_OUT_TASKS: dict[str, TaskDef] = {name: TaskDef(
+    name, "text", FACT_SPECS[name]["description"] + " Held out: never tuned on.", FACT_SPECS[name]["why_weak"],
+    _fact_splits(name, FACT_SPECS[name]["train"], FACT_SPECS[name]["eval"]),
+    seeded_labels=_fact_labels(name), held_out=True,
+    meta={"held_out": True, "phrasings": {"train": list(FACT_SPECS[name]["train"]),
+                                          "val_test": list(FACT_SPECS[name]["eval"])}},
+) for name in FACT_TASKS}
+ALL_TASKS: dict[str, TaskDef] = {**TASKS, **HELD_OUT_TASKS}
+
 STREAMS: dict[str, tuple[str, ...]] = {
     "edge6": ("shape-code", "glorp-words", "count-roman", "date-house", "digit-velan", "home-city"),
 }
 STREAMS["edge6-rev"] = tuple(reversed(STREAMS["edge6"]))
+STREAMS["facts4"] = ("pet-owner", "tool-maker", "river-colour", "band-song")
+STREAMS["facts4-rev"] = tuple(reversed(STREAMS["facts4"]))
 DEFAULT_STREAM = "edge6"
+HELD_OUT_STREAMS = ("facts4", "facts4-rev")
+# a built-in stream's sizes when none are given (others: SplitSizes())
+STREAM_SIZES: dict[str, SplitSizes] = {"facts4": SplitSizes(64, 16, 32), "facts4-rev": SplitSizes(64, 16, 32)}
+
+
+def default_sizes(name: str, order: Sequence[str] | None = None) -> SplitSizes:
+    """The split sizes stream ``name`` is written with when none are given."""
+    return STREAM_SIZES.get(name, SplitSizes()) if order is None else SplitSizes()
 
 
 def stream_order(name: str, order: Sequence[str] | None = None) -> tuple[str, ...]:
@@ -370,8 +466,8 @@ def stream_order(name: str, order: Sequence[str] | None = None) -> tuple[str, ..
     if not order:
         raise InputError("order: empty; name at least one task")
     for t in order:
-        if t not in TASKS:
-            raise InputError(f"order: unknown task {t!r}; built-in tasks: {', '.join(TASKS)}")
+        if t not in ALL_TASKS:
+            raise InputError(f"order: unknown task {t!r}; built-in tasks: {', '.join(ALL_TASKS)}")
     if len(set(order)) != len(order):
         raise InputError(f"order: a task is named twice in {','.join(order)}")
     return order
@@ -404,7 +500,7 @@ def llava_record(rid: str, prompt: str, answer: str, image: str | None) -> dict:
 def _write_task(root: str, task: TaskDef, seed: int, sizes: SplitSizes) -> dict:
     tdir = os.path.join(root, "tasks", task.name)
     os.makedirs(tdir)
-    splits = task.generate(_task_rng(seed, task.name), sizes)
+    splits = task.make_splits(seed, sizes)
     files = {}
     for split in SPLITS:
         records = []
@@ -420,10 +516,10 @@ def _write_task(root: str, task: TaskDef, seed: int, sizes: SplitSizes) -> dict:
         files[split] = f"tasks/{task.name}/{split}.json"
         _dump_json(os.path.join(root, files[split]), records)
     return {"name": task.name, "kind": task.kind, "description": task.description,
-            "why_weak_zero_shot": task.why_weak, "label_map": task.label_map, "files": files,
+            "why_weak_zero_shot": task.why_weak, "label_map": task.labels(seed), "files": files,
             "num_examples": {s: len(splits[s]) for s in SPLITS},
             "concepts": {s: sorted({it.concept for it in splits[s]}) for s in SPLITS},
-            "concept_counts": {s: _counts(it.concept for it in splits[s]) for s in SPLITS}}
+            "concept_counts": {s: _counts(it.concept for it in splits[s]) for s in SPLITS}, **task.meta}
 
 
 def _counts(values) -> dict[str, int]:
@@ -438,14 +534,16 @@ def write_stream(name: str, out_dir: str | os.PathLike, seed: int = 0, order: Se
                  sizes: SplitSizes | None = None, progress: bool = False) -> str:
     """Write stream ``name`` (built-in, or any name with ``order``) to ``out_dir``; returns its stream.json.
 
+    ``sizes``: default :func:`default_sizes` (facts4: 64 / 16 / 32, others 48 / 16 / 24).
+
     The same (name, seed, order, sizes) gives byte-identical files. The stream is built in a
     sibling temp folder and renamed into place, so an interrupted write leaves no half stream;
     an existing stream at ``out_dir`` is replaced, any other non-empty folder is refused.
     """
     from tqdm import tqdm
 
+    sizes = sizes or default_sizes(name, order)
     order = stream_order(name, order)
-    sizes = sizes or SplitSizes()
     if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
         raise InputError(f"seed: {seed!r} must be a non-negative integer")
     out_dir = os.path.abspath(os.fspath(out_dir))
@@ -464,7 +562,7 @@ def write_stream(name: str, out_dir: str | os.PathLike, seed: int = 0, order: Se
     shutil.rmtree(tmp, ignore_errors=True)
     try:
         os.makedirs(tmp)
-        tasks = [_write_task(tmp, TASKS[t], seed, sizes)
+        tasks = [_write_task(tmp, ALL_TASKS[t], seed, sizes)
                  for t in tqdm(order, desc=f"stream {name}", unit="task", disable=not progress)]
         _dump_json(os.path.join(tmp, "stream.json"), {
             "format": FORMAT, "version": FORMAT_VERSION, "name": name, "seed": seed, "order": list(order),
