@@ -362,6 +362,36 @@ def test_calibration_lowers_current_task_nll(backbone):
     assert cal.tau > 0 and all(0 < g < 1 for g in cal.gates) and cal.gates != (0.95,) * 3
 
 
+def test_tau_gradient_is_finite_where_alpha_underflows(backbone):
+    """A small tau puts a retrieved entry's alpha below float32 (exactly 0): the entry scale
+    sqrt(k * alpha) is taken in log space, so tau's and the gates' gradients stay finite (the sqrt
+    of alpha had an infinite derivative there, which the softmax's backward made NaN)."""
+    bb = backbone("llama")
+    entries, encs, bank = _bank(bb, EntryConfig(pooled_len=4))
+    P = torch.from_numpy(effective_keys(bank.raw_keys, fit_projection(bank.raw_keys, 2)))
+    qs = QuerySet(P, [list(e.ids[: e.answer_end]) for e in encs], [e.answer_start for e in encs],
+                  [e.source_id for e in entries])
+    ind = Induction(bb.model, bank, P, 3, bb.rope)
+    rows, log_w = list(range(len(qs))), torch.zeros(len(bank))
+    tau = torch.tensor(1e-3, requires_grad=True)  # CalibrationConfig.min_tau
+    gates = torch.full((3,), 0.5, requires_grad=True)
+    _, alpha, k_mem, _ = ind.memory_for(qs.keys, qs.source_ids, log_w, tau, gates)
+    assert (alpha == 0).any() and torch.isfinite(k_mem).all()  # the degenerate case is reached
+    ind.loss(qs, rows, log_w, tau, gates).backward()
+    assert torch.isfinite(tau.grad) and torch.isfinite(gates.grad).all(), (tau.grad, gates.grad)
+
+
+def test_calibration_refuses_a_non_finite_step():
+    """A loss or gradient that is not finite stops the calibration before phi takes it."""
+    for loss_fn, phrase in ((lambda p, r: p.tau() * float("nan"), "the answer NLL with memory attached is nan"),
+                            (lambda p, r: (p.tau() - p.tau().detach()).sqrt(), "the gradient of tau is not finite")):
+        phi = Phi.from_calibration(Calibration(0.1, (0.9,) * 3))
+        with pytest.raises(InputError, match=phrase) as err:
+            calibrate(phi, loss_fn, 4, CalibrationConfig(steps=3, batch_size=2))
+        assert "calibrate step 1 of 3" in str(err.value) and "nothing is committed" in str(err.value)
+        assert phi.calibration().tau == pytest.approx(0.1, rel=1e-5)  # phi untouched
+
+
 def test_phi_round_trips_calibration():
     cal = Calibration(0.07, (0.9, 0.5, 0.2))
     back = Phi.from_calibration(cal).calibration()
@@ -519,6 +549,52 @@ def test_adapt_cli_json(tiny_model_dir, tmp_path):
     (tmp_path / "bad.jsonl").write_text('{"id": "x", "prompt": "p"}\n')
     res = runner.invoke(app, base + ["--data", str(tmp_path / "bad.jsonl")])
     assert res.exit_code == 3 and "line 1: field 'answer' is missing" in res.output
+
+
+def test_third_adapt_with_k2_m4_keeps_a_finite_tau(tiny_model_dir, tmp_path, monkeypatch):
+    """Regression: the third ``edgekv adapt`` into a 40KB memory with m = 4, k = 2 drove tau so low
+    (about 0.006) that an alpha underflowed to 0 and tau's gradient became NaN ("calibration must
+    have a finite tau > 0 ..., got tau nan"). Now every task commits a finite tau; a calibration
+    step that is not finite is refused and the memory and its anchors stay byte-identical."""
+    import hashlib
+    import math
+    import sys
+
+    from typer.testing import CliRunner
+
+    import edgekv.induce.calibrate as calibrate_mod
+    from edgekv.cli import app
+
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "scripts"))
+    from crash_harness import write_tasks
+
+    model, runner = tiny_model_dir("llama"), CliRunner()
+    tasks = write_tasks(str(tmp_path), 4)
+    mem = str(tmp_path / "mem.ekv")
+
+    def run(data: str, *extra: str):
+        return runner.invoke(app, ["adapt", "--model", model, "--data", data, "--memory", mem, "--pooled-len", "4",
+                                   "-k", "2", "--steps", "2", "--threads", "1", "--no-progress", "--json", *extra])
+
+    for i, data in enumerate(tasks[:3]):
+        res = run(data, *(["--budget", "40KB"] if i == 0 else []))
+        assert res.exit_code == 0, (i, res.output)
+        cal = json.loads(res.stdout)["calibration"]
+        assert math.isfinite(cal["tau"]) and cal["tau"] > 0 and all(math.isfinite(g) for g in cal["gates"])
+        assert all(math.isfinite(x) for x in cal["final_losses"])
+
+    def digest() -> list[str]:
+        return [hashlib.sha256(open(p, "rb").read()).hexdigest() for p in (mem, mem + ".anchors.jsonl")]
+
+    before = digest()
+    nan_loss = calibrate_mod.calibration_loss
+    monkeypatch.setattr(calibrate_mod, "calibration_loss", lambda *a, **kw: nan_loss(*a, **kw) * float("nan"))
+    res = run(tasks[3])
+    assert res.exit_code == 3 and "nothing is committed" in res.output and "Traceback" not in res.output, res.output
+    assert digest() == before
+    with Memory(mem) as m:
+        m.verify()
+        assert set(m.per_task_counts()) == {"task1", "task2", "task3"}
 
 
 # --- SmolLM2 ---------------------------------------------------------------------------

@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
+from edgekv.errors import InputError
 from edgekv.format import Calibration
 from edgekv.induce.config import CalibrationConfig
 
@@ -81,7 +82,9 @@ def calibrate(phi: Phi, loss_fn: Callable[[Phi, list[int]], torch.Tensor], num_q
               cfg: CalibrationConfig, progress: bool = False, desc: str = "calibrate") -> list[float]:
     """Adam steps on ``loss_fn(phi, rows)`` over mini-batches of ``num_queries`` rows.
 
-    Updates ``phi`` in place; returns the loss of each step (before its update).
+    Updates ``phi`` in place; returns the loss of each step (before its update). A step whose
+    loss or gradient is not finite raises :class:`InputError` before phi is updated with it,
+    so a non-finite calibration never reaches the memory.
     """
     from tqdm.auto import tqdm
 
@@ -89,14 +92,32 @@ def calibrate(phi: Phi, loss_fn: Callable[[Phi, list[int]], torch.Tensor], num_q
         return []
     opt = torch.optim.Adam([p for p in phi.parameters() if p.requires_grad], lr=cfg.lr)  # a frozen tau stays
     losses = []
-    for rows in tqdm(batches(num_queries, cfg.batch_size, cfg.steps, cfg.seed), desc=desc, leave=False,
-                     disable=not progress):
+    for step, rows in enumerate(tqdm(batches(num_queries, cfg.batch_size, cfg.steps, cfg.seed), desc=desc,
+                                     leave=False, disable=not progress)):
         opt.zero_grad()
         loss = loss_fn(phi, rows)
         loss.backward()
+        check_finite_step(phi, loss, f"{desc} step {step + 1} of {cfg.steps}")
         opt.step()
         losses.append(float(loss.detach()))
     return losses
+
+
+def check_finite_step(phi: Phi, loss: torch.Tensor, where: str) -> None:
+    """Raise :class:`InputError` naming what is not finite: the loss, phi, or phi's gradient."""
+    cal = phi.calibration()
+    state = f"at tau {cal.tau:.4g}"
+    if not (math.isfinite(cal.tau) and all(math.isfinite(g) for g in cal.gates)):
+        bad = "tau" if not math.isfinite(cal.tau) else "the layer gates"
+        raise InputError(f"{where}: {bad} of the calibration is not finite ({state}, gates {list(cal.gates)}); "
+                         f"nothing is committed")
+    if not torch.isfinite(loss.detach()).all():
+        raise InputError(f"{where}: the answer NLL with memory attached is {float(loss.detach())} {state} "
+                         f"(degenerate task data or backbone output); nothing is committed")
+    for name, p in (("tau", phi.phi_tau), ("the layer gates", phi.phi_gates)):
+        if p.grad is not None and not torch.isfinite(p.grad).all():
+            raise InputError(f"{where}: the gradient of {name} is not finite {state} (loss {float(loss.detach()):.4g}); "
+                             f"nothing is committed")
 
 
 def calibration_loss(phi: Phi, induction: Induction, cur: QuerySet, cur_rows: Sequence[int],

@@ -11,7 +11,11 @@ weights w. Conventions, identical to the runtime (a test holds them together):
   ``alpha_i ∝ w_i exp(sim_i / tau)`` (plain softmax(sim / tau) when w = 1);
 * entries laid out by *increasing* similarity, entry j at positions j*m .. (j+1)*m-1;
 * keys scaled by sqrt(k * alpha_i) (:func:`edgekv.induction.entry_scale`) and rotated to
-  their positions, values scaled by sqrt(k * alpha_i) * lambda_l;
+  their positions, values scaled by sqrt(k * alpha_i) * lambda_l. Here the scale is computed
+  from log alpha (``exp((log k + log alpha_i) / 2)``, :func:`memory_kv_log`): with a small tau an
+  alpha_i underflows to 0 in float32, where sqrt's derivative is infinite and the softmax's
+  backward turns it into NaN (0 * inf) in tau's gradient; in log space the gradient is
+  ``c_i (delta_ij - alpha_j) / 2``, finite everywhere;
 * the chat-templated query follows at positions k*m ... with an all-ones attention mask.
 
 Queries with an image (vision-language backbones, :class:`edgekv.host.vlm.ImageInputs`) enter the
@@ -21,6 +25,7 @@ features); text-only batches keep the ``input_ids`` path.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -140,22 +145,44 @@ def retrieve(q: torch.Tensor, P: torch.Tensor, log_w: torch.Tensor, tau: torch.T
     return idx, sims.gather(1, idx)
 
 
+def log_alpha_weights(sims: torch.Tensor, log_w: torch.Tensor, tau: torch.Tensor | float) -> torch.Tensor:
+    """log alpha, alpha ∝ w exp(sim / tau) over the retrieved entries. sims, log_w: [B, k] -> [B, k]
+
+    Finite (and with a finite gradient) where alpha itself underflows to 0 in float32."""
+    return torch.log_softmax(sims / tau + log_w, dim=-1)
+
+
 def alpha_weights(sims: torch.Tensor, log_w: torch.Tensor, tau: torch.Tensor | float) -> torch.Tensor:
     """alpha ∝ w exp(sim / tau) over the retrieved entries. sims, log_w: [B, k] -> [B, k]"""
-    return torch.softmax(sims / tau + log_w, dim=-1)
+    return log_alpha_weights(sims, log_w, tau).exp()
 
 
 def memory_kv(K: torch.Tensor, V: torch.Tensor, idx: torch.Tensor, alpha: torch.Tensor,
               gates: torch.Tensor, rope: RopeSpec | None, start_position: int = 0
               ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The injected past KV of a batch of queries for given weights alpha [B, k] (sum 1 per row):
+    :func:`memory_kv_log` of ``alpha.log()``. Not for alpha that needs a gradient where some of
+    it is 0 (the gradient of log there is infinite): :class:`Induction` passes log alpha."""
+    return memory_kv_log(K, V, idx, alpha.log(), gates, rope, start_position)
+
+
+def memory_kv_log(K: torch.Tensor, V: torch.Tensor, idx: torch.Tensor, log_alpha: torch.Tensor,
+                  gates: torch.Tensor, rope: RopeSpec | None, start_position: int = 0
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
     """The injected past KV of a batch of queries (torch mirror of ``assemble_memory_kv``).
 
-    K, V: [N, L, H, m, D] position-free entries; idx, alpha: [B, k] in layout order;
-    gates: [L] -> K_mem, V_mem: [L, B, H, k*m, D] (keys rotated to start..start+k*m-1)
+    K, V: [N, L, H, m, D] position-free entries; idx, log_alpha: [B, k] in layout order
+    (:func:`log_alpha_weights`); gates: [L] -> K_mem, V_mem: [L, B, H, k*m, D] (keys rotated
+    to start..start+k*m-1)
+
+    The entry scale sqrt(k * alpha_i) (``entry_scale``) is taken in log space,
+    exp((log k + log alpha_i) / 2): sqrt(alpha) has an infinite derivative where alpha_i has
+    underflowed to 0 (a small tau and a far entry), which the softmax's backward turns into a
+    NaN gradient of tau (0 * inf); this form's gradient is finite everywhere.
     """
     B, k = idx.shape
     N, L, H, m, D = K.shape
-    s = (alpha * k).sqrt()[:, :, None, None, None, None]  # [B, k, 1, 1, 1, 1], as entry_scale
+    s = torch.exp(0.5 * (log_alpha + math.log(k)))[:, :, None, None, None, None]  # [B, k, 1, 1, 1, 1], entry_scale
     k_sel = K[idx] * s  # [B, k, L, H, m, D]
     v_sel = V[idx] * s * gates[None, None, :, None, None, None]
     k_mem = k_sel.permute(2, 0, 3, 1, 4, 5).reshape(L, B, H, k * m, D)  # entry j at j*m..
@@ -301,9 +328,9 @@ class Induction:
         if k == 0:
             return None, None, None, None
         idx, sims = retrieve(q, self.P, log_w.detach(), tau.detach() if torch.is_tensor(tau) else tau, k, ex)
-        alpha = alpha_weights(sims, log_w[idx], tau)
-        k_mem, v_mem = memory_kv(self.bank.K, self.bank.V, idx, alpha, gates, self.rope)
-        return idx, alpha, k_mem, v_mem
+        log_alpha = log_alpha_weights(sims, log_w[idx], tau)  # [B, k]
+        k_mem, v_mem = memory_kv_log(self.bank.K, self.bank.V, idx, log_alpha, gates, self.rope)
+        return idx, log_alpha.exp(), k_mem, v_mem
 
     def loss(self, qs: QuerySet, rows: Sequence[int], log_w: torch.Tensor, tau: torch.Tensor,
              gates: torch.Tensor, leave_one_out: bool = True) -> torch.Tensor:
