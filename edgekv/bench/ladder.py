@@ -543,6 +543,11 @@ def run_ladder(backbone, stream_tasks, cfg: LadderConfig | None = None, memory_p
     if not tasks:
         raise InputError("the stream has no tasks")
     metas = task_metas(stream_tasks)
+    single = [m.get("name") for m in metas if not m.get("label_map") and not m.get("concepts")]
+    if single:
+        print(f"edgekv bench: ladder: no label_map for {', '.join(map(str, single))}: each is read as one concept "
+              "(its oracle rungs take any k train examples); load the stream from its folder (stream.json) "
+              "to give the concepts", file=sys.stderr)
     show = (progress is not False) and sys.stderr.isatty()
     max_new = cfg.max_new_tokens or answer_tokens(
         backbone.tokenizer, [BenchTask(t.name, (), tuple(_queries(t, cfg))) for t in tasks]) + 2

@@ -34,11 +34,27 @@ def truncated_decoder(decoder: Any, num_layers: int) -> Any:
     return view
 
 
-def pool_hidden(h: torch.Tensor, attention_mask: torch.Tensor, pooling: str) -> torch.Tensor:
-    """h: [B, S, Hd], attention_mask: [B, S] (1 = token) -> [B, Hd] float32."""
+def rare_weights(input_ids: torch.Tensor) -> torch.Tensor:
+    """Weight of each token in ``rare`` pooling: log(1 + id) ** 2. [B, S] int -> [B, S] float32
+
+    Byte-pair vocabularies number their tokens in merge order, which follows corpus frequency,
+    so a token's id grows as it gets rarer and log(1 + id) tracks its self-information
+    (Zipf: frequency ~ 1 / rank). A frozen property of the tokenizer: stored keys never go stale."""
+    return torch.log1p(input_ids.to(torch.float32)) ** 2
+
+
+def pool_hidden(h: torch.Tensor, attention_mask: torch.Tensor, pooling: str,
+                input_ids: torch.Tensor | None = None) -> torch.Tensor:
+    """h: [B, S, Hd], attention_mask: [B, S] (1 = token), input_ids: [B, S] (``rare`` only)
+    -> [B, Hd] float32."""
     mask = attention_mask.to(h.dtype).unsqueeze(-1)  # [B, S, 1]
     if pooling == "mean":
         return (h * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1.0)
+    if pooling == "rare":
+        if input_ids is None:
+            raise ValueError("rare key pooling needs the token ids")
+        w = mask * rare_weights(input_ids).to(h.dtype).unsqueeze(-1)  # [B, S, 1]
+        return (h * w).sum(dim=1) / w.sum(dim=1).clamp(min=1e-6)
     if pooling == "last":
         # index of the last 1 in each row (prompts are right-padded)
         idx = (attention_mask.long().cumsum(dim=1) == attention_mask.long().sum(dim=1, keepdim=True))
@@ -58,12 +74,15 @@ class KeyModel(torch.nn.Module):
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         out = self.body(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
-        return pool_hidden(out.last_hidden_state, attention_mask, self.pooling)
+        return pool_hidden(out.last_hidden_state, attention_mask, self.pooling, input_ids)
 
-    def forward_embeds(self, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        """inputs_embeds [B, S, hidden] float32, attention_mask [B, S] int64 -> pooled [B, hidden] float32."""
+    def forward_embeds(self, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor,
+                       input_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """inputs_embeds [B, S, hidden] float32, attention_mask [B, S] int64, input_ids [B, S] int64
+        (the tokens the embeddings stand for, image positions included; ``rare`` pooling only)
+        -> pooled [B, hidden] float32."""
         out = self.body(inputs_embeds=inputs_embeds, attention_mask=attention_mask, use_cache=False)
-        return pool_hidden(out.last_hidden_state, attention_mask, self.pooling)
+        return pool_hidden(out.last_hidden_state, attention_mask, self.pooling, input_ids)
 
 
 class EmbedsKeyModel(torch.nn.Module):

@@ -180,6 +180,18 @@ def j_value(t: dict, sel: SelectionConfig) -> float:
     return t["L_cur"] + sel.gamma * t["omega"] + (sel.beta * t["L_anc"] if t["L_anc"] is not None else 0.0)
 
 
+def task_balanced(cfg: AdaptConfig, num_earlier: int) -> AdaptConfig:
+    """``cfg`` with beta_eff = beta * num_earlier when ``cfg.selection.balance_tasks``.
+
+    L_anc is the mean NLL over the anchors of all earlier tasks, L_cur over the current one; with
+    beta = 1 a new task then weighs as much as all earlier tasks together. Scaled, J is (up to the
+    factor) the mean over tasks, each task alike: the objective of Last. The selection, the
+    calibration and the J reports all read the scaled beta."""
+    if not cfg.selection.balance_tasks or num_earlier <= 1:
+        return cfg
+    return replace(cfg, selection=replace(cfg.selection, beta=cfg.selection.beta * num_earlier))
+
+
 def read_bank(mem: Memory) -> tuple[Bank, list[int]]:
     """The memory's entries as a host bank, and their slots."""
     s = mem.spec
@@ -457,6 +469,7 @@ def adapt(backbone, examples: Sequence[Example], memory_path: str, budget_bytes:
     proj = fit_projection(pool.raw_keys, cfg.proj_dirs)
     P = effective(pool.raw_keys, proj)  # [N, R]
     q = build_queries(backbone, examples, key_model, cands, proj, state, cfg, task)
+    cfg = task_balanced(cfg, len({t for t, _ in q.earlier}))
     before = j_before(backbone, state, q, cfg)
 
     phi = Phi.from_calibration(state.calibration, cfg.calibration)

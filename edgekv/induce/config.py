@@ -90,6 +90,9 @@ class SelectionConfig(Config):
     batch_size: int = 8  # queries per batch (current task and anchors each)
     seed: int = 0
     random: bool = False  # ablation: keep a seeded uniform random B of the candidates (no J, no steps)
+    balance_tasks: bool = knob(False, "Weigh every task alike in J: beta is multiplied by the number of earlier "
+                                      "tasks among the anchors, so L_anc (their mean NLL) counts as much per task as "
+                                      "L_cur (edgekv.induce.adapt.task_balanced).")
 
     def __post_init__(self) -> None:
         _at_least(self, 0, "beta", "gamma", "steps")

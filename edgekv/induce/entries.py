@@ -227,7 +227,8 @@ def raw_keys(key_model, id_lists: Sequence[Sequence[int]], batch_size: int = 16,
         else:
             imgs = list(images[i: i + batch_size]) if images is not None else [None] * len(chunk)
             embeds, mask = inputs.embed_batch(chunk, imgs)
-            out.append(key_model.forward_embeds(embeds, mask).float().numpy())
+            ids = pad_batch(chunk)[0] if key_model.pooling == "rare" else None
+            out.append(key_model.forward_embeds(embeds, mask, ids).float().numpy())
     return np.concatenate(out) if out else np.zeros((0, 0), np.float32)
 
 
