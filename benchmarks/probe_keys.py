@@ -26,7 +26,6 @@ Only the val split is read (the rules of measurement: choices on val). Run:
 
 from __future__ import annotations
 
-import json
 import os
 import sys
 import time
@@ -121,7 +120,7 @@ def main() -> None:
     for layer in LAYERS:
         km = KeyModel(bb.decoder, layer, "mean")
 
-        def hidden(exs):
+        def hidden(exs, km=km):
             out = []
             with torch.no_grad():
                 for _, (_, e) in exs:

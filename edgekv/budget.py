@@ -7,6 +7,7 @@ from dataclasses import asdict, dataclass
 from edgekv.configs import Config, knob
 from edgekv.errors import InputError
 from edgekv.format import PAYLOAD_CODES, TABLE_ENTRY_BYTES, MemorySpec
+from edgekv.format.layout import DEFAULT_PAYLOAD_DTYPE
 from edgekv.modelshape import ModelShape
 
 
@@ -15,7 +16,8 @@ class BudgetConfig(Config):
     """Choices that set a slot's size."""
 
     pooled_len: int = knob(16, "KV positions per entry, m (adapt's default is 16).")
-    payload_dtype: str = knob("int8", "Payload dtype: int8, int4 (densest) or fp16.")
+    payload_dtype: str = knob(DEFAULT_PAYLOAD_DTYPE, "Payload dtype: int4 (densest; a new memory's default), int8 "
+                                                     "or fp16.")
     top_k: int = knob(4, "Entries retrieved per query.")
     proj_max_dirs: int = 8  # key-projection directions the header has room for
 

@@ -24,6 +24,7 @@ from dataclasses import asdict, dataclass, field
 
 from edgekv.configs import Config, knob
 from edgekv.errors import InputError
+from edgekv.induce.config import DEFAULT_POOLED_LEN
 from edgekv.units import parse_size
 
 
@@ -38,8 +39,9 @@ class DemoConfig(Config):
     seed: int = knob(0, "Seed of the stream's instances and of adapt's sampling.")
     num_test: int = knob(12, "Held-out queries per task answered by the runtime (0: all).")
     top_k: int = 4  # entries retrieved per query (adapt and runtime use the same k)
-    pooled_len: int = 8  # m: KV positions per entry; on edge6 more, shorter entries beat fewer long ones
-    # (benchmarks/results/bench: induce-m8 Avg 47.9 vs m16 at the same 8 MiB)
+    # m: KV positions per entry, adapt's default. On edge6's val split (tiny-vlm, 8 MiB, int4, seed 0)
+    # m 16 reached Last 38.1 against 31.7 at m 8 (docs/method.md, departure 6).
+    pooled_len: int = DEFAULT_POOLED_LEN
     max_new_tokens: int = 8
     selection_steps: int = 12  # bilevel selection steps per task
     work_dir: str | None = knob(None, "Where artifacts and memory go (default: $EDGEKV_CACHE/demo).")

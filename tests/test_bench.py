@@ -67,7 +67,7 @@ def test_registry_and_parse_methods():
     cfg = BenchConfig()
     names = list(registry(cfg))
     assert names == ["zero-shot", "induce", "induce-random", "induce-nocov", "induce-nocal", "induce-fp16",
-                     "induce-int4", "induce-m8", "induce-m32", "induce-uniform", "reservoir", "fifo", "prompt-text",
+                     "induce-int8", "induce-m8", "induce-m32", "induce-uniform", "reservoir", "fifo", "prompt-text",
                      "prompt-text-matched", "lora", "replay-lora"]
     assert all(describe(cfg)[n] for n in names)
     assert parse_methods("lora, induce", cfg) == ["induce", "lora"]  # registry order

@@ -57,13 +57,13 @@ def test_no_arguments_shows_help():
 
 
 def test_profile_table_and_json_agree():
-    res = invoke("profile", "--model", "smollm2-135m", "--budget", "16MiB", "--pooled-len", "64")
+    opts = ("--model", "smollm2-135m", "--budget", "16MiB", "--pooled-len", "64", "--payload", "int8")
+    res = invoke("profile", *opts)
     assert res.exit_code == 0, res.output
     table = rows(res.stdout)
-    data = json.loads(invoke("profile", "--model", "smollm2-135m", "--budget", "16MiB", "--pooled-len", "64",
-                             "--json").stdout)
+    data = json.loads(invoke("profile", *opts, "--json").stdout)
     assert data == json.loads(json.dumps(budget_report(model_shape("smollm2-135m"), 16 << 20,
-                                                       BudgetConfig(pooled_len=64))))
+                                                       BudgetConfig(pooled_len=64, payload_dtype="int8"))))
     assert table["model"] == "llama: 30 layers x 3 KV heads x head dim 64"
     assert table["budget"] == "16.00 MiB"
     assert table["payload"] == "int8, m = 64 positions per entry"
@@ -73,6 +73,10 @@ def test_profile_table_and_json_agree():
     assert table["table entry"] == "64 B"
     assert table["slots that fit"] == str(data["num_slots"]) == "21"
     assert table["memory KV tokens"] == "256 per layer with k = 4"
+    # a new memory's payload is int4 when none is asked for: the same report, denser
+    default = rows(invoke("profile", *opts[:6]).stdout)
+    assert default["payload"] == "int4, m = 64 positions per entry"
+    assert int(default["slots that fit"]) > int(table["slots that fit"])
 
 
 def test_profile_options_and_model_folder(tmp_path):

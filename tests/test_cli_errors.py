@@ -165,8 +165,7 @@ def test_budget_that_cannot_be_parsed(tiny_model_dir, task_file, tmp_path, budge
     ("1KiB", "budget 1024 B is too small for one slot: a slot needs"),
     ("0", "budget 0 B is too small for one slot"),
     # the library names the config fields; the CLI adds the options that set them
-    ("1KiB", "B with the header (lower EntryConfig.pooled_len, use EntryConfig.payload_dtype int4, the densest, "
-             "or raise the budget) (option --pooled-len, --payload)"),
+    ("1KiB", "B with the header (lower EntryConfig.pooled_len, or raise the budget) (option --pooled-len)"),
     ("DISK", "every update writes a second copy beside it"),
     ("100000TiB", "a memory holds at most 4294967295"),
 ])
@@ -180,9 +179,16 @@ def test_budget_too_small_or_too_large(tiny_model_dir, task_file, tmp_path, budg
     assert not mem.exists() and not (tmp_path / "m.ekv.lock").exists()
 
 
+def test_too_small_hint_suggests_int4_only_when_denser(tiny_model_dir, task_file, tmp_path):
+    res = adapt(tiny_model_dir("llama"), task_file, str(tmp_path / "m.ekv"), "--budget", "1KiB", "--payload", "int8")
+    assert_error(res, 6, "(lower EntryConfig.pooled_len, use EntryConfig.payload_dtype int4 (the densest), "
+                         "or raise the budget)")
+
+
 def test_profile_budget_too_small_for_one_slot():
     for extra in ([], ["--json"]):
-        res = runner.invoke(app, ["profile", "--model", "smollm2-135m", "--budget", "100KiB", "--pooled-len", "64", *extra])
+        res = runner.invoke(app, ["profile", "--model", "smollm2-135m", "--budget", "100KiB", "--pooled-len", "64",
+                                  "--payload", "int8", *extra])
         assert_error(res, 6, "budget 102400 B is too small for one slot: a slot needs 791936 B with the header")
 
 

@@ -69,7 +69,7 @@ def test_pip_install_is_torch_free_and_runtime_imports(tmp_path):
     assert out[1] == "[]"
     assert run([str(venv / "bin" / "edgekv"), "--version"], str(tmp_path)).stdout.startswith("edgekv ")
     prof = run([str(venv / "bin" / "edgekv"), "profile", "--model", "smollm2-135m", "--budget", "16MiB",
-                "--pooled-len", "64", "--json"],
+                "--pooled-len", "64", "--payload", "int8", "--json"],
                str(tmp_path)).stdout
     assert json.loads(prof)["slot_bytes"] == 762_624
 

@@ -437,7 +437,7 @@ def test_five_task_run_keeps_file_size_and_budget(backbone, tmp_path):
     with Memory(mem) as m:
         m.verify()
         assert m.generation == 5 and len(m.projection.dirs) == SMALL.proj_dirs
-        assert m.spec.pooled_len == 4 and m.spec.payload_dtype == "int8"
+        assert m.spec.pooled_len == 4 and m.spec.payload_dtype == "int4"  # the default of a new memory
         assert len(m.calibration.gates) == 3
     assert [t for t, _ in read_anchors(mem)] == [f"task{t}" for t in range(5) for _ in range(3)]
 
@@ -455,13 +455,18 @@ def test_adapt_refuses_mismatches(backbone, tmp_path):
         adapt(bb, _examples(), mem, budget + 1, "t", SMALL)
     with pytest.raises(MismatchError, match="m = 4 positions, EntryConfig.pooled_len says 8"):
         adapt(bb, _examples(), mem, None, "t", AdaptConfig(entry=EntryConfig(pooled_len=8)))
-    with pytest.raises(MismatchError, match="stores int8 payloads, EntryConfig.payload_dtype says fp16"):
+    with pytest.raises(MismatchError, match="stores int4 payloads, EntryConfig.payload_dtype says fp16"):
         adapt(bb, _examples(), mem, None, "t", AdaptConfig(entry=EntryConfig(payload_dtype="fp16")))
     with pytest.raises(MismatchError, match="another model"):
         adapt(backbone("qwen2"), _examples(), mem, None, "t", SMALL)
-    # unset entry sizes follow the memory (m = 4, int8), not the new-memory defaults (16, int8)
+    # unset entry sizes follow the memory (m = 4, int4), not the new-memory defaults (16, int4)
     s = adapt(bb, _examples(), mem, None, "t", dataclasses.replace(SMALL, entry=EntryConfig()))
-    assert s["pooled_len"] == 4 and s["payload_dtype"] == "int8"
+    assert s["pooled_len"] == 4 and s["payload_dtype"] == "int4"
+    # and an int8 memory stays int8 when the default is int4
+    mem8 = str(tmp_path / "m8.ekv")
+    adapt(bb, _examples(), mem8, budget, "t", dataclasses.replace(SMALL, entry=EntryConfig(4, payload_dtype="int8")))
+    s = adapt(bb, _examples(), mem8, None, "t", dataclasses.replace(SMALL, entry=EntryConfig()))
+    assert s["payload_dtype"] == "int8"
 
 
 def test_a_selector_keeps_exactly_the_rows_it_names(backbone, tmp_path):
@@ -504,7 +509,7 @@ def test_entry_config_resolves_against_the_memory():
     spec = SimpleNamespace(pooled_len=8, payload_dtype="fp16")
     unset = EntryConfig(pooling="adaptive")
     assert unset.pooled_len is None and unset.payload_dtype is None
-    assert resolve_entry_config(unset) == EntryConfig(16, "adaptive", payload_dtype="int8")  # a new memory
+    assert resolve_entry_config(unset) == EntryConfig(16, "adaptive", payload_dtype="int4")  # a new memory
     assert resolve_entry_config(unset, spec) == EntryConfig(8, "adaptive", payload_dtype="fp16")
     same = EntryConfig(pooled_len=8, payload_dtype="fp16")
     assert resolve_entry_config(same, spec) == same

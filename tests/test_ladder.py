@@ -198,7 +198,7 @@ def test_markdown_rows_and_largest_drop(tmp_path):
     assert lines[0].split(" | ")[-1].startswith("largest drop") and "p@4" in lines[0] and "r@4" in lines[0]
     rows = {ln.split(" | ")[0][2:]: ln for ln in lines[1:]}
     assert set(rows) == {"alpha", "beta", "**all**"}  # one row per task, and the total
-    assert rows["alpha"].endswith("oracle-kv-pooled → oracle-kv-int8 (−50.0) |")  # 75 -> 25
+    assert rows["alpha"].endswith("oracle-kv-pooled → oracle-kv-stored (−50.0) |")  # 75 -> 25
     assert rows["beta"].endswith("oracle-text → oracle-kv-full (−25.0) |")
     assert "| 100.0 |" in rows["alpha"] and "| 50.0 | 75.0 | 60.0 |" in rows["alpha"]
     assert largest_drop({"oracle-text": 0.5, "retrieved": 0.75}, RUNGS) is None

@@ -214,7 +214,7 @@ def profile(*args: str) -> dict:
 
 
 def test_int8_slot_is_at_most_053_of_fp16_for_smollm2():
-    i8, f16 = profile("--budget", "64MiB"), profile("--budget", "64MiB", "--payload", "fp16")
+    i8, f16 = profile("--budget", "64MiB", "--payload", "int8"), profile("--budget", "64MiB", "--payload", "fp16")
     for d in (i8, f16):
         assert {"slot_bytes", "num_slots", "payload_bytes_per_slot", "key_bytes_per_slot", "overhead_bytes"} <= set(d)
         assert (d["num_layers"], d["num_kv_heads"], d["head_dim"], d["pooled_len"]) == (30, 3, 64, 64)

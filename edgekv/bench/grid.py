@@ -42,6 +42,7 @@ from edgekv.bench import report, stats
 from edgekv.bench.config import BenchConfig
 from edgekv.bench.runner import bench_tasks, run_bench, stage_dir, stream_fingerprint, ttft_examples
 from edgekv.errors import EdgeKVError, InputError
+from edgekv.format.layout import DEFAULT_PAYLOAD_DTYPE
 from edgekv.manifest import file_sha256
 
 
@@ -152,7 +153,8 @@ def bench_ladder(backbone, stream, tasks, run_dir: str, out_dir: str, methods: S
     mem = os.path.join(stage_dir(run_dir, "induce", main_budget, len(tasks) - 1), "state", "memory.ekv")
     mem = mem if "induce" in methods and os.path.isfile(mem) else None
     lcfg = LadderConfig(top_k=cfg.top_k, pooled_len=cfg.pooled_len, seed=cfg.seed, split=cfg.eval_split,
-                        max_new_tokens=cfg.max_new_tokens, batch_size=cfg.eval_batch_size)
+                        max_new_tokens=cfg.max_new_tokens, batch_size=cfg.eval_batch_size,
+                        payload_dtype=DEFAULT_PAYLOAD_DTYPE)  # what induce's memory stores
     fp = hashlib.sha256(json.dumps({"ladder": lcfg.to_dict(), "tasks": stream_fingerprint(tasks, cfg.eval_split),
                                     "model": backbone.fingerprint, "memory": mem and file_sha256(mem)},
                                    sort_keys=True).encode()).hexdigest()[:32]

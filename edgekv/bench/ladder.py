@@ -15,7 +15,7 @@ closer to what the device runs:
    entries.py drops it; the whole conversation otherwise), RoPE removed as entries.py does,
    laid out and rotated by ``memory_kv`` with uniform alpha (scale sqrt(k * 1/k) = 1), gates 1;
 4. ``oracle-kv-pooled``: the same examples pooled to m positions (``pooling``), float32;
-5. ``oracle-kv-int8``: rung 4 quantised as the memory stores it (``Entry.from_float``) and
+5. ``oracle-kv-stored``: rung 4 quantised as the memory stores it (``payload_dtype``; int4 by default) (``Entry.from_float``) and
    dequantised as the runtime does (``edgekv.induction.entry_kv``);
 6. ``retrieved``: entries of ALL train examples of all tasks (``compute_entries``, as rung 5)
    in one memory; the real key (``KeyModel``), the all-but-the-top projection fitted on those
@@ -57,12 +57,13 @@ from edgekv.bench.methods import PromptText
 from edgekv.configs import Config, knob
 from edgekv.data import Example
 from edgekv.errors import InputError
+from edgekv.format.layout import DEFAULT_PAYLOAD_DTYPE
 from edgekv.induce.config import PAYLOAD_DTYPES, POOLINGS, EntryConfig
 from edgekv.induce.entries import encode_examples, entry_pooling_matrix, pooled_entry_kv, prefix_kv
 from edgekv.induce.torch_induction import greedy_decode, make_cache, memory_kv, num_layers_of
 
-RUNGS = ("zero-shot", "oracle-text", "oracle-kv-full", "oracle-kv-pooled", "oracle-kv-int8", "retrieved", "memory")
-KV_RUNGS = ("oracle-kv-full", "oracle-kv-pooled", "oracle-kv-int8")
+RUNGS = ("zero-shot", "oracle-text", "oracle-kv-full", "oracle-kv-pooled", "oracle-kv-stored", "retrieved", "memory")
+KV_RUNGS = ("oracle-kv-full", "oracle-kv-pooled", "oracle-kv-stored")
 RETRIEVAL_RUNGS = ("retrieved", "memory")
 QUERY_SPLITS = ("test", "val")
 
@@ -78,7 +79,7 @@ class LadderConfig(Config):
     top_k: int = knob(4, "k: right examples per query, and entries retrieved per query (rungs 6-7).")
     pooled_len: int = knob(16, "m: KV positions per entry of the pooled rungs (4-6).")
     pooling: str = "answer"  # answer | answer_avg | adaptive (edgekv.induce.entries)
-    payload_dtype: str = "int8"  # int8 | int4 | fp16: how rungs 5-6 store entries
+    payload_dtype: str = DEFAULT_PAYLOAD_DTYPE  # int4 | int8 | fp16: how rungs 5-6 store entries
     tau: float | None = knob(None, "Retrieval temperature of rung 6 (default: a new memory's initial tau).")
     max_test_per_task: int = knob(0, "Queries per task (the first ones of the split); 0: all.")
     seed: int = 0  # the choice of right examples
@@ -429,10 +430,10 @@ def _oracle_kv(s: _Setup, queries: Sequence[Example], shots: list[list[Example]]
     uniq = list({ex.id: ex for sh in shots for ex in sh}.values())
     kv = dict(zip([ex.id for ex in uniq], float_kv(s.backbone, uniq, s.cfg.entry_config()), strict=True))
     for d in kv.values():
-        d["int8"] = stored_kv(*d["pooled"], s.cfg.payload_dtype)
+        d["stored"] = stored_kv(*d["pooled"], s.cfg.payload_dtype)
     out: dict[str, list[str]] = {r: [] for r in KV_RUNGS}
     for q, sh in zip(queries, shots, strict=True):
-        for rung, part in zip(KV_RUNGS, ("full", "pooled", "int8"), strict=True):
+        for rung, part in zip(KV_RUNGS, ("full", "pooled", "stored"), strict=True):
             k_mem, v_mem = oracle_past([kv[ex.id][part] for ex in sh], s.backbone.rope)
             out[rung].append(decode_one(s.backbone, q, k_mem, v_mem, s.max_new_tokens))
     return out

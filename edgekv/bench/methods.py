@@ -29,6 +29,7 @@ from edgekv.bench.base import Context, Method
 from edgekv.bench.config import BenchConfig
 from edgekv.data import Example
 from edgekv.errors import BudgetError, InputError
+from edgekv.format.layout import DEFAULT_PAYLOAD_DTYPE
 
 
 # ---------------------------------------------------------------------------------
@@ -74,7 +75,7 @@ class MemoryMethod(Method):
     """A fixed-size ``.ekv`` memory (InduceKV or a baseline filling it)."""
 
     pooled_len_field = "pooled_len"
-    payload_dtype = "int8"
+    payload_dtype = DEFAULT_PAYLOAD_DTYPE  # every KV method stores what a new memory stores
 
     @property
     def memory_path(self) -> str:
@@ -215,11 +216,11 @@ class InduceFp16(Induce):
     payload_dtype = "fp16"
 
 
-class InduceInt4(Induce):
-    """Ablation: 4-bit payloads (scales as int8; about 1.8x the entries of int8 at m = 16)."""
+class InduceInt8(Induce):
+    """Ablation: int8 payloads (the default before int4; about 0.54x the entries at m = 16)."""
 
-    name = "induce-int4"
-    payload_dtype = "int4"
+    name = "induce-int8"
+    payload_dtype = "int8"
 
 
 class InduceShort(Induce):
@@ -605,7 +606,7 @@ def registry(cfg: BenchConfig) -> dict[str, Callable[[Context], Method]]:
         "name": f"induce-m{cfg.short_pooled_len}", "__doc__": f"Ablation: pooled length m = {cfg.short_pooled_len}."})
     long_ = type(f"InduceM{cfg.long_pooled_len}", (InduceLong,), {
         "name": f"induce-m{cfg.long_pooled_len}", "__doc__": f"Ablation: pooled length m = {cfg.long_pooled_len}."})
-    classes = [ZeroShot, Induce, InduceRandom, InduceNoCov, InduceNoCal, InduceFp16, InduceInt4, short, long_,
+    classes = [ZeroShot, Induce, InduceRandom, InduceNoCov, InduceNoCal, InduceFp16, InduceInt8, short, long_,
                InduceUniform, Reservoir, Fifo, PromptText, PromptTextMatched, Lora, ReplayLora]
     return {c.name: c for c in classes}
 

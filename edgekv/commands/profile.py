@@ -10,6 +10,7 @@ from edgekv.cli import command, emit, field_option, table
 from edgekv.compat import DEFAULT_TOP_K
 from edgekv.devices.profiler import ProfileConfig
 from edgekv.errors import BudgetError, InputError, MissingDependencyError
+from edgekv.format.layout import denser_hint
 from edgekv.modelshape import model_shape
 from edgekv.units import format_size, parse_size
 
@@ -123,7 +124,7 @@ def _budget_mode(model: str, budget: str, pooled_len: int, payload: str, k: int,
     if report["num_slots"] < 1:  # the same refusal `edgekv adapt` gives when creating the memory
         raise BudgetError(f"budget {report['budget_bytes']} B is too small for one slot: a slot needs "
                           f"{report['overhead_bytes'] + report['table_bytes_per_slot'] + report['slot_bytes']} B "
-                          f"with the header (lower --pooled-len, use int4 payloads, the densest, or raise the budget)")
+                          f"with the header (lower --pooled-len{denser_hint(payload, '--payload int4')}, or raise the budget)")
     if device:
         from edgekv.devices.profiler import budget_device_verdict
         from edgekv.devices.profiles import load_profile

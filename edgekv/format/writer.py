@@ -51,6 +51,7 @@ from edgekv.format.layout import (
     _Header,
     _stored_crc32,
     _zeros_crc32,
+    denser_hint,
 )
 from edgekv.format.reader import Memory
 from edgekv.quant import QMAX_INT4, pack_int4
@@ -180,7 +181,8 @@ def create_memory(path: str | os.PathLike, spec: MemorySpec, budget_bytes: int,
         raise BudgetError(
             f"budget {budget_bytes} B is too small for one slot: a slot needs "
             f"{spec.header_bytes + TABLE_ENTRY_BYTES + spec.slot_bytes} B with the header "
-            f"(lower EntryConfig.pooled_len, use EntryConfig.payload_dtype int4, the densest, or raise the budget)")
+            f"(lower EntryConfig.pooled_len{denser_hint(spec.payload_dtype, 'EntryConfig.payload_dtype int4')}, "
+            f"or raise the budget)")
     if os.path.exists(path) and not overwrite:
         raise InputError(f"{path} already exists; adapt it in place or choose another path")
     if os.path.isdir(path):

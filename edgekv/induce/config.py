@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING
 
 from edgekv.configs import Config, knob
 from edgekv.errors import InputError, MismatchError
+from edgekv.format.layout import DEFAULT_PAYLOAD_DTYPE  # EntryConfig.payload_dtype of a new memory
 
 if TYPE_CHECKING:
     from edgekv.format import MemorySpec
@@ -21,7 +22,6 @@ if TYPE_CHECKING:
 POOLINGS = ("adaptive", "answer", "answer_avg")  # EntryConfig.pooling (see edgekv.induce.entries)
 PAYLOAD_DTYPES = ("int8", "int4", "fp16")  # the memory format's payload dtypes (edgekv.format.PAYLOAD_CODES)
 DEFAULT_POOLED_LEN = 16  # EntryConfig.pooled_len of a new memory when none is set
-DEFAULT_PAYLOAD_DTYPE = "int8"  # EntryConfig.payload_dtype of a new memory when none is set
 
 
 def _at_least(obj: object, low: float, *names: str) -> None:
