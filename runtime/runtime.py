@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field, replace
 
 import numpy as np
@@ -67,6 +67,24 @@ class RuntimeConfig(Config):
             raise InputError(f"RuntimeConfig.threads must be >= 1, got {self.threads}")
         if self.retrieval not in (None, "exact", "hnsw"):
             raise InputError(f"RuntimeConfig.retrieval must be 'exact' or 'hnsw', got {self.retrieval!r}")
+
+
+MESSAGE_ROLES = ("system", "user", "assistant")
+MAX_STOP_STRINGS = 16
+
+
+def check_stop(stop: Sequence[str] | str | None) -> tuple[str, ...]:
+    """Stop strings as a tuple; a string alone is one stop string; refuses empty ones."""
+    stop = () if stop is None else (stop,) if isinstance(stop, str) else tuple(stop)
+    if len(stop) > MAX_STOP_STRINGS or not all(isinstance(s, str) and s for s in stop):
+        raise InputError(f"stop must be at most {MAX_STOP_STRINGS} non-empty strings, got {list(stop)!r}"[:300])
+    return stop
+
+
+def first_stop(text: str, stop: Sequence[str]) -> int:
+    """Index in ``text`` where the earliest stop string begins; -1 when none occurs."""
+    hits = [i for i in (text.find(s) for s in stop) if i >= 0]
+    return min(hits) if hits else -1
 
 
 @dataclass
@@ -222,6 +240,27 @@ class Runtime:
             return self.tokenizer.encode_chat([{"role": "user", "content": prompt}])
         return self.tokenizer.encode(prompt)
 
+    def conversation_ids(self, messages: Sequence[dict]) -> tuple[str, list[int]]:
+        """A conversation ``[{"role": system|user|assistant, "content": str}, ...]`` ending with a
+        user turn -> (the last user message, which retrieval keys on; token ids [S] with the
+        generation prompt). The chat template renders it; without one (or with ``chat`` off) the
+        contents are joined by newlines."""
+        if not isinstance(messages, (list, tuple)) or not messages:
+            raise InputError("messages must be a non-empty list of {role, content} objects")
+        for i, m in enumerate(messages):
+            if not isinstance(m, dict) or m.get("role") not in MESSAGE_ROLES or not isinstance(m.get("content"), str):
+                raise InputError(f"messages[{i}] must be {{\"role\": one of {', '.join(MESSAGE_ROLES)}, "
+                                 f"\"content\": a string}}")
+        if messages[-1]["role"] != "user":
+            raise InputError(f"the last message must be the user's, got role {messages[-1]['role']!r}")
+        last = messages[-1]["content"]
+        if not last.strip():
+            raise InputError("the last user message is empty")
+        turns = [{"role": m["role"], "content": m["content"]} for m in messages]
+        if self.config.chat and self.tokenizer.chat_template:
+            return last, self.tokenizer.encode_chat(turns)
+        return last, self.tokenizer.encode("\n".join(m["content"] for m in turns))
+
     def encode_image(self, image) -> EncodedImage:
         """Features [1, N, hidden] (and tile grid) of a path or PIL image (vision-language artifacts only)."""
         if self.vision is None:
@@ -319,8 +358,15 @@ class Runtime:
     def stream(self, prompt: str, max_new_tokens: int = 64, temperature: float = 0.0, top_p: float = 1.0,
                seed: int | None = None, use_memory: bool = True,
                result: GenerationResult | None = None,
-               inject: tuple[np.ndarray, np.ndarray] | None = None, image=None) -> Iterator[str]:
+               inject: tuple[np.ndarray, np.ndarray] | None = None, image=None, *,
+               messages: Sequence[dict] | None = None, raw: bool = False,
+               stop: Sequence[str] = ()) -> Iterator[str]:
         """Yield text pieces as they are generated; fills ``result`` (if given) as it goes.
+
+        ``messages``: a whole conversation instead of ``prompt`` (:meth:`conversation_ids`;
+        retrieval keys on its last user message). ``raw``: ``prompt`` is encoded as it is, no
+        chat template (a completion). ``stop``: strings that end the generation; the text stops
+        before the first one (``stop_reason`` "stop"), and no piece yielded ever holds part of one.
 
         ``inject``: position-free float K, V [L, H, T, D] to use as memory instead of
         retrieving (keys are rotated to positions 0..T-1), e.g. to check the injection path.
@@ -334,24 +380,36 @@ class Runtime:
         if max_new_tokens < 1:
             raise InputError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
         sampling = SamplingConfig(temperature, top_p, seed)
+        stop = check_stop(stop)
         res = result if result is not None else GenerationResult()
-        q = self._prepare(prompt, max_new_tokens, use_memory and inject is None, inject, image)
+        ids = None
+        if messages is not None:
+            if image is not None:
+                raise InputError("an image goes with a single prompt, not with messages")
+            prompt, ids = self.conversation_ids(messages)
+        elif raw:
+            if not prompt or not prompt.strip():
+                raise InputError("the prompt is empty")
+            ids = self.tokenizer.encode(prompt)
+        q = self._prepare(prompt, max_new_tokens, use_memory and inject is None, inject, image, ids)
         res.retrieved, res.num_prompt_tokens, res.num_memory_tokens = q.retrieved, len(q.ids), q.num_memory
         cache = self._start_past(q.memory_kv, q.num_memory + len(q.ids) + q.max_new_tokens)
         try:  # a pooled KVCache goes back to the decoder when the generation ends
             logits, past = self._prefill(q, cache)
-            yield from self._decode(logits, past, q, sampling, res)
+            yield from self._decode(logits, past, q, sampling, res, stop)
         finally:
             if getattr(self.decoder, "shared_buffer", False):
                 self.decoder.release_cache(cache)
 
     def _prepare(self, prompt: str, max_new_tokens: int, retrieve: bool,
-                 inject: tuple[np.ndarray, np.ndarray] | None, image) -> _Query:
-        """Prompt ids [S], the retrieved entries and their memory KV [L, H, T, D]; the decoder is
-        not run yet. ``max_new_tokens`` is cut to what the model's context leaves."""
+                 inject: tuple[np.ndarray, np.ndarray] | None, image, ids: list[int] | None = None) -> _Query:
+        """Prompt ids [S] (``ids`` when given), the retrieved entries and their memory KV
+        [L, H, T, D]; the decoder is not run yet. ``max_new_tokens`` is cut to what the model's
+        context leaves."""
         img = None if image is None else self.encode_image(image)
-        ids = self.prompt_ids(prompt) if img is None else self.vision.prompt_ids(self.tokenizer, prompt,
-                                                                                 self.config.chat, img)
+        if ids is None:
+            ids = self.prompt_ids(prompt) if img is None else self.vision.prompt_ids(self.tokenizer, prompt,
+                                                                                     self.config.chat, img)
         if self.max_positions and len(ids) > self.max_positions:
             raise InputError(f"prompt of {len(ids)} tokens exceeds the model's context of {self.max_positions}; "
                              f"shorten the prompt")
@@ -380,12 +438,15 @@ class Runtime:
         return self.vision.forward_ids(q.ids, q.image.features, past)
 
     def _decode(self, logits: np.ndarray, past, q: _Query, sampling: SamplingConfig,
-                res: GenerationResult) -> Iterator[str]:
+                res: GenerationResult, stop: tuple[str, ...] = ()) -> Iterator[str]:
         """Sample from ``logits[0, -1]`` [V], feed the token back ([1, 1] per step), up to
-        ``q.max_new_tokens`` or EOS; yield the text as it becomes whole characters."""
+        ``q.max_new_tokens``, EOS or a ``stop`` string; yield the text as it becomes whole
+        characters, holding back the last len(longest stop) - 1 characters while a stop string
+        could still begin there."""
         rng = np.random.default_rng(sampling.seed)
+        hold = max((len(s) for s in stop), default=1) - 1
         out_ids: list[int] = []
-        text = ""
+        sent = 0  # characters of the text yielded so far
         t_first = None
         res.stop_reason = "length"
         for _ in range(q.max_new_tokens):
@@ -397,25 +458,42 @@ class Runtime:
                 res.stop_reason = "eos"
                 break
             out_ids.append(tok)
-            new_text = self.tokenizer.decode(out_ids)
-            if len(new_text) > len(text) and not new_text.endswith("\ufffd"):
-                piece, text = new_text[len(text):], new_text
-                res.text, res.token_ids = text, list(out_ids)
-                yield piece
+            text = self.tokenizer.decode(out_ids)
+            if not text.endswith("\ufffd"):  # whole characters only
+                cut = first_stop(text, stop)
+                res.text, res.token_ids = text if cut < 0 else text[:cut], list(out_ids)
+                if cut >= 0:
+                    res.stop_reason = "stop"
+                    break
+                if len(text) - hold > sent:
+                    yield text[sent:len(text) - hold]
+                    sent = len(text) - hold
             if len(out_ids) == q.max_new_tokens:
                 break
             logits, past = self.decoder.forward(np.asarray([[tok]], np.int64), past)
-        res.text, res.token_ids = self.tokenizer.decode(out_ids), out_ids
-        if len(res.text) > len(text):
-            yield res.text[len(text):]
+        if res.stop_reason != "stop":
+            text = self.tokenizer.decode(out_ids)
+            cut = first_stop(text, stop)
+            res.text, res.token_ids = text if cut < 0 else text[:cut], out_ids
+            res.stop_reason = "stop" if cut >= 0 else res.stop_reason
+        if len(res.text) > sent:
+            yield res.text[sent:]
         if t_first is not None and len(out_ids) > 1:
             res.tokens_per_s = (len(out_ids) - 1) / max(time.perf_counter() - t_first, 1e-9)
 
     def generate(self, prompt: str, max_new_tokens: int = 64, temperature: float = 0.0, top_p: float = 1.0,
                  seed: int | None = None, use_memory: bool = True,
-                 inject: tuple[np.ndarray, np.ndarray] | None = None, image=None) -> GenerationResult:
-        """Generate a full answer; greedy by default; stops at EOS."""
+                 inject: tuple[np.ndarray, np.ndarray] | None = None, image=None, *,
+                 messages: Sequence[dict] | None = None, raw: bool = False,
+                 stop: Sequence[str] = ()) -> GenerationResult:
+        """Generate a full answer; greedy by default; stops at EOS (or a ``stop`` string)."""
         res = GenerationResult()
-        for _ in self.stream(prompt, max_new_tokens, temperature, top_p, seed, use_memory, res, inject, image):
+        for _ in self.stream(prompt, max_new_tokens, temperature, top_p, seed, use_memory, res, inject, image,
+                             messages=messages, raw=raw, stop=stop):
             pass
         return res
+
+    def chat(self, messages: Sequence[dict], max_new_tokens: int = 64, **options) -> GenerationResult:
+        """The assistant's next turn in a conversation (:meth:`conversation_ids`); ``options`` as
+        :meth:`generate` (temperature, top_p, seed, use_memory, stop)."""
+        return self.generate("", max_new_tokens, messages=messages, **options)
