@@ -53,10 +53,19 @@ class ModelShape:
                 head_dim=int(text.get("head_dim") or hidden // heads),
                 hidden_size=hidden,
                 vocab_size=int(text.get("vocab_size") or 0),
-                max_positions=int(text.get("max_position_embeddings") or 0),
+                max_positions=context_positions(text),
             )
         except (KeyError, TypeError, ValueError) as e:
             raise InputError(f"model config lacks a usable decoder shape ({e!s}); is this a causal LM config?") from None
+
+
+def context_positions(cfg: dict) -> int:
+    """Positions the runtime may use: max_position_embeddings, capped at the sliding window when
+    the model has one in use (mistral, phi3, qwen2/qwen3 with use_sliding_window): edgekv's graphs
+    attend over the whole context, which equals windowed attention only up to the window."""
+    n = int(cfg.get("max_position_embeddings") or 0)
+    window = cfg.get("sliding_window") if cfg.get("use_sliding_window", True) else None
+    return min(n, int(window)) if window and n else n
 
 
 def load_model_config(model: str) -> dict:

@@ -51,8 +51,12 @@ from typing import Any
 import numpy as np
 
 from edgekv.errors import InputError
+from edgekv.modelshape import ModelShape
 
-FUSED_FAMILIES = ("llama", "qwen2", "gemma")
+# llama's layer with: qwen2 q/k/v biases; gemma (1 + w) norms, scaled embeddings, tanh GELU; mistral
+# a sliding window (the context is capped at it: ModelShape.from_config); qwen3 per-head RMSNorm of q
+# and k before RoPE; phi3 fused qkv_proj / gate_up_proj and partial rotary
+FUSED_FAMILIES = ("llama", "qwen2", "gemma", "mistral", "qwen3", "phi3")
 MS_DOMAIN = "com.microsoft"
 OPSET = 18
 KV_BUFFER_META = "edgekv.kv_buffer"  # metadata: "shared" when past may be a longer in-place buffer
@@ -147,6 +151,7 @@ class Arch:
     embed_scale: float  # Gemma multiplies embeddings by sqrt(hidden)
     attn_scale: float
     max_positions: int
+    qk_norm: bool = False  # qwen3: RMSNorm over each head of q and k (weights [head_dim]) before RoPE
 
     @staticmethod
     def from_model(model: Any) -> Arch:
@@ -169,7 +174,8 @@ class Arch:
             intermediate=int(cfg.intermediate_size), vocab=int(cfg.vocab_size), eps=float(cfg.rms_norm_eps),
             activation=activation, norm_offset=1.0 if family == "gemma" else 0.0,
             embed_scale=float(np.float32(cfg.hidden_size ** 0.5)) if family == "gemma" else 1.0,
-            attn_scale=head_dim ** -0.5, max_positions=int(cfg.max_position_embeddings))
+            attn_scale=head_dim ** -0.5, max_positions=ModelShape.from_config(cfg.to_dict()).max_positions,
+            qk_norm=family == "qwen3")
 
 
 # --- block-wise weight quantisation ---------------------------------------------------
@@ -310,8 +316,10 @@ def calibrate_activations(model: Any, ids: list[list[int]]) -> ActivationMaxima:
 
     handles = []
     for i, layer in enumerate(decoder.layers):
-        for kind, module in (("qkv_proj", layer.self_attn.q_proj), ("gate_up_proj", layer.mlp.gate_proj),
-                             ("down_proj", layer.mlp.down_proj)):
+        a, m = layer.self_attn, layer.mlp
+        for kind, module in (("qkv_proj", getattr(a, "qkv_proj", None) or a.q_proj),
+                             ("gate_up_proj", getattr(m, "gate_up_proj", None) or m.gate_proj),
+                             ("down_proj", m.down_proj)):
             handles.append(module.register_forward_pre_hook(hook(i, kind)))
     try:
         with torch.no_grad():
@@ -422,14 +430,18 @@ def _layer_weights(layer: Any, norm_offset: float) -> dict:
     """A decoder layer's weights as the graph applies them: norm scales with ``norm_offset``
     added ([hidden]), fused qkv [q+k+v, hidden] (+ bias), o, gate_up [2 * intermediate, hidden], down."""
     a, m = layer.self_attn, layer.mlp
-    bias = [getattr(p, "bias", None) for p in (a.q_proj, a.k_proj, a.v_proj)]
+    projs = (a.qkv_proj,) if hasattr(a, "qkv_proj") else (a.q_proj, a.k_proj, a.v_proj)  # phi3: fused already
+    bias = [getattr(p, "bias", None) for p in projs]
+    gate_up = (m.gate_up_proj,) if hasattr(m, "gate_up_proj") else (m.gate_proj, m.up_proj)
     return {
         "in_norm": _np(layer.input_layernorm.weight) + np.float32(norm_offset),
         "post_norm": _np(layer.post_attention_layernorm.weight) + np.float32(norm_offset),
-        "qkv": np.concatenate([_np(a.q_proj.weight), _np(a.k_proj.weight), _np(a.v_proj.weight)]),
+        "qkv": np.concatenate([_np(p.weight) for p in projs]),
         "qkv_bias": None if bias[0] is None else np.concatenate([_np(b) for b in bias]),
         "o": _np(a.o_proj.weight), "o_bias": None if a.o_proj.bias is None else _np(a.o_proj.bias),
-        "gate_up": np.concatenate([_np(m.gate_proj.weight), _np(m.up_proj.weight)]), "down": _np(m.down_proj.weight),
+        "gate_up": np.concatenate([_np(p.weight) for p in gate_up]), "down": _np(m.down_proj.weight),
+        "q_norm": _np(a.q_norm.weight) if hasattr(a, "q_norm") else None,  # [head_dim] (qwen3)
+        "k_norm": _np(a.k_norm.weight) if hasattr(a, "k_norm") else None,
     }
 
 
@@ -482,10 +494,13 @@ def _body(g: _Graph, model: Any, arch: Arch, rope: Any, num_layers: int, ids: st
         qkv = g.linear(x, f"{p}.qkv_proj", w["qkv"], w["qkv_bias"])
         kv_in = ["", ""] if past is None else list(past[i])
         kv_out = present[i] if present is not None else (f"/{p}/present_key", f"/{p}/present_value")
-        if rot:  # partial rotary: rotate q and k outside attention
+        if rot or arch.qk_norm:  # partial rotary or q/k norms: rotate q and k outside attention
             q, k, v = g.op("Split", [qkv, split_qkv], 3, axis=-1)
-            heads_q = {"num_heads": arch.num_heads, **rot} if rot else {}
-            heads_k = {"num_heads": arch.num_kv_heads, **rot} if rot else {}
+            if arch.qk_norm:  # RMSNorm over each head: [B, S, H*D] -> [B, S, H, D] -> norm -> back
+                q = _head_norm(g, q, g.const(f"{p}.q_norm", w["q_norm"]), arch.num_heads, arch)
+                k = _head_norm(g, k, g.const(f"{p}.k_norm", w["k_norm"]), arch.num_kv_heads, arch)
+            heads_q = {"num_heads": arch.num_heads, **rot}
+            heads_k = {"num_heads": arch.num_kv_heads, **rot}
             q = g.op("RotaryEmbedding", [q, pos, cos, sin], domain=MS_DOMAIN, interleaved=0, **heads_q)[0]
             k = g.op("RotaryEmbedding", [k, pos, cos, sin], domain=MS_DOMAIN, interleaved=0, **heads_k)[0]
             attn = g.op("GroupQueryAttention", [q, k, v, *kv_in, seqlens, total], domain=MS_DOMAIN,
@@ -506,6 +521,13 @@ def _body(g: _Graph, model: Any, arch: Arch, rope: Any, num_layers: int, ids: st
             act = g.op("FastGelu", [gate], domain=MS_DOMAIN)[0]  # tanh approximation
         prev = g.linear(g.op("Mul", [act, up])[0], f"{p}.down_proj", w["down"])
     return h, prev
+
+
+def _head_norm(g: _Graph, x: str, weight: str, heads: int, arch: Arch) -> str:
+    """RMSNorm of every head of x [B, S, heads * D] with ``weight`` [D] (qwen3's q_norm / k_norm)."""
+    split = g.op("Reshape", [x, g.const(f"shape.heads{heads}", np.asarray([0, 0, heads, arch.head_dim], np.int64))])[0]
+    y = g.op("SimplifiedLayerNormalization", [split, weight], axis=-1, epsilon=arch.eps, stash_type=1)[0]
+    return g.op("Reshape", [y, g.const("shape.merge_heads", np.asarray([0, 0, -1], np.int64))])[0]
 
 
 def _seqlens(g: _Graph, mask: str) -> tuple[str, str]:

@@ -9,6 +9,7 @@ import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "tests"))
+from tiny_models import FAMILIES  # noqa: E402
 
 pytest_plugins = ["conftest_export"]
 
@@ -45,7 +46,7 @@ def exported(tiny_model_dir, tmp_path_factory):
 
         key = (model, tuple(sorted(options.items())))
         if key not in cache:
-            src = tiny_model_dir(model) if model in ("llama", "qwen2", "gemma") else model
+            src = tiny_model_dir(model) if model in FAMILIES else model
             out = tmp_path_factory.mktemp(f"export-{model}") / "artifacts"
             export_model(src, str(out), progress=False, **options)
             cache[key] = str(out)
@@ -63,7 +64,7 @@ def backbone(tiny_model_dir):
         from edgekv.host.models import load_backbone
 
         if model not in cache:
-            src = tiny_model_dir(model) if model in ("llama", "qwen2", "gemma") else model
+            src = tiny_model_dir(model) if model in FAMILIES else model
             cache[model] = load_backbone(src)
         return cache[model]
 

@@ -18,7 +18,8 @@ from edgekv.manifest import MANIFEST_FILE, read_manifest, write_manifest
 
 pytest_plugins = ["conftest_export"]
 
-FAMILIES = ["llama", "qwen2", "gemma"]
+from tiny_models import FAMILIES  # noqa: E402 - every family the fused graph covers
+
 PREFIX = "code for apple is K7, code for river is Q2"
 QUERY = " what is the code for river?"
 
@@ -69,7 +70,7 @@ def test_layout_and_manifest(family, exported, backbone, ort_session):
     assert set(tables) == {"embed_tokens.weight"}
     assert tables["embed_tokens.weight"]["shape"] == [bb.shape.vocab_size, bb.shape.hidden_size]
     assert m["key"]["layer"] == 1 and m["key"]["pooling"] == "mean"
-    assert (m["num_layers"], m["num_kv_heads"], m["head_dim"]) == (3, 2, 16)
+    assert (m["num_layers"], m["num_kv_heads"], m["head_dim"]) == (3, 2, 24 if family == "qwen3" else 16)
     assert m["rope"]["inv_freq"] == pytest.approx(list(bb.rope.inv_freq))
     assert m["tokenizer"]["eos_token_ids"] == [2] and m["tokenizer"]["chat_template"] == bb.tokenizer.chat_template
     for name in ("config.json", "generation_config.json", "tokenizer_config.json", "special_tokens_map.json"):
@@ -520,3 +521,25 @@ def test_smollm2_injected_prefix_kv_equals_joint_sequence(smollm2_export, backbo
     print(f"\nsmollm2 prefix injection: max |logit diff| {diff:.2e} (control {control:.2f})")
     assert diff <= 1e-4
     assert control > 1e-1
+
+
+def test_sliding_window_caps_the_context():
+    from edgekv.modelshape import ModelShape
+
+    base = {"model_type": "mistral", "num_hidden_layers": 2, "num_attention_heads": 4, "hidden_size": 64,
+            "max_position_embeddings": 512}
+    assert ModelShape.from_config({**base, "sliding_window": 256}).max_positions == 256
+    assert ModelShape.from_config({**base, "sliding_window": None}).max_positions == 512
+    assert ModelShape.from_config({**base, "sliding_window": 4096}).max_positions == 512
+    # qwen2 / qwen3 carry a window they do not use
+    assert ModelShape.from_config({**base, "sliding_window": 256, "use_sliding_window": False}).max_positions == 512
+
+
+def test_mistral_export_refuses_what_the_window_cannot_hold(exported):
+    from edgekv.manifest import read_manifest
+    from edgekv.runtime import Runtime
+
+    art = exported("mistral")
+    assert read_manifest(art)["max_positions"] == 256  # the tiny mistral's window, not its 512 positions
+    with Runtime.load(art, k=0) as rt, pytest.raises(InputError, match="exceeds the model's context of 256"):
+        rt.generate("apple river " * 200, max_new_tokens=2)

@@ -12,6 +12,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
+from tiny_models import FAMILIES
 
 from edgekv.data import Example, write_jsonl
 from edgekv.errors import InputError
@@ -194,14 +195,15 @@ def test_selection_weights_enter_alpha_and_ranking():
     assert idx[0].tolist() == [0, 2]  # excluded (own) entry never retrieved; layout best last
 
 
-def test_torch_induction_logits_equal_runtime(backbone, exported, tmp_path):
+@pytest.mark.parametrize("family", FAMILIES)
+def test_torch_induction_logits_equal_runtime(family, backbone, exported, tmp_path):
     """adapt writes a memory; the device runtime (ONNX) and the torch induction path retrieve
-    the same slots with the same weights and give the same logits."""
+    the same slots with the same weights and give the same logits (every family the export covers)."""
     from edgekv.induce.adapt import effective, read_bank
     from edgekv.induce.torch_induction import answer_nll, make_cache
     from edgekv.runtime import Runtime
 
-    bb = backbone("llama")
+    bb = backbone(family)
     mem = str(tmp_path / "m.ekv")
     spec = memory_spec(bb, SMALL)
     adapt(bb, _examples(), mem, spec.file_bytes_for(4), "t", SMALL)
@@ -219,7 +221,7 @@ def test_torch_induction_logits_equal_runtime(backbone, exported, tmp_path):
     with torch.no_grad():
         want = bb.model(input_ids=torch.tensor([ids]), past_key_values=make_cache(k_mem, v_mem, 3),
                         position_ids=torch.arange(T, T + len(ids))[None]).logits[0].numpy()
-    with Runtime.load(exported("llama"), memory=mem) as rt:  # k: the memory's, SMALL.top_k
+    with Runtime.load(exported(family), memory=mem) as rt:  # k: the memory's, SMALL.top_k
         assert rt.config.k == SMALL.top_k
         assert rt.prompt_ids(prompt) == ids
         got_ret = rt.retrieve(prompt)

@@ -13,12 +13,12 @@ import sys
 import numpy as np
 import pytest
 from reference import greedy, joint_logits, prefix_kv
+from tiny_models import FAMILIES  # noqa: E402 - every family the fused graph covers
 
 from edgekv.errors import InputError, MismatchError
 from edgekv.format import Calibration, Entry, MemorySpec, commit_update, create_memory
 from edgekv.rope import apply_rope, remove_rope
 
-FAMILIES = ["llama", "qwen2", "gemma"]
 PREFIX = "code for apple is K7, code for river is Q2"
 QUERY = " what is the code for river?"
 EXAMPLES = [
@@ -121,8 +121,8 @@ def test_rope_round_trip_equals_pytorch_at_new_positions(family, backbone):
         assert np.abs(K0 - Kc).max() > 1e-3  # control: positions do change the cached keys
 
 
-@pytest.mark.parametrize("family", ["llama"])
-@pytest.mark.parametrize("payload", ["int8", "fp16"])
+@pytest.mark.parametrize("family, payload", [("llama", "int8"), ("llama", "fp16"), ("llama", "int4"),
+                                             ("mistral", "int4"), ("qwen3", "int4"), ("phi3", "int4")])
 def test_memory_path_matches_pytorch_with_same_cache(family, payload, exported, backbone, tmp_path):
     """Retrieval, alpha, dequantisation and injection: runtime logits equal PyTorch's on the
     KV the runtime assembled; the query key graph equals KeyModel; search equals brute force."""

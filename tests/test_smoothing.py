@@ -9,6 +9,7 @@ import os
 
 import numpy as np
 import pytest
+from tiny_models import FAMILIES
 
 from edgekv.errors import InputError
 from edgekv.export.decoder_graph import (
@@ -189,7 +190,7 @@ def _decoder_feed(bb, rng: np.random.Generator, past: int, seq: int) -> dict:
     return feed
 
 
-@pytest.mark.parametrize("family", ["llama", "qwen2", "gemma"])
+@pytest.mark.parametrize("family", FAMILIES)
 def test_fp32_graph_from_smoothed_weights_equals_the_plain_graph(family, backbone):
     """Same logits and present K/V (the KV interface the runtime injects memory into) and the
     same retrieval keys, while the initializers really differ."""

@@ -25,7 +25,7 @@ CORPUS = [
     "hello world, this is a tiny tokenizer for tests 0123456789",
 ] * 20
 
-FAMILIES = ("llama", "qwen2", "gemma")
+FAMILIES = ("llama", "qwen2", "gemma", "mistral", "qwen3", "phi3")
 
 
 def train_tokenizer(vocab_size: int = 320, added_special: tuple[str, ...] = (), chat_template: str = CHATML):
@@ -50,7 +50,14 @@ def train_tokenizer(vocab_size: int = 320, added_special: tuple[str, ...] = (), 
 
 
 def tiny_config(family: str, vocab_size: int):
-    from transformers import GemmaConfig, LlamaConfig, Qwen2Config
+    from transformers import (
+        GemmaConfig,
+        LlamaConfig,
+        MistralConfig,
+        Phi3Config,
+        Qwen2Config,
+        Qwen3Config,
+    )
 
     common = dict(vocab_size=vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=3,
                   num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=512,
@@ -61,6 +68,12 @@ def tiny_config(family: str, vocab_size: int):
         return Qwen2Config(**common, rope_theta=10000.0, use_sliding_window=False)
     if family == "gemma":
         return GemmaConfig(**common, rope_theta=10000.0, hidden_activation="gelu_pytorch_tanh")
+    if family == "mistral":  # llama's layers; a sliding window longer than the tiny context
+        return MistralConfig(**common, rope_theta=10000.0, sliding_window=256)
+    if family == "qwen3":  # per-head RMSNorm of q and k before RoPE, head_dim not hidden / heads
+        return Qwen3Config(**{**common, "head_dim": 24}, rope_theta=10000.0, use_sliding_window=False)
+    if family == "phi3":  # fused qkv_proj and gate_up_proj, partial rotary (Phi-4-mini's 0.75)
+        return Phi3Config(**common, rope_theta=10000.0, partial_rotary_factor=0.75, sliding_window=None)
     raise ValueError(f"unknown family {family!r}; choose from {FAMILIES}")
 
 

@@ -26,7 +26,7 @@ from edgekv.host.vlm import TINY_VLM, VLM_BUILTINS, VLM_TYPES, ImageInputs, vlm_
 from edgekv.modelshape import ModelShape
 from edgekv.rope import RopeSpec
 
-SUPPORTED_TYPES = ("llama", "qwen2", "gemma")
+SUPPORTED_TYPES = ("llama", "qwen2", "gemma", "mistral", "qwen3", "phi3")  # = export FUSED_FAMILIES
 
 # Built-in name -> (package holding the GGUF, file name, fixes to apply).
 BUILTINS = {
