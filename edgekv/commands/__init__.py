@@ -3,6 +3,7 @@
 from edgekv.commands import (  # noqa: F401
     adapt,
     bench,
+    chat,
     demo,
     export,
     inspect,

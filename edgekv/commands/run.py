@@ -15,6 +15,9 @@ from edgekv.runtime.sampling import SamplingConfig
 def run_cmd(
     artifacts: str = typer.Argument(..., help="Folder written by `edgekv export`."),
     prompt: str = typer.Option(..., "--prompt", "-p", help="The user prompt ('-' reads stdin)."),
+    system: str = typer.Option(None, "--system", "-s", help="System prompt (a conversation of a system and a "
+                                                            "user turn; retrieval keys on the prompt)."),
+    stop: list[str] = typer.Option(None, "--stop", help="Stop string (repeatable): the answer ends before it."),
     memory: str = typer.Option(None, "--memory", "-m", help="Memory file (.ekv) to retrieve from."),
     k: int = field_option(RuntimeConfig, "k", "-k", "--top-k"),
     max_new_tokens: int = typer.Option(64, "--max-new-tokens", "-n", help="Most tokens to generate."),
@@ -39,7 +42,9 @@ def run_cmd(
     with Runtime.load(artifacts, memory=memory, k=k, threads=threads, retrieval=retrieval,
                       chat=chat, trust=trust) as rt:
         res = GenerationResult()
-        pieces = rt.stream(prompt, max_new_tokens, temperature, top_p, seed, result=res, image=image)
+        messages = [{"role": "system", "content": system}, {"role": "user", "content": prompt}] if system else None
+        pieces = rt.stream(prompt, max_new_tokens, temperature, top_p, seed, result=res, image=image,
+                           messages=messages, stop=stop or ())
         if json_out:
             for _ in pieces:
                 pass
