@@ -75,3 +75,18 @@ def test_demo_table_and_json(demo_run):
     for t in res.tasks:
         assert t["name"] in text
     json.dumps(res.to_dict())  # the --json output is serialisable
+
+
+def test_builtin_conversion_prints_no_library_noise(tmp_path):
+    """The one-time GGUF conversion (the demo's first step on a fresh machine) prints neither
+    transformers' tokenizer "legacy behaviour" warning nor its conversion progress bar."""
+    import subprocess
+    import sys
+
+    code = ("from edgekv.host.models import _builtin_folder, load_backbone; _builtin_folder('smollm2-135m'); "
+            "load_backbone('smollm2-135m')")
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600,
+                         env={**__import__("os").environ, "EDGEKV_CACHE": str(tmp_path)})
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert "legacy" not in res.stderr and "Converting" not in res.stderr and "%|" not in res.stderr, res.stderr[-2000:]
+    assert any((tmp_path / "models").iterdir())  # it did convert

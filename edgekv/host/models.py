@@ -14,6 +14,8 @@ also returns the Hugging Face image processor (the exporter writes its settings)
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import hashlib
 import importlib.util
 import os
@@ -138,6 +140,24 @@ def builtin_vlm_folder(name: str) -> str:
     return builtin_folder(_builtin_folder("smollm2-135m"), cache_dir())
 
 
+@contextlib.contextmanager
+def quiet_transformers():
+    """transformers' warnings (the GGUF tokenizer's "legacy behaviour" paragraph) and its GGUF
+    conversion progress bar off for the block: a converted model is cached, the one-time
+    conversion takes seconds, and the user's story should not be interrupted by them."""
+    from transformers import modeling_gguf_pytorch_utils as gguf_utils
+    from transformers.utils import logging as hf_logging
+
+    level, bar = hf_logging.get_verbosity(), gguf_utils.tqdm
+    hf_logging.set_verbosity_error()
+    gguf_utils.tqdm = functools.partial(bar, disable=True)
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(level)
+        gguf_utils.tqdm = bar
+
+
 def _load_gguf(path: str, eos_token: str | None = None) -> tuple[Any, Any]:
     transformers = _require_host()
     import torch
@@ -149,9 +169,10 @@ def _load_gguf(path: str, eos_token: str | None = None) -> tuple[Any, Any]:
     d, f = os.path.split(os.path.abspath(path))
     # trust_remote_code=False everywhere: never run code from a model folder (left at None,
     # transformers asks on a terminal whether to run a folder's custom code)
-    model = transformers.AutoModelForCausalLM.from_pretrained(d, gguf_file=f, dtype=torch.float32,
-                                                              trust_remote_code=False)
-    tok = transformers.AutoTokenizer.from_pretrained(d, gguf_file=f, trust_remote_code=False)
+    with quiet_transformers():
+        model = transformers.AutoModelForCausalLM.from_pretrained(d, gguf_file=f, dtype=torch.float32,
+                                                                  trust_remote_code=False)
+        tok = transformers.AutoTokenizer.from_pretrained(d, gguf_file=f, trust_remote_code=False)
     if eos_token is not None:
         _set_eos(model, tok, eos_token)
     return model, tok
