@@ -9,7 +9,7 @@ and rendered words (seed 1003). Prompt "Describe the image.", greedy, at most 12
 A caption names the right colour (shape, position) when the first colour (shape, position) word
 in it is the scene's; digits: the first digit character is the label; words: the word appears.
 PyTorch: the loaded model with Hugging Face's tokenizer, chat template and CLIPImageProcessor.
-ONNX: ``edgekv.runtime.Runtime`` on the exported artifacts (``edgekv export tiny-vlm``; exported
+ONNX: ``edgekv.runtime.Runtime`` on the exported artifacts (``edgekv export --model tiny-vlm``; exported
 into a temporary folder unless ``--artifacts`` holds one). Writes
 benchmarks/results/tiny_vlm_eval.json and tiny_vlm_eval.png.
 """

@@ -54,7 +54,7 @@ def field_option(cls: type, name: str, *flags: str, default: Any = _FROM_FIELD, 
 
 def with_flags(message: str) -> str:
     """``message`` with the flag of every option whose config field it names, e.g.
-    "RuntimeConfig.k must be >= 0 (option -k/--top-k)"."""
+    "RuntimeConfig.k must be >= 0 (option -k/--entries)"."""
     flags = [f for field, f in FIELD_FLAGS.items() if re.search(rf"\b{re.escape(field)}\b", message)]
     return f"{message} (option {', '.join(dict.fromkeys(flags))})" if flags else message
 

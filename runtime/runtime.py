@@ -360,13 +360,15 @@ class Runtime:
                result: GenerationResult | None = None,
                inject: tuple[np.ndarray, np.ndarray] | None = None, image=None, *,
                messages: Sequence[dict] | None = None, raw: bool = False,
-               stop: Sequence[str] = ()) -> Iterator[str]:
+               stop: Sequence[str] = (), top_k: int = 0, min_p: float = 0.0,
+               repetition_penalty: float = 1.0) -> Iterator[str]:
         """Yield text pieces as they are generated; fills ``result`` (if given) as it goes.
 
         ``messages``: a whole conversation instead of ``prompt`` (:meth:`conversation_ids`;
         retrieval keys on its last user message). ``raw``: ``prompt`` is encoded as it is, no
         chat template (a completion). ``stop``: strings that end the generation; the text stops
         before the first one (``stop_reason`` "stop"), and no piece yielded ever holds part of one.
+        ``top_k``, ``min_p``, ``repetition_penalty``: :class:`~edgekv.runtime.sampling.SamplingConfig`.
 
         ``inject``: position-free float K, V [L, H, T, D] to use as memory instead of
         retrieving (keys are rotated to positions 0..T-1), e.g. to check the injection path.
@@ -379,7 +381,7 @@ class Runtime:
         """
         if max_new_tokens < 1:
             raise InputError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
-        sampling = SamplingConfig(temperature, top_p, seed)
+        sampling = SamplingConfig(temperature, top_p, seed, top_k, min_p, repetition_penalty)
         stop = check_stop(stop)
         res = result if result is not None else GenerationResult()
         ids = None
@@ -444,13 +446,14 @@ class Runtime:
         characters, holding back the last len(longest stop) - 1 characters while a stop string
         could still begin there."""
         rng = np.random.default_rng(sampling.seed)
+        penalized = sampling.repetition_penalty != 1.0
         hold = max((len(s) for s in stop), default=1) - 1
         out_ids: list[int] = []
         sent = 0  # characters of the text yielded so far
         t_first = None
         res.stop_reason = "length"
         for _ in range(q.max_new_tokens):
-            tok = next_token(logits[0, -1], sampling, rng)
+            tok = next_token(logits[0, -1], sampling, rng, q.ids + out_ids if penalized else ())
             if t_first is None:
                 t_first = time.perf_counter()
                 res.ttft_ms = (t_first - q.t0) * 1000
@@ -485,15 +488,17 @@ class Runtime:
                  seed: int | None = None, use_memory: bool = True,
                  inject: tuple[np.ndarray, np.ndarray] | None = None, image=None, *,
                  messages: Sequence[dict] | None = None, raw: bool = False,
-                 stop: Sequence[str] = ()) -> GenerationResult:
+                 stop: Sequence[str] = (), top_k: int = 0, min_p: float = 0.0,
+                 repetition_penalty: float = 1.0) -> GenerationResult:
         """Generate a full answer; greedy by default; stops at EOS (or a ``stop`` string)."""
         res = GenerationResult()
         for _ in self.stream(prompt, max_new_tokens, temperature, top_p, seed, use_memory, res, inject, image,
-                             messages=messages, raw=raw, stop=stop):
+                             messages=messages, raw=raw, stop=stop, top_k=top_k, min_p=min_p,
+                             repetition_penalty=repetition_penalty):
             pass
         return res
 
     def chat(self, messages: Sequence[dict], max_new_tokens: int = 64, **options) -> GenerationResult:
         """The assistant's next turn in a conversation (:meth:`conversation_ids`); ``options`` as
-        :meth:`generate` (temperature, top_p, seed, use_memory, stop)."""
+        :meth:`generate` (temperature, top_p, seed, use_memory, stop, top_k, min_p, repetition_penalty)."""
         return self.generate("", max_new_tokens, messages=messages, **options)

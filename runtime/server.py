@@ -5,7 +5,8 @@ Endpoints (the subset of the OpenAI API that ``llama-server`` users call):
 * ``GET /v1/models`` -- the one model served;
 * ``POST /v1/chat/completions`` -- ``messages`` (system / user / assistant, text), with
   ``stream`` (server-sent events), ``max_tokens`` / ``max_completion_tokens``,
-  ``temperature``, ``top_p``, ``seed`` and ``stop``; retrieval keys on the last user message;
+  ``temperature``, ``top_p``, ``seed``, ``stop`` (and llama-server's ``top_k``, ``min_p``,
+  ``repetition_penalty``); retrieval keys on the last user message;
 * ``POST /v1/completions`` -- ``prompt`` as it is (no chat template), the same options;
 * ``GET /health``.
 
@@ -90,6 +91,9 @@ class Request:
     stop: tuple[str, ...]
     stream: bool
     use_memory: bool
+    top_k: int = 0  # sampling controls llama-server also takes
+    min_p: float = 0.0
+    repetition_penalty: float = 1.0
 
 
 def _number(body: dict, name: str, default, low: float, high: float, integer: bool = False):
@@ -143,7 +147,9 @@ def parse_request(body: dict, chat: bool, cfg: ServeConfig) -> Request:
         raise HTTPError(400, f"'stop': {e}") from None
     return Request(chat, messages, prompt, max_tokens, float(_number(body, "temperature", 0.0, 0.0, 2.0)),
                    float(_number(body, "top_p", 1.0, 1e-6, 1.0)),
-                   _number(body, "seed", None, 0, 2 ** 63 - 1, integer=True), stop, stream, use_memory)
+                   _number(body, "seed", None, 0, 2 ** 63 - 1, integer=True), stop, stream, use_memory,
+                   _number(body, "top_k", 0, 0, 1 << 20, integer=True), float(_number(body, "min_p", 0.0, 0.0, 0.999)),
+                   float(_number(body, "repetition_penalty", 1.0, 0.01, 100.0)))
 
 
 def _finish_reason(res: GenerationResult) -> str:
@@ -182,7 +188,8 @@ class Service:
         with self.gate:
             yield from self.runtime.stream(req.prompt or "", req.max_tokens, req.temperature, req.top_p, req.seed,
                                            req.use_memory, res, messages=req.messages, raw=not req.chat,
-                                           stop=req.stop)
+                                           stop=req.stop, top_k=req.top_k, min_p=req.min_p,
+                                           repetition_penalty=req.repetition_penalty)
 
     def complete(self, req: Request) -> dict:
         res = GenerationResult()

@@ -86,16 +86,16 @@ def test_prompt_longer_than_the_context(exported, mem4, with_memory):
 
 def test_k_larger_than_the_memory(exported, mem4):
     assert_error(run(exported("llama"), "--prompt", "hi", "-k", "9", memory=mem4), 3,
-                 "RuntimeConfig.k = 9 is larger than the memory's 4 entries; use 4 or fewer (option -k/--top-k)")
+                 "RuntimeConfig.k = 9 is larger than the memory's 4 entries; use 4 or fewer (option -k/--entries)")
 
 
 @pytest.mark.parametrize("args, phrase", [
-    (["-k", "-1"], "RuntimeConfig.k must be >= 0, got -1 (option -k/--top-k)"),
+    (["-k", "-1"], "RuntimeConfig.k must be >= 0, got -1 (option -k/--entries)"),
     (["-n", "0"], "max_new_tokens must be >= 1"),
     (["--temperature", "-1"], "SamplingConfig.temperature must be >= 0, got -1.0 (option --temperature)"),
     (["--top-p", "0"], "SamplingConfig.top_p must be in (0, 1], got 0.0 (option --top-p)"),
     (["--top-p", "1.5"], "SamplingConfig.top_p must be in (0, 1]"),
-    (["--threads", "0"], "RuntimeConfig.threads must be >= 1, got 0 (option --threads)"),
+    (["--threads", "0"], "RuntimeConfig.threads must be >= 1, got 0 (option --threads/-t)"),
     (["--retrieval", "fast"], "RuntimeConfig.retrieval must be 'exact' or 'hnsw', got 'fast' (option --retrieval)"),
 ])
 def test_out_of_range_run_options(exported, mem4, args, phrase):
@@ -218,7 +218,7 @@ def test_unreadable_or_bad_task_data(tiny_model_dir, tmp_path):
     (["--budget", "1MiB", "--pooled-len", "0"], 3, "EntryConfig.pooled_len must be an integer >= 1, got 0 "
                                                     "(option --pooled-len)"),
     (["--budget", "1MiB", "--steps", "-1"], 3, "SelectionConfig.steps must be >= 0, got -1 (option --steps)"),
-    (["--budget", "1MiB", "-k", "0"], 3, "AdaptConfig.top_k must be >= 1, got 0 (option -k/--top-k)"),
+    (["--budget", "1MiB", "-k", "0"], 3, "AdaptConfig.top_k must be >= 1, got 0 (option -k/--entries)"),
     ([], 3, "does not exist: pass --budget to create it"),
 ])
 def test_bad_adapt_options(tiny_model_dir, task_file, tmp_path, args, code, phrase):

@@ -474,26 +474,26 @@ def test_cli_export_json_errors_and_determinism(exported, tiny_model_dir, tmp_pa
 
     runner = CliRunner()
     out = str(tmp_path / "art")
-    res = runner.invoke(app, ["export", tiny_model_dir("llama"), "--out", out, "--json"])
+    res = runner.invoke(app, ["export", "--model", tiny_model_dir("llama"), "--out", out, "--json"])
     assert res.exit_code == 0, res.output
     data = json.loads(res.stdout)
     assert data["out"] == out and data["decoder"]["weights"] == "fp32" and data["files"]["model.onnx"] > 0
     assert data["decoder"]["fp32_check"]["max_abs_diff_with_past"] <= 1e-4
     # deterministic: an export in another process-state gives the same bytes
     assert read_manifest(out)["files"] == read_manifest(exported("llama"))["files"]
-    res = runner.invoke(app, ["export", tiny_model_dir("llama"), "--out", out])  # replacing an export is fine
+    res = runner.invoke(app, ["export", "--model", tiny_model_dir("llama"), "--out", out])  # replacing an export is fine
     assert res.exit_code == 0 and "model fingerprint" in res.stdout and "model.onnx" in res.stdout
 
     gpt2 = tmp_path / "gpt2"
     GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=100).save_pretrained(gpt2)
-    res = runner.invoke(app, ["export", str(gpt2), "--out", str(tmp_path / "g")])
+    res = runner.invoke(app, ["export", "--model", str(gpt2), "--out", str(tmp_path / "g")])
     assert res.exit_code == 3 and "architecture 'gpt2' is not supported" in res.stderr
     assert "Traceback" not in res.output and len(res.stderr.strip().splitlines()) == 1
-    res = runner.invoke(app, ["export", str(tmp_path / "missing"), "--out", str(tmp_path / "x")])
+    res = runner.invoke(app, ["export", "--model", str(tmp_path / "missing"), "--out", str(tmp_path / "x")])
     assert res.exit_code == 3 and "not found" in res.stderr and "Traceback" not in res.output
-    res = runner.invoke(app, ["export", tiny_model_dir("llama"), "--out", str(gpt2)])
+    res = runner.invoke(app, ["export", "--model", tiny_model_dir("llama"), "--out", str(gpt2)])
     assert res.exit_code == 3 and "set ExportOptions.force to replace it (option --force)" in res.stderr
-    res = runner.invoke(app, ["export", tiny_model_dir("llama"), "--out", out, "--quantize-weights", "int3"])
+    res = runner.invoke(app, ["export", "--model", tiny_model_dir("llama"), "--out", out, "--quantize-weights", "int3"])
     assert res.exit_code == 3 and "--quantize-weights" in res.stderr
     assert not os.path.exists(tmp_path / "g") and not os.path.exists(tmp_path / "x")
 

@@ -420,7 +420,7 @@ def test_adapt_export_run_adapt_run_then_the_update_path(tiny_model_dir, tmp_pat
     t1, t2 = write_tasks(str(tmp_path), 2)
     mem, art = str(tmp_path / "mem.ekv"), str(tmp_path / "artifacts")
     _adapt(model, t1, mem, "--budget", "40KB")
-    res = runner.invoke(app, ["export", model, "--out", art, "--memory", mem, "--json"])
+    res = runner.invoke(app, ["export", "--model", model, "--out", art, "--memory", mem, "--json"])
     assert res.exit_code == 0, res.output
     first = _run(art, mem)
     board, host_old = str(tmp_path / "board.ekv"), str(tmp_path / "host-old.ekv")

@@ -107,7 +107,7 @@ def test_k_other_than_the_memory_s_is_refused(art, tmp_path):
         res = runner.invoke(app, ["run", art, "--prompt", "hi", "-n", "1", "-k", "2", "--memory", mem, *extra])
         assert_refused(res, 5, f"RuntimeConfig.k = 2 asked for, but {mem} was calibrated for k = 3: its tau is "
                                "fitted to that many retrieved entries; run with k = 3 (the default), or re-adapt "
-                               "the memory with AdaptConfig.top_k = 2 (option -k/--top-k)")
+                               "the memory with AdaptConfig.top_k = 2 (option -k/--entries)")
     with pytest.raises(MismatchError, match="calibrated for k = 3"):
         Runtime.load(art, memory=mem, k=4)
     for k in (3, 0):  # its own k, and no retrieval at all

@@ -251,7 +251,7 @@ def signed_export(tiny_model_dir, keys, tmp_path_factory):
     """The tiny llama exported with ``edgekv export --sign`` (key a) and a signed memory for it."""
     base = tmp_path_factory.mktemp("signed-export")
     art = str(base / "art")
-    res = runner.invoke(app, ["export", tiny_model_dir("llama"), "--out", art, "--sign", keys["a"][0], "--json"])
+    res = runner.invoke(app, ["export", "--model", tiny_model_dir("llama"), "--out", art, "--sign", keys["a"][0], "--json"])
     assert res.exit_code == 0, res.output
     assert json.loads(res.stdout)["signed_by"] == kid(keys["a"][1])
     mem = memory_for(art, str(base / "m.ekv"), n=4)

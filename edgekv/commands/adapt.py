@@ -43,7 +43,7 @@ def _human(d: dict) -> str:
 
 @command("adapt")
 def adapt_cmd(
-    model: str = typer.Option(..., "--model", help="Hugging Face model folder (text or LLaVA/Idefics3), .gguf, "
+    model: str = typer.Option(..., "--model", "-m", help="Hugging Face model folder (text or LLaVA/Idefics3), .gguf, "
                                                    "or built-in name."),
     data: str = typer.Option(..., "--data", help="Task data: LLaVA JSON/JSONL or JSONL of prompt/answer "
                                                  "(image paths relative to the file's folder)."),
@@ -55,9 +55,9 @@ def adapt_cmd(
     pooled_len: int = field_option(EntryConfig, "pooled_len", "--pooled-len"),  # None: the memory's
     payload: str = field_option(EntryConfig, "payload_dtype", "--payload"),
     steps: int = field_option(SelectionConfig, "steps", "--steps", default=None),
-    top_k: int = field_option(AdaptConfig, "top_k", "-k", "--top-k"),
+    top_k: int = field_option(AdaptConfig, "top_k", "-k", "--entries"),
     seed: int = field_option(AdaptConfig, "seed", "--seed"),
-    threads: int = typer.Option(None, "--threads", help="PyTorch threads (default: PyTorch decides)."),
+    threads: int = typer.Option(None, "--threads", "-t", help="PyTorch threads (default: PyTorch decides)."),
     sign: str = typer.Option(None, "--sign", help="Private key file (`edgekv keys generate`): sign the memory after "
                                                   "its commit (MEM.ekv.sig) so that boards use it with --trust."),
     no_progress: bool = typer.Option(False, "--no-progress", help="Hide progress bars."),

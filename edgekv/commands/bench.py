@@ -121,13 +121,13 @@ def _human(d: dict) -> str:
 
 @command("bench")
 def bench_cmd(
-    model: str = typer.Option(..., "--model", help="Hugging Face model folder, .gguf, or built-in name."),
+    model: str = typer.Option(..., "--model", "-m", help="Hugging Face model folder, .gguf, or built-in name."),
     stream: str = typer.Option(None, "--stream", help="Task stream: a built-in name (edge6) or a stream folder."),
     budget: str = typer.Option(..., "--budget", help="Main byte budget (16MiB): every method runs at it."),
     budgets: str = typer.Option(None, "--budgets", help="Comma-separated budgets of the sweep "
                                 "(default: 1/4 and 1/2 of --budget, plus --budget)."),
     methods: str = typer.Option("all", "--methods", help="Comma-separated methods (default: all)."),
-    out: str = typer.Option(..., "--out", help="Output folder (results, plots, resumable stages)."),
+    out: str = typer.Option(..., "--out", "-o", help="Output folder (results, plots, resumable stages)."),
     seed: int = field_option(BenchConfig, "seed", "--seed"),
     streams: str = typer.Option(None, "--streams", help="Comma-separated streams of a grid of runs "
                                 "(edge6,edge6-rev): each (stream, seed) runs into OUT/runs/<stream>-s<seed>; "
@@ -139,7 +139,7 @@ def bench_cmd(
     split: str = field_option(BenchConfig, "eval_split", "--split"),
     device_ttft: bool = field_option(BenchConfig, "device_ttft", "--device-ttft/--no-device-ttft", default=None),
     quick: bool = typer.Option(False, "--quick", help="Tiny settings for tests and CI (BenchConfig.quick)."),
-    threads: int = typer.Option(2, "--threads", help="PyTorch threads."),
+    threads: int = typer.Option(2, "--threads", "-t", help="PyTorch threads."),
     no_progress: bool = typer.Option(False, "--no-progress", help="Hide progress bars."),
     json_out: bool = typer.Option(False, "--json", help="Print results.json."),
 ) -> None:

@@ -31,14 +31,17 @@ def trim_to_fit(rt, messages: list[dict], max_new_tokens: int) -> list[dict]:
 @command("chat")
 def chat_cmd(
     artifacts: str = typer.Argument(..., help="Folder written by `edgekv export`."),
-    memory: str = typer.Option(None, "--memory", "-m", help="Memory file (.ekv) to retrieve from."),
+    memory: str = typer.Option(None, "--memory", help="Memory file (.ekv) to retrieve from."),
     system: str = typer.Option(None, "--system", "-s", help="System prompt for the conversation."),
-    k: int = field_option(RuntimeConfig, "k", "-k", "--top-k"),
+    k: int = field_option(RuntimeConfig, "k", "-k", "--entries"),
     max_new_tokens: int = typer.Option(256, "--max-new-tokens", "-n", help="Most tokens per answer."),
     temperature: float = field_option(SamplingConfig, "temperature", "--temperature"),
     top_p: float = field_option(SamplingConfig, "top_p", "--top-p"),
     seed: int = field_option(SamplingConfig, "seed", "--seed"),
-    threads: int = field_option(RuntimeConfig, "threads", "--threads"),
+    top_k: int = field_option(SamplingConfig, "top_k", "--top-k"),
+    min_p: float = field_option(SamplingConfig, "min_p", "--min-p"),
+    repetition_penalty: float = field_option(SamplingConfig, "repetition_penalty", "--repeat-penalty"),
+    threads: int = field_option(RuntimeConfig, "threads", "--threads", "-t"),
     retrieval: str = field_option(RuntimeConfig, "retrieval", "--retrieval"),
     show_memory: bool = typer.Option(False, "--show-memory", help="After each answer, list the entries retrieved."),
     trust: str = typer.Option(None, "--trust", envvar="EDGEKV_TRUST",
@@ -89,7 +92,8 @@ def chat_cmd(
             res = GenerationResult()
             try:
                 for piece in rt.stream("", max_new_tokens, temperature, top_p, seed, use_memory, res,
-                                       messages=messages):
+                                       messages=messages, top_k=top_k, min_p=min_p,
+                                       repetition_penalty=repetition_penalty):
                     sys.stdout.write(piece)
                     sys.stdout.flush()
             except InputError as e:  # this turn alone is too long: say so, keep the conversation

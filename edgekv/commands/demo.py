@@ -12,19 +12,20 @@ from edgekv.demo import DemoConfig
 
 @command("demo")
 def demo_cmd(
-    model: str = field_option(DemoConfig, "model", "--model"),
+    model: str = field_option(DemoConfig, "model", "--model", "-m"),
     stream: str = field_option(DemoConfig, "stream", "--stream"),
     budget: str = field_option(DemoConfig, "budget", "--budget"),
     num_test: int = field_option(DemoConfig, "num_test", "--num-test"),
     seed: int = field_option(DemoConfig, "seed", "--seed"),
     work_dir: str = field_option(DemoConfig, "work_dir", "--work-dir"),
-    threads: int = field_option(DemoConfig, "threads", "--threads"),
+    threads: int = field_option(DemoConfig, "threads", "--threads", "-t"),
     json_out: bool = typer.Option(False, "--json", help="Print the result as JSON (steps still go to stderr)."),
+    no_progress: bool = typer.Option(False, "--no-progress", help="No progress bars (they show only on a terminal)."),
 ) -> None:
     """Adapt the built-in tiny VLM task after task at a fixed budget, run it on-device, print the table."""
     from edgekv.demo import render, run_demo
 
     cfg = DemoConfig(model=model, stream=stream, budget=budget, num_test=num_test, seed=seed,
                      work_dir=work_dir, threads=threads)
-    res = run_demo(cfg, say=lambda line: typer.echo(line, err=True), progress=sys.stderr.isatty())
+    res = run_demo(cfg, say=lambda line: typer.echo(line, err=True), progress=sys.stderr.isatty() and not no_progress)
     emit(res.to_dict(), json_out, lambda d: render(res))

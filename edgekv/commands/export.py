@@ -1,4 +1,4 @@
-"""``edgekv export MODEL --out DIR``: write the device folder (ONNX graphs, tokenizer, manifest)."""
+"""``edgekv export --model MODEL --out DIR``: write the device folder (ONNX graphs, tokenizer, manifest)."""
 
 from __future__ import annotations
 
@@ -41,20 +41,21 @@ def _human(d: dict) -> str:
 
 @command("export")
 def export_cmd(
-    model: str = typer.Argument(..., help="Hugging Face model folder, .gguf file, or built-in name (smollm2-135m)."),
+    model: str = typer.Option(..., "--model", "-m", help="Hugging Face model folder, .gguf file, or built-in name (smollm2-135m)."),
     out: str = typer.Option(..., "--out", "-o", help="Folder to write (created; an old export is replaced)."),
     quantize_weights: str = field_option(ExportOptions, "quantize_weights", "--quantize-weights"),
-    memory: str = field_option(ExportOptions, "memory", "--memory", "-m"),
+    memory: str = field_option(ExportOptions, "memory", "--memory"),
     key_layer: int = field_option(ExportOptions, "key_layer", "--key-layer"),
     force: bool = field_option(ExportOptions, "force", "--force"),
     graph: str = field_option(ExportOptions, "graph", "--graph"),
     sign: str = field_option(ExportOptions, "sign", "--sign"),
     json_out: bool = typer.Option(False, "--json", help="Print JSON."),
+    no_progress: bool = typer.Option(False, "--no-progress", help="No progress bars (they show only on a terminal)."),
 ) -> None:
     """Export a decoder for the device runtime: ONNX with past, key graph, tokenizer, manifest."""
     from edgekv.export.pipeline import export_model
 
     summary = export_model(model, out, quantize_weights=quantize_weights, memory=memory, key_layer=key_layer,
-                           progress=sys.stderr.isatty() and not json_out, force=force, graph=graph,
+                           progress=sys.stderr.isatty() and not json_out and not no_progress, force=force, graph=graph,
                            sign=sign)
     emit(summary, json_out, _human)

@@ -18,13 +18,16 @@ def run_cmd(
     system: str = typer.Option(None, "--system", "-s", help="System prompt (a conversation of a system and a "
                                                             "user turn; retrieval keys on the prompt)."),
     stop: list[str] = typer.Option(None, "--stop", help="Stop string (repeatable): the answer ends before it."),
-    memory: str = typer.Option(None, "--memory", "-m", help="Memory file (.ekv) to retrieve from."),
-    k: int = field_option(RuntimeConfig, "k", "-k", "--top-k"),
+    memory: str = typer.Option(None, "--memory", help="Memory file (.ekv) to retrieve from."),
+    k: int = field_option(RuntimeConfig, "k", "-k", "--entries"),
     max_new_tokens: int = typer.Option(64, "--max-new-tokens", "-n", help="Most tokens to generate."),
     temperature: float = field_option(SamplingConfig, "temperature", "--temperature"),
     top_p: float = field_option(SamplingConfig, "top_p", "--top-p"),
     seed: int = field_option(SamplingConfig, "seed", "--seed"),
-    threads: int = field_option(RuntimeConfig, "threads", "--threads"),
+    top_k: int = field_option(SamplingConfig, "top_k", "--top-k"),
+    min_p: float = field_option(SamplingConfig, "min_p", "--min-p"),
+    repetition_penalty: float = field_option(SamplingConfig, "repetition_penalty", "--repeat-penalty"),
+    threads: int = field_option(RuntimeConfig, "threads", "--threads", "-t"),
     retrieval: str = field_option(RuntimeConfig, "retrieval", "--retrieval"),
     chat: bool = field_option(RuntimeConfig, "chat", "--chat/--no-chat"),
     json_out: bool = typer.Option(False, "--json", help="Print one JSON object at the end."),
@@ -44,7 +47,8 @@ def run_cmd(
         res = GenerationResult()
         messages = [{"role": "system", "content": system}, {"role": "user", "content": prompt}] if system else None
         pieces = rt.stream(prompt, max_new_tokens, temperature, top_p, seed, result=res, image=image,
-                           messages=messages, stop=stop or ())
+                           messages=messages, stop=stop or (), top_k=top_k, min_p=min_p,
+                           repetition_penalty=repetition_penalty)
         if json_out:
             for _ in pieces:
                 pass

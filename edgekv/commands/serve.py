@@ -12,15 +12,15 @@ from edgekv.runtime.server import ServeConfig
 @command("serve")
 def serve_cmd(
     artifacts: str = typer.Argument(..., help="Folder written by `edgekv export`."),
-    memory: str = typer.Option(None, "--memory", "-m", help="Memory file (.ekv) to retrieve from."),
+    memory: str = typer.Option(None, "--memory", help="Memory file (.ekv) to retrieve from."),
     host: str = field_option(ServeConfig, "host", "--host"),
     port: int = field_option(ServeConfig, "port", "--port"),
     model_name: str = field_option(ServeConfig, "model_name", "--model-name"),
     max_tokens_limit: int = field_option(ServeConfig, "max_tokens_limit", "--max-tokens-limit"),
     default_max_tokens: int = field_option(ServeConfig, "default_max_tokens", "--default-max-tokens"),
     max_concurrent: int = field_option(ServeConfig, "max_concurrent", "--max-concurrent"),
-    k: int = field_option(RuntimeConfig, "k", "-k", "--top-k"),
-    threads: int = field_option(RuntimeConfig, "threads", "--threads"),
+    k: int = field_option(RuntimeConfig, "k", "-k", "--entries"),
+    threads: int = field_option(RuntimeConfig, "threads", "--threads", "-t"),
     retrieval: str = field_option(RuntimeConfig, "retrieval", "--retrieval"),
     trust: str = typer.Option(None, "--trust", envvar="EDGEKV_TRUST",
                               help="Public key file (.pub of `edgekv keys generate`): refuse artifacts and a memory "

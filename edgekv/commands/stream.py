@@ -30,7 +30,7 @@ def _human_write(d: dict) -> str:
 @_sub("write")
 def write_cmd(
     name: str = typer.Argument(..., help="Built-in stream (see 'edgekv stream list'), or a new name with --order."),
-    out: str = typer.Option(..., "--out", help="Folder to write (new, empty, or an older stream to replace)."),
+    out: str = typer.Option(..., "--out", "-o", help="Folder to write (new, empty, or an older stream to replace)."),
     seed: int = typer.Option(0, "--seed", help="Seed for the instances (edge6's label mappings never change; "
                                                 "facts4 draws its facts from the seed)."),
     order: str = typer.Option(None, "--order", help="Comma-separated task names, e.g. home-city,shape-code."),
