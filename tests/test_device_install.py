@@ -19,7 +19,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SOURCES = ["pyproject.toml", "README.md", "constraints.txt", "edgekv", "runtime", "export", "devices"]
 # import name -> source folder, as pyproject.toml's package-dir maps them
 ROOTS = {"edgekv": "edgekv", "edgekv.runtime": "runtime", "edgekv.export": "export", "edgekv.devices": "devices"}
-HOST_ONLY = {"torch", "transformers", "optimum", "optimum-onnx", "accelerate"}
+HOST_ONLY = {"torch", "transformers", "optimum", "optimum-onnx", "accelerate", "ray"}
 
 
 def source_packages() -> set[str]:

@@ -295,6 +295,22 @@ def remove_empty_dirs(root: str) -> None:
             pass
 
 
+def prepare_run(backbone, stream, cfg: BenchConfig) -> tuple[list[BenchTask], BenchConfig, str]:
+    """A run's tasks, its config with the decode length resolved (``max_new_tokens`` 0: the
+    longest evaluated answer + 2) and the stream's fingerprint: what every stage's fingerprint
+    is made of, computed the same way wherever a stage runs (here or on a Ray worker)."""
+    tasks = bench_tasks(stream, cfg)
+    if cfg.max_new_tokens == 0:
+        cfg = replace(cfg, max_new_tokens=answer_tokens(backbone.tokenizer, tasks, cfg.eval_split) + 2)
+    return tasks, cfg, stream_fingerprint(tasks, cfg.eval_split)
+
+
+def method_configs(cfg: BenchConfig, methods: Sequence[str], overrides: dict[str, dict] | None) -> dict:
+    """Per method the BenchConfig it runs with: ``cfg`` with its tuned ``overrides``."""
+    overrides = {k: dict(v) for k, v in (overrides or {}).items() if v}
+    return {name: replace(cfg, **overrides.get(name, {})) for name in methods}
+
+
 def run_bench(backbone, stream, methods: Sequence[str], budgets: Sequence[int], main_budget: int, out_dir: str,
               cfg: BenchConfig, model_name: str = "", command: str = "", progress: bool = True,
               overrides: dict[str, dict] | None = None, write: bool = True) -> dict:
@@ -309,10 +325,7 @@ def run_bench(backbone, stream, methods: Sequence[str], budgets: Sequence[int], 
     from edgekv.bench import report
 
     t0 = time.perf_counter()
-    tasks = bench_tasks(stream, cfg)
-    if cfg.max_new_tokens == 0:
-        cfg = replace(cfg, max_new_tokens=answer_tokens(backbone.tokenizer, tasks, cfg.eval_split) + 2)
-    sfp = stream_fingerprint(tasks, cfg.eval_split)
+    tasks, cfg, sfp = prepare_run(backbone, stream, cfg)
     runs = plan(methods, budgets, main_budget, cfg)
     reg = registry(cfg)
     image_tasks = [t.name for t in tasks if any(ex.image is not None for ex in t.train + t.split(cfg.eval_split))]
@@ -321,7 +334,7 @@ def run_bench(backbone, stream, methods: Sequence[str], budgets: Sequence[int], 
         raise InputError(f"{', '.join(text_only)} cannot learn image examples yet (image tasks: "
                          f"{', '.join(image_tasks)}): leave them out of the methods, or use a text stream")
     overrides = {k: dict(v) for k, v in (overrides or {}).items() if v}
-    mcfg = {name: replace(cfg, **overrides.get(name, {})) for name in methods}
+    mcfg = method_configs(cfg, methods, overrides)
     for name, b in runs:  # every budget check before any work
         check_budget(reg[name](Context(backbone, mcfg[name], b, os.path.join(out_dir, "work", "_check"))), b)
     shutil.rmtree(os.path.join(out_dir, "work", "_check"), ignore_errors=True)

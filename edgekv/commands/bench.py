@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import os
 import shlex
 from dataclasses import replace
 
 import typer
 
 from edgekv.bench.config import BenchConfig
+from edgekv.bench.distributed import RayConfig
 from edgekv.cli import command, emit, field_option, table
 from edgekv.errors import InputError
 from edgekv.units import format_size, parse_size
@@ -43,6 +45,21 @@ def command_line(**o) -> str:
     parts += ["--split", o["split"]] if o.get("split", "test") != "test" else []
     parts += [] if o["device_ttft"] is None else ["--device-ttft" if o["device_ttft"] else "--no-device-ttft"]
     return " ".join(shlex.quote(a) for a in parts + (["--quick"] if o["quick"] else []))
+
+
+def _precompute_on_ray(backbone, model: str, streams: list[str], seeds: list[int], names: list[str],
+                       sweep: list[int], main: int, out: str, cfg, rcfg, grid: bool, progress: bool) -> None:
+    """Every stage of the grid computed by Ray tasks (tuning points first, then the runs with the
+    values tuning chose); the local run that follows finds them finished and only reads them."""
+    from edgekv.bench.distributed import run_cells, run_on_ray, tuning_cells
+    from edgekv.bench.grid import _default_load, tune
+
+    say = (lambda line: typer.echo(line, err=True)) if progress else (lambda line: None)
+    out = os.path.abspath(out)  # workers may start elsewhere
+    run_on_ray(tuning_cells(streams[0], seeds[0], names, main, out, cfg), model, rcfg, say)
+    overrides, _ = tune(backbone, _default_load(streams[0], seeds[0]), names, main, out, replace(cfg, seed=seeds[0]),
+                        model, progress=False)  # reads the finished points
+    run_on_ray(run_cells(streams, seeds, names, sweep, main, out, cfg, overrides, grid), model, rcfg, say)
 
 
 def load_model(model: str):
@@ -142,6 +159,10 @@ def bench_cmd(
     threads: int = typer.Option(2, "--threads", "-t", help="PyTorch threads."),
     no_progress: bool = typer.Option(False, "--no-progress", help="Hide progress bars."),
     json_out: bool = typer.Option(False, "--json", help="Print results.json."),
+    ray: bool = typer.Option(False, "--ray", help="Run every cell (method x budget x run) as a Ray task; OUT "
+                             "must be on a file system every node sees. Needs the [scale] extra."),
+    ray_address: str = field_option(RayConfig, "address", "--ray-address"),
+    ray_cpus: int = field_option(RayConfig, "cpus_per_cell", "--ray-cpus-per-cell"),
 ) -> None:
     """Fill the accuracy matrix of every method over a task stream; report Avg, Last, BWT,
     Forgetting and deployed bytes; resumable (finished stages are not recomputed)."""
@@ -168,6 +189,10 @@ def bench_cmd(
     backbone = load_model(model)
     cmd = command_line(model=model, stream=stream, streams=streams, budget=budget, budgets=budgets, methods=methods,
                        out=out, seed=seed, seeds=seeds, tune=tune, ladder=ladder, split=split, device_ttft=device_ttft, quick=quick)
+    if ray or ray_address:
+        _precompute_on_ray(backbone, model, stream_list, seed_list, names, sweep, main, out, cfg,
+                           RayConfig(address=ray_address, cpus_per_cell=ray_cpus), grid=the_stream is None,
+                           progress=not no_progress)
     if the_stream is None:  # a grid of runs, one report
         results = run_grid(backbone, stream_list, seed_list, names, sweep, main, out, cfg, model_name=model,
                            command=cmd, progress=not no_progress)
