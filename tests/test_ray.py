@@ -131,3 +131,52 @@ def test_without_ray_flag_ray_is_never_imported():
             "print('ray' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
     assert out == "False"
+
+
+def test_shards_are_whole_batches_in_order():
+    from edgekv.scale import shards
+
+    assert shards(20, 8, 2) == [(0, 16), (16, 20)]
+    assert shards(20, 8, 3) == [(0, 8), (8, 16), (16, 20)]
+    assert shards(5, 8, 4) == [(0, 5)]
+    assert shards(64, 8, 3) == [(0, 24), (24, 48), (48, 64)]
+    for n, b, p in ((1, 1, 1), (17, 4, 5), (100, 8, 7)):
+        got = shards(n, b, p)
+        assert got[0][0] == 0 and got[-1][1] == n and all(s % b == 0 for s, _ in got)
+        assert all(e == s2 for (_, e), (s2, _) in zip(got, got[1:], strict=False))
+
+
+def test_adapt_on_ray_writes_the_local_memory_byte_for_byte(local_ray, tiny_model_dir, backbone, tmp_path):
+    from dataclasses import replace
+
+    import torch
+
+    from edgekv.data import Example
+    from edgekv.induce.adapt import adapt, memory_spec
+    from edgekv.induce.config import AdaptConfig, CalibrationConfig, EntryConfig, SelectionConfig
+    from edgekv.scale import RayConfig, RayEncoder
+
+    cfg = AdaptConfig(entry=EntryConfig(pooled_len=4), selection=SelectionConfig(steps=2, batch_size=4),
+                      calibration=CalibrationConfig(steps=2, batch_size=4), top_k=2, anchors_per_task=3,
+                      eval_queries=6)
+    words = ["apple", "river", "stone", "fox", "dog", "dots", "world", "blue", "sand", "cloud", "lamp"]
+
+    def task(t):
+        return [Example(f"{t}-{i}", f"code for {w} in {t}?", f"K{i}{t[-1]}") for i, w in enumerate(words * 2)]
+
+    bb = backbone("llama")
+    budget = memory_spec(bb, cfg).file_bytes_for(12)
+    torch.set_num_threads(1)
+    enc = RayEncoder(tiny_model_dir("llama"), RayConfig(workers=2, cpus_per_cell=1))
+    calls = []
+
+    def counted(*a):
+        calls.append(len(a[0]))
+        return enc(*a)
+
+    for name, encoder in (("local", None), ("ray", counted)):
+        mem = str(tmp_path / f"{name}.ekv")
+        for t in ("task1", "task2"):
+            adapt(bb, task(t), mem, budget if t == "task1" else None, t, replace(cfg, seed=3), encoder=encoder)
+    assert calls == [22, 22]  # both tasks' candidates went through the actors (3 batches of 8: 2 shards)
+    assert (tmp_path / "local.ekv").read_bytes() == (tmp_path / "ray.ekv").read_bytes()

@@ -24,26 +24,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, replace
 
 from edgekv.bench.config import BenchConfig
-from edgekv.configs import Config, knob
-from edgekv.errors import EdgeKVError, InputError, MissingDependencyError
-
-
-@dataclass(frozen=True)
-class RayConfig(Config):
-    """How ``edgekv bench --ray`` uses the cluster."""
-
-    address: str | None = knob(None, "Ray cluster address (ray://host:10001 or host:6379); None: start Ray "
-                                     "on this machine.")
-    cpus_per_cell: int = knob(1, "CPUs a cell (one method at one budget over one run) asks Ray for; its "
-                                 "PyTorch threads.")
-    max_retries: int = 2  # Ray retries of a cell whose worker died
-    num_cpus: int | None = None  # CPUs of a local Ray (None: Ray counts them); tests bound it
-
-    def __post_init__(self) -> None:
-        if self.cpus_per_cell < 1:
-            raise InputError(f"RayConfig.cpus_per_cell must be >= 1, got {self.cpus_per_cell}")
-        if self.max_retries < 0:
-            raise InputError(f"RayConfig.max_retries must be >= 0, got {self.max_retries}")
+from edgekv.errors import EdgeKVError
+from edgekv.scale import RayConfig, start_ray
 
 
 @dataclass(frozen=True)
@@ -125,27 +107,6 @@ def _remote_cell(model: str, threads: int, cell: dict) -> dict:
     if model not in _BACKBONES:
         _BACKBONES[model] = load_backbone(model)
     return run_cell(_BACKBONES[model], Cell(**cell))
-
-
-def _ray():
-    try:
-        import ray
-    except ImportError:
-        raise MissingDependencyError("--ray needs Ray: pip install 'edgekv[scale]'") from None
-    return ray
-
-
-def start_ray(rcfg: RayConfig):
-    """Connect to ``rcfg.address`` or start Ray on this machine (quiet, no dashboard). -> the ray module"""
-    ray = _ray()
-    if not ray.is_initialized():
-        try:
-            ray.init(address=rcfg.address, num_cpus=None if rcfg.address else rcfg.num_cpus,
-                     include_dashboard=False, log_to_driver=False, configure_logging=False)
-        except (ConnectionError, ValueError, RuntimeError) as e:
-            raise InputError(f"cannot reach the Ray cluster at {rcfg.address}: {str(e).splitlines()[0][:200]}; "
-                             f"start it (ray start --head) or leave the address out to run Ray here") from None
-    return ray
 
 
 def run_on_ray(cells: Sequence[Cell], model: str, rcfg: RayConfig, say: Callable[[str], None] | None = None

@@ -9,6 +9,7 @@ import typer
 from edgekv.cli import command, emit, field_option, table
 from edgekv.errors import InputError
 from edgekv.induce.config import AdaptConfig, EntryConfig, SelectionConfig
+from edgekv.scale import RayConfig
 from edgekv.units import format_size, parse_size
 
 
@@ -62,6 +63,11 @@ def adapt_cmd(
                                                   "its commit (MEM.ekv.sig) so that boards use it with --trust."),
     no_progress: bool = typer.Option(False, "--no-progress", help="Hide progress bars."),
     json_out: bool = typer.Option(False, "--json", help="Print JSON."),
+    ray: bool = typer.Option(False, "--ray", help="Encode the candidates on Ray actors (each loads the model once); "
+                             "the memory file is the local run's. Needs the [scale] extra."),
+    ray_address: str = field_option(RayConfig, "address", "--ray-address"),
+    ray_workers: int = field_option(RayConfig, "workers", "--ray-workers"),
+    ray_cpus: int = field_option(RayConfig, "cpus_per_cell", "--ray-cpus-per-cell"),
 ) -> None:
     """Adapt MEM.ekv to a task in place (atomic; the file never changes size)."""
     from edgekv.data import default_task_name, read_examples
@@ -87,8 +93,13 @@ def adapt_cmd(
         raise InputError(f"{data}: the file's name and its folder's are generic (train, test, data, ...), so they "
                          f"do not name the task; pass --task NAME")
     backbone = load_backbone(model)  # vision-language folders come with their image path (backbone.vision)
+    encoder = None
+    if ray or ray_address:
+        from edgekv.scale import RayEncoder
+
+        encoder = RayEncoder(model, RayConfig(address=ray_address, workers=ray_workers, cpus_per_cell=ray_cpus))
     summary = adapt(backbone, examples, memory, budget_bytes, task, cfg, progress=not no_progress,
-                    image_root=os.path.dirname(os.path.abspath(data)))
+                    image_root=os.path.dirname(os.path.abspath(data)), encoder=encoder)
     if signer is not None:  # after the commit: a crash in between leaves a stale signature, refused under --trust
         from edgekv.signing import key_id, sign_memory
 

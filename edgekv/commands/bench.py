@@ -9,9 +9,9 @@ from dataclasses import replace
 import typer
 
 from edgekv.bench.config import BenchConfig
-from edgekv.bench.distributed import RayConfig
 from edgekv.cli import command, emit, field_option, table
 from edgekv.errors import InputError
+from edgekv.scale import RayConfig
 from edgekv.units import format_size, parse_size
 
 

@@ -68,6 +68,9 @@ from edgekv.retrieval import KeyProjection, effective_keys, fit_projection
 # candidates in sample order. Pool row i is old[i] for i < len(old), else new[i - len(old)];
 # at most num_slots rows, each once.
 Selector = Callable[[int, Sequence[tuple[str, str]], Sequence[tuple[str, str]]], Sequence[int]]
+# (candidate examples, their EntryConfig (resolved), key layer, key pooling, task) -> their entries, in order, as
+# compute_entries computes them (edgekv.scale.RayEncoder: on Ray actors)
+Encoder = Callable[[Sequence[Example], EntryConfig, int, str, str], list]
 
 
 # ---------------------------------------------------------------------------------
@@ -292,11 +295,15 @@ def open_memory(backbone, memory_path: str, budget_bytes: int | None, cfg: Adapt
 
 
 def encode_candidates(backbone, examples: Sequence[Example], key_model, state: MemoryState, cfg: AdaptConfig,
-                      task: str, progress: bool = False) -> Candidates:
-    """Entries (keys + pooled KV) of a seeded sample of at most ``max_candidates`` examples."""
+                      task: str, progress: bool = False, encoder: Encoder | None = None) -> Candidates:
+    """Entries (keys + pooled KV) of a seeded sample of at most ``max_candidates`` examples
+    (computed here, or by ``encoder``: the same entries, elsewhere)."""
     rows = sample(len(examples), cfg.max_candidates, cfg.seed)
     cand = [examples[i] for i in rows]
-    entries, _ = compute_entries(backbone, cand, key_model, state.entry, task, progress)
+    if encoder is None:
+        entries, _ = compute_entries(backbone, cand, key_model, state.entry, task, progress)
+    else:
+        entries = encoder(cand, resolve_entry_config(state.entry), state.spec.key_layer, state.spec.key_pooling, task)
     s = state.spec
     return Candidates(cand, entries, bank_from_entries(entries, s.num_layers, s.key_dim, s.payload_shape))
 
@@ -446,15 +453,17 @@ def task_summary(state: MemoryState, task: str, num_examples: int, cands: Candid
 # ---------------------------------------------------------------------------------
 def adapt(backbone, examples: Sequence[Example], memory_path: str, budget_bytes: int | None = None,
           task: str = "task", cfg: AdaptConfig | None = None, progress: bool = False,
-          image_root: str | None = None, selector: Selector | None = None) -> dict:
+          image_root: str | None = None, selector: Selector | None = None, encoder: Encoder | None = None) -> dict:
     """Adapt the memory at ``memory_path`` to ``task`` (create it first if missing).
 
     ``cfg.entry``'s ``pooled_len`` / ``payload_dtype``: None follows an existing memory (a new
-    one gets 16 / int8); a value set must match it (:func:`resolve_entry_config`).
+    one gets 16 / int4); a value set must match it (:func:`resolve_entry_config`).
     ``image_root``: folder that relative image paths of the examples are relative to (the
     data file's); they are stored resolved in the anchors file.
     ``selector``: replaces the bilevel selection (see :data:`Selector`); the candidates, the
     projection, the final calibration and the commit are InduceKV's.
+    ``encoder``: computes the candidates' entries instead of this process (see :data:`Encoder`;
+    :class:`edgekv.scale.RayEncoder`); it must give the entries ``compute_entries`` gives.
     Returns the per-task summary (see ``edgekv adapt --json``).
     """
     from edgekv.host.keymodel import KeyModel
@@ -464,7 +473,7 @@ def adapt(backbone, examples: Sequence[Example], memory_path: str, budget_bytes:
     t0 = time.perf_counter()
     state = open_memory(backbone, os.fspath(memory_path), budget_bytes, cfg)
     key_model = KeyModel(backbone.decoder, state.spec.key_layer, state.spec.key_pooling)
-    cands = encode_candidates(backbone, examples, key_model, state, cfg, task, progress)
+    cands = encode_candidates(backbone, examples, key_model, state, cfg, task, progress, encoder)
     pool = concat_banks(state.bank, cands.bank)  # old entries first, then the candidates: [N rows]
     proj = fit_projection(pool.raw_keys, cfg.proj_dirs)
     P = effective(pool.raw_keys, proj)  # [N, R]
