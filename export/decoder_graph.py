@@ -711,3 +711,60 @@ def graph_stats(proto: Any) -> dict:
     return {"nodes": len(proto.graph.node),
             "ops": dict(collections.Counter(n.op_type for n in proto.graph.node).most_common()),
             "initializers": len(proto.graph.initializer)}
+
+
+# --- weight-only formats for a traced graph (the VLM decoder on embeddings) ---------------
+# module name in a traced decoder's MatMul -> the kind of linear WeightFormat.layout takes
+LINEAR_KINDS = {"q_proj": "qkv_proj", "k_proj": "qkv_proj", "v_proj": "qkv_proj", "qkv_proj": "qkv_proj",
+                "o_proj": "o_proj", "gate_proj": "gate_up_proj", "up_proj": "gate_up_proj",
+                "gate_up_proj": "gate_up_proj", "down_proj": "down_proj", "lm_head": "lm_head"}
+
+
+def linear_kind(node_name: str) -> str | None:
+    """The kind of decoder linear a traced MatMul belongs to (by its module path), or None."""
+    parts = node_name.strip("/").split("/")
+    return next((LINEAR_KINDS[p] for p in reversed(parts) if p in LINEAR_KINDS), None)
+
+
+def quantize_linears(model: Any, weights: WeightFormat) -> int:
+    """In place: every MatMul of ``model`` (an onnx ModelProto) whose weight is a 2-D initializer
+    [K, N] of a decoder linear becomes ``weights``' MatMulNBits, with the kernels and layouts the
+    fused graph uses for that kind (``_Graph._nbits``). Smoothing needs the fused graph's
+    calibration and is refused. -> the number of linears replaced"""
+    from onnx import helper, numpy_helper
+
+    if weights.bits is None:
+        return 0
+    if weights.smooth_alpha is not None:
+        raise ValueError("quantize_linears: smoothing needs activation maxima; use a format without it")
+    graph = model.graph
+    inits = {t.name: t for t in graph.initializer}
+    users: dict[str, int] = {}
+    for n in graph.node:
+        for i in n.input:
+            users[i] = users.get(i, 0) + 1
+    g = _Graph(weights)
+    g._count = 10 ** 6  # node names of their own, apart from the traced graph's
+    nodes, replaced, dropped = [], 0, set()
+    for n in graph.node:
+        kind = linear_kind(n.name) if n.op_type == "MatMul" else None
+        w_name = n.input[1] if kind else ""
+        if kind is None or w_name not in inits or len(inits[w_name].dims) != 2:
+            nodes.append(n)
+            continue
+        start = len(g.nodes)
+        w = numpy_helper.to_array(inits[w_name]).astype(np.float32).T  # [N out, K in]
+        y = g._nbits(n.input[0], f"q{replaced}.{kind}", kind, w)
+        nodes += g.nodes[start:] + [helper.make_node("Identity", [y], [n.output[0]], name=f"{n.name}/nbits_out")]
+        replaced += 1
+        users[w_name] -= 1
+        if users[w_name] == 0:
+            dropped.add(w_name)
+    del graph.node[:]
+    graph.node.extend(nodes)
+    keep = [t for t in graph.initializer if t.name not in dropped]
+    del graph.initializer[:]
+    graph.initializer.extend(keep + [numpy_helper.from_array(v, k) for k, v in g.inits.items()])
+    if not any(o.domain == MS_DOMAIN for o in model.opset_import):
+        model.opset_import.append(helper.make_opsetid(MS_DOMAIN, 1))
+    return replaced

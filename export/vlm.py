@@ -26,7 +26,7 @@ from __future__ import annotations
 import os
 from typing import Any
 
-from edgekv.errors import EdgeKVError, InputError
+from edgekv.errors import EdgeKVError
 from edgekv.export.common import (
     ExportOptions,
     check_memory,
@@ -46,7 +46,8 @@ PROBE_PROMPT = "what colour is the triangle?"
 
 
 def stage_names(opts: ExportOptions) -> list[str]:
-    names = ["load", "vision", "decoder"] + (["check"] if opts.check else []) + ["key graph", "tokenizer"]
+    names = ["load", "vision", "decoder"] + (["check"] if opts.check else []) + (["quantise"] if opts.quantize_weights
+                                                                                 else []) + ["key graph", "tokenizer"]
     return [*names, *(["index"] if opts.memory else []), "manifest"]
 
 
@@ -145,7 +146,46 @@ def probe_image(size: int = 48) -> Any:
 
 def check_vlm(bb: Any, folder: str, proc_dict: dict) -> dict:
     """ONNX (vision + embeddings + decoder) vs PyTorch on an image+text probe, without and with
-    the first part of the sequence injected as past. Returns the max |logit diff| of both."""
+    the first part of the sequence injected as past. Returns the max |logit diff| of both;
+    raises when they exceed fp32 rounding."""
+    res = vlm_logits_vs_torch(bb, folder, proc_dict)
+    worst = max(res["max_abs_diff_no_past"], res["max_abs_diff_with_past"])
+    if worst > 1e-4 * max(1.0, res["logit_scale"]):
+        raise EdgeKVError(f"the exported vision/decoder graphs disagree with PyTorch (max |logit diff| {worst:.2e}); "
+                          f"this VLM does not export correctly")
+    return res
+
+
+def quantise_vlm_decoder(bb: Any, folder: str, proc_dict: dict, weights: str, check: bool) -> dict:
+    """``decoder_embeds.onnx`` with weight-only ``weights`` linears (``quantize_linears``; int8
+    without smoothing, which needs the fused graph); the vision graph and the key graph stay
+    fp32. -> bytes before / after and (``check``) the effect vs PyTorch fp32 on the probe."""
+    import dataclasses
+
+    import onnx
+
+    from edgekv.export.decoder_graph import WEIGHT_FORMATS, quantize_linears
+    from edgekv.export.onnx_export import files_bytes, onnx_files
+
+    path = os.path.join(folder, DECODER_EMBEDS_FILE)
+    before = onnx_files(folder, DECODER_EMBEDS_FILE)
+    info: dict = {"fp32_bytes": files_bytes(folder, before)}
+    model = onnx.load(path)
+    fmt = dataclasses.replace(WEIGHT_FORMATS[weights], smooth_alpha=None)
+    info["linears"] = quantize_linears(model, fmt)
+    for name in before:
+        os.unlink(os.path.join(folder, name))
+    big = model.ByteSize() > (1 << 31) - (1 << 24)  # protobuf's 2 GB limit, with room
+    onnx.save_model(model, path, save_as_external_data=big, location=DECODER_EMBEDS_FILE + ".data")
+    info["bytes"] = files_bytes(folder, onnx_files(folder, DECODER_EMBEDS_FILE))
+    if check:
+        info["check"] = vlm_logits_vs_torch(bb, folder, proc_dict)
+    return info
+
+
+def vlm_logits_vs_torch(bb: Any, folder: str, proc_dict: dict) -> dict:
+    """The exported graphs' logits vs PyTorch's on the probe, without and with past: max |diff|
+    and top-1 agreement of each."""
     import numpy as np
     import torch
 
@@ -166,15 +206,12 @@ def check_vlm(bb: Any, folder: str, proc_dict: dict) -> dict:
     kv = [(layer.keys.numpy(), layer.values.numpy()) for layer in pre_out.past_key_values.layers]
     whole, _ = mm.forward_ids(ids, img.features, mm.decoder.empty_past())
     tail, _ = mm.forward_ids(ids[split:], img.features[:, :0], kv)
-    res = {"max_abs_diff_no_past": float(np.abs(whole[0] - joint).max()),
-           "max_abs_diff_with_past": float(np.abs(tail[0] - joint[split:]).max()),
-           "logit_scale": float(np.abs(joint).max()), "num_tokens": len(ids),
-           "num_image_tokens": int(img.features.shape[1])}
-    worst = max(res["max_abs_diff_no_past"], res["max_abs_diff_with_past"])
-    if worst > 1e-4 * max(1.0, res["logit_scale"]):
-        raise EdgeKVError(f"the exported vision/decoder graphs disagree with PyTorch (max |logit diff| {worst:.2e}); "
-                          f"this VLM does not export correctly")
-    return res
+    return {"max_abs_diff_no_past": float(np.abs(whole[0] - joint).max()),
+            "max_abs_diff_with_past": float(np.abs(tail[0] - joint[split:]).max()),
+            "top1_no_past": float(np.mean(whole[0].argmax(-1) == joint.argmax(-1))),
+            "top1_with_past": float(np.mean(tail[0].argmax(-1) == joint[split:].argmax(-1))),
+            "logit_scale": float(np.abs(joint).max()), "num_tokens": len(ids),
+            "num_image_tokens": int(img.features.shape[1])}
 
 
 # --- the whole export ----------------------------------------------------------------------
@@ -185,8 +222,6 @@ def export_vlm_into(model: str, folder: str, opts: ExportOptions, stages: Any) -
     from edgekv.manifest import file_hashes, write_manifest
     from edgekv.runtime.vision import ImageProcessorConfig
 
-    if opts.quantize_weights:
-        raise InputError("ExportOptions.quantize_weights is not supported for vision-language models yet; export fp32")
     spec = memory_spec(opts.memory) if opts.memory else None
     with stages.stage("load"):
         bb, proc = load_vlm(model)
@@ -205,10 +240,15 @@ def export_vlm_into(model: str, folder: str, opts: ExportOptions, stages: Any) -
     with stages.stage("decoder"):
         export_embeds_decoder(bb, os.path.join(folder, DECODER_EMBEDS_FILE), opts.opset)
         decoder_names = onnx_files(folder, DECODER_EMBEDS_FILE)
-    summary: dict = {"decoder": {"weights": "fp32", "bytes": files_bytes(folder, decoder_names)}}
+    summary: dict = {"decoder": {"weights": opts.quantize_weights or "fp32", "bytes": files_bytes(folder, decoder_names)}}
     if opts.check:
         with stages.stage("check"):
             summary["decoder"]["fp32_check"] = check_vlm(bb, folder, proc.to_dict())
+    if opts.quantize_weights:
+        with stages.stage("quantise"):
+            summary["decoder"]["quantised"] = quantise_vlm_decoder(bb, folder, proc.to_dict(), opts.quantize_weights,
+                                                                   opts.check)
+            decoder_names = onnx_files(folder, DECODER_EMBEDS_FILE)
     with stages.stage("key graph"):
         # the key on token embeddings: image positions hold the vision features (docs/multimodal.md)
         export_embeds_key_graph(bb.decoder, key[0], key[1], os.path.join(folder, KEY_FILE), opts.opset)
@@ -216,7 +256,7 @@ def export_vlm_into(model: str, folder: str, opts: ExportOptions, stages: Any) -
     tokenizer, index, names = tokenizer_and_index(bb, folder, opts.memory, stages)
     with stages.stage("manifest"):
         names = [*decoder_names, *vision_names, *key_names, *names]
-        data = manifest_data(bb, key, "fp32", tokenizer, file_hashes(folder, names), index)
+        data = manifest_data(bb, key, opts.quantize_weights or "fp32", tokenizer, file_hashes(folder, names), index)
         data["decoder"]["file"] = DECODER_EMBEDS_FILE
         data["key"]["input"] = KEY_INPUT_EMBEDS
         tokens = bb.vision.tokens

@@ -319,3 +319,40 @@ def test_device_image_path_imports_no_torch_or_transformers(family, vlm_export, 
     report = json.loads(res.stdout.strip().splitlines()[-1])
     assert report["forbidden"] == []
     assert report["prompt"] > 20 and len(report["ids"]) >= 1  # the image path really ran
+
+
+@pytest.mark.parametrize("weights", ["int8", "int4"])
+def test_quantised_vlm_decoder_is_smaller_close_and_takes_memory(weights, vlm_export, tmp_path):
+    """--quantize-weights for a VLM: the decoder's linears become MatMulNBits (vision and key
+    graphs stay fp32); logits stay close to PyTorch fp32, and an injected prefix moves them as
+    it moves the fp32 export's."""
+    import json
+    import os
+
+    from edgekv.export.pipeline import export_model
+    from edgekv.runtime import Runtime
+
+    src, fp32_art, _ = vlm_export("llava")
+    out = str(tmp_path / "art")
+    s = export_model(src, out, progress=False, quantize_weights=weights)
+    q = s["decoder"]["quantised"]
+    assert q["linears"] == 3 * 7 + 1  # every projection of 3 layers + the LM head
+    assert q["bytes"] < (0.5 if weights == "int8" else 0.42) * q["fp32_bytes"]
+    scale = q["check"]["logit_scale"]
+    tol = 0.02 if weights == "int8" else 0.2
+    assert q["check"]["max_abs_diff_no_past"] <= tol * scale and q["check"]["max_abs_diff_with_past"] <= tol * scale
+    if weights == "int8":
+        assert q["check"]["top1_no_past"] == q["check"]["top1_with_past"] == 1.0
+    manifest = json.load(open(os.path.join(out, "manifest.json")))
+    assert manifest["decoder"]["weights"] == weights and manifest["vision"]["file"] == "vision.onnx"
+    with Runtime.load(out, k=0) as rq, Runtime.load(fp32_art, k=0) as rf:
+        img = card(4)
+        a, b = rq.generate(QUERY, 4, image=img), rf.generate(QUERY, 4, image=img)
+        assert a.num_prompt_tokens == b.num_prompt_tokens and len(a.token_ids) > 0
+        ids = rf.prompt_ids(QUERY)
+        rng = np.random.default_rng(0)
+        shape = (rf.num_layers, int(rf.manifest["num_kv_heads"]), 6, int(rf.manifest["head_dim"]))
+        K, V = rng.normal(size=shape).astype(np.float32), rng.normal(size=shape).astype(np.float32)
+        lq, lf = rq.logits(ids, *rq.rotate(K, V)), rf.logits(ids, *rf.rotate(K, V))
+        assert np.abs(lq - lf).max() <= tol * max(1.0, np.abs(lf).max())
+        assert np.abs(rq.logits(ids) - lq).max() > 1e-3  # control: the injected past matters
