@@ -2,7 +2,7 @@
 memory file, and the time to apply it on the device path (``edgekv memory apply``, no torch).
 
 The memory is adapted task after task with the demo's settings (``edgekv.demo.DemoConfig``: k = 4,
-m = 8, 12 selection steps, 16 MiB, seed 0); state 0 is the empty memory as ``adapt`` creates it.
+m = 16, 12 selection steps, 16 MiB, seed 0); state 0 is the empty memory as ``adapt`` creates it.
 For every task i the update from state i-1 to state i is written, then applied ``--repeats``
 times to fresh copies of state i-1 in a separate Python process that never imports torch (the
 library call, timed inside; and the real CLI, timed from outside, interpreter start included),
