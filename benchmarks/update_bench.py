@@ -62,6 +62,13 @@ print(json.dumps({"rows": rows, "host_modules": torch}))
 """
 
 
+def demo_settings() -> str:
+    from edgekv.demo import DemoConfig
+
+    d = DemoConfig()
+    return f"edgekv.demo.DemoConfig (k={d.top_k}, m={d.pooled_len}, {d.selection_steps} selection steps)"
+
+
 def parse_args() -> argparse.Namespace:
     from edgekv.demo import DemoConfig
 
@@ -243,8 +250,7 @@ def main() -> None:
         print(f"[update-bench] {name}: update {format_size(t['update_bytes'])} = {t['ratio']:.1%} of "
               f"{format_size(t['file_bytes'])}, apply {t['apply_ms']:.1f} ms", flush=True)
     data = {"config": {"model": args.model, "stream": args.stream, "tasks": names, "budget": args.budget,
-                       "seed": args.seed, "repeats": args.repeats, "settings": "edgekv.demo.DemoConfig (k=4, m=8, "
-                                                                               "12 selection steps)"},
+                       "seed": args.seed, "repeats": args.repeats, "settings": demo_settings()},
             "machine": machine(), "tasks": tasks, "seconds": round(time.perf_counter() - t0, 1),
             "command": "python benchmarks/update_bench.py " + " ".join(sys.argv[1:])}
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
