@@ -88,6 +88,11 @@ def test_model_is_never_positional_and_memory_never_short():
                 assert p.name == "model", f"{name}: -m is {p.name}"
 
 
+def test_threads_have_one_default():
+    defaults = {name: p.default for name, cmd in commands().items() for p in options(cmd) if p.name == "threads"}
+    assert len(defaults) >= 7 and set(defaults.values()) == {None}, defaults  # the library decides unless given
+
+
 def test_booleans_are_flags_and_long_commands_can_be_quiet():
     for name, cmd in commands().items():
         for p in options(cmd):

@@ -156,7 +156,7 @@ def bench_cmd(
     split: str = field_option(BenchConfig, "eval_split", "--split"),
     device_ttft: bool = field_option(BenchConfig, "device_ttft", "--device-ttft/--no-device-ttft", default=None),
     quick: bool = typer.Option(False, "--quick", help="Tiny settings for tests and CI (BenchConfig.quick)."),
-    threads: int = typer.Option(2, "--threads", "-t", help="PyTorch threads."),
+    threads: int = typer.Option(None, "--threads", "-t", help="PyTorch threads (default: PyTorch decides)."),
     no_progress: bool = typer.Option(False, "--no-progress", help="Hide progress bars."),
     json_out: bool = typer.Option(False, "--json", help="Print results.json."),
     ray: bool = typer.Option(False, "--ray", help="Run every cell (method x budget x run) as a Ray task; OUT "
@@ -177,14 +177,15 @@ def bench_cmd(
     if [t for t in cfg.tune if t not in names]:
         raise InputError(f"--tune {tune}: tune only methods that run (--methods {methods})")
     main, sweep = parse_budgets(budget, budgets, cfg.sweep_fractions)
-    if threads < 1:
+    if threads is not None and threads < 1:
         raise InputError(f"--threads must be >= 1, got {threads}")
     import torch
 
     from edgekv.bench.grid import run_grid, run_single
     from edgekv.data.stream import load_stream
 
-    torch.set_num_threads(threads)
+    if threads is not None:
+        torch.set_num_threads(threads)
     the_stream = None if streams or seeds else load_stream(stream, seed=seed)
     backbone = load_model(model)
     cmd = command_line(model=model, stream=stream, streams=streams, budget=budget, budgets=budgets, methods=methods,
