@@ -81,10 +81,10 @@ def check_stop(stop: Sequence[str] | str | None) -> tuple[str, ...]:
     return stop
 
 
-def first_stop(text: str, stop: Sequence[str]) -> int:
-    """Index in ``text`` where the earliest stop string begins; -1 when none occurs."""
+def cut_at_stop(text: str, stop: Sequence[str]) -> tuple[str, bool]:
+    """``text`` up to where the earliest stop string begins, and whether one occurs."""
     hits = [i for i in (text.find(s) for s in stop) if i >= 0]
-    return min(hits) if hits else -1
+    return (text[:min(hits)], True) if hits else (text, False)
 
 
 @dataclass
@@ -232,11 +232,12 @@ class Runtime:
         self.close()
 
     # --- pieces -------------------------------------------------------------------
-    def prompt_ids(self, prompt: str) -> list[int]:
-        """Token ids of the prompt as the decoder sees it (chat template when available)."""
+    def prompt_ids(self, prompt: str, template: bool = True) -> list[int]:
+        """Token ids of the prompt as the decoder sees it (chat template when available and
+        ``template``; ``template`` False: the prompt as it is, a completion)."""
         if not prompt or not prompt.strip():
             raise InputError("the prompt is empty")
-        if self.config.chat and self.tokenizer.chat_template:
+        if template and self.config.chat and self.tokenizer.chat_template:
             return self.tokenizer.encode_chat([{"role": "user", "content": prompt}])
         return self.tokenizer.encode(prompt)
 
@@ -390,9 +391,7 @@ class Runtime:
                 raise InputError("an image goes with a single prompt, not with messages")
             prompt, ids = self.conversation_ids(messages)
         elif raw:
-            if not prompt or not prompt.strip():
-                raise InputError("the prompt is empty")
-            ids = self.tokenizer.encode(prompt)
+            ids = self.prompt_ids(prompt, template=False)
         q = self._prepare(prompt, max_new_tokens, use_memory and inject is None, inject, image, ids)
         res.retrieved, res.num_prompt_tokens, res.num_memory_tokens = q.retrieved, len(q.ids), q.num_memory
         cache = self._start_past(q.memory_kv, q.num_memory + len(q.ids) + q.max_new_tokens)
@@ -463,9 +462,9 @@ class Runtime:
             out_ids.append(tok)
             text = self.tokenizer.decode(out_ids)
             if not text.endswith("\ufffd"):  # whole characters only
-                cut = first_stop(text, stop)
-                res.text, res.token_ids = text if cut < 0 else text[:cut], list(out_ids)
-                if cut >= 0:
+                res.text, stopped = cut_at_stop(text, stop)
+                res.token_ids = list(out_ids)
+                if stopped:
                     res.stop_reason = "stop"
                     break
                 if len(text) - hold > sent:
@@ -474,11 +473,10 @@ class Runtime:
             if len(out_ids) == q.max_new_tokens:
                 break
             logits, past = self.decoder.forward(np.asarray([[tok]], np.int64), past)
-        if res.stop_reason != "stop":
-            text = self.tokenizer.decode(out_ids)
-            cut = first_stop(text, stop)
-            res.text, res.token_ids = text if cut < 0 else text[:cut], out_ids
-            res.stop_reason = "stop" if cut >= 0 else res.stop_reason
+        if res.stop_reason != "stop":  # the whole answer once more: its last characters may have just completed
+            res.text, stopped = cut_at_stop(self.tokenizer.decode(out_ids), stop)
+            res.token_ids = out_ids
+            res.stop_reason = "stop" if stopped else res.stop_reason
         if len(res.text) > sent:
             yield res.text[sent:]
         if t_first is not None and len(out_ids) > 1:

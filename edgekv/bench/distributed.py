@@ -62,15 +62,14 @@ def run_cell(backbone, cell: Cell, load: Callable | None = None) -> dict:
 def tuning_cells(stream: str, seed: int, methods: Sequence[str], main_budget: int, out_dir: str,
                  cfg: BenchConfig) -> list[Cell]:
     """The points :func:`edgekv.bench.grid.tune` runs (val split, main budget, first run)."""
-    from edgekv.bench.grid import tuning_grid
+    from edgekv.bench.grid import tuning_grid, tuning_point
 
     cells = []
     for name in cfg.tune:
         if name not in methods:
             continue
         for point in tuning_grid(cfg):
-            rel = os.path.join("tuning", name, f"{point['lora_lr']:g}-{point['lora_epochs']}")
-            pcfg = replace(cfg, seed=seed, eval_split="val", **point)
+            rel, pcfg = tuning_point(name, point, replace(cfg, seed=seed))
             cells.append(Cell(stream, seed, os.path.join(out_dir, rel), name, main_budget, pcfg.to_dict()))
     return cells
 
@@ -80,15 +79,14 @@ def run_cells(streams: Sequence[str], seeds: Sequence[int], methods: Sequence[st
               grid: bool) -> list[Cell]:
     """The cells of the runs, as :func:`~edgekv.bench.grid.run_grid` (``grid``) or
     :func:`~edgekv.bench.grid.run_single` plan them: the sweep on the first run only."""
-    from edgekv.bench.grid import grid_runs
+    from edgekv.bench.grid import run_plan
     from edgekv.bench.runner import method_configs, plan
 
     cells = []
-    for k, (stream, seed, label) in enumerate(grid_runs(streams, seeds)):
-        run_dir = os.path.join(out_dir, "runs", label) if grid else out_dir
+    for stream, seed, _, run_dir, run_budgets in run_plan(streams, seeds, budgets, main_budget, out_dir, grid):
         rcfg = replace(cfg, seed=seed)
         mcfg = method_configs(rcfg, methods, overrides)
-        for name, b in plan(methods, budgets if k == 0 else [main_budget], main_budget, rcfg):
+        for name, b in plan(methods, run_budgets, main_budget, rcfg):
             cells.append(Cell(stream, seed, run_dir, name, b, mcfg[name].to_dict()))
     return cells
 

@@ -65,6 +65,15 @@ def grid_runs(streams: Sequence[str], seeds: Sequence[int]) -> list[tuple[str, i
     return runs
 
 
+def run_plan(streams: Sequence[str], seeds: Sequence[int], budgets: Sequence[int], main_budget: int,
+             out_dir: str, grid: bool = True) -> list[tuple[str, int, str, str, list[int]]]:
+    """(stream, seed, label, run folder, budgets) of every run: the sweep budgets on the first run
+    only; the folder ``out_dir/runs/<label>`` in a grid, ``out_dir`` itself for a single run."""
+    return [(stream, seed, label, os.path.join(out_dir, "runs", label) if grid else out_dir,
+             list(budgets) if k == 0 else [main_budget])
+            for k, (stream, seed, label) in enumerate(grid_runs(streams, seeds))]
+
+
 def _run_summary(label: str, seed: int, res: dict) -> dict:
     s = res["stream"]
     ev = s.get("eval_split", "test")
@@ -89,6 +98,12 @@ TUNING_RULE = "best val Last; ties: val Avg, then fewer epochs (cheaper), then g
 def tuning_grid(cfg: BenchConfig) -> list[dict]:
     """The points of a tuned method's grid, ``{"lora_lr", "lora_epochs"}``, epochs then learning rate."""
     return [{"lora_lr": lr, "lora_epochs": ep} for ep in cfg.tune_lora_epochs for lr in cfg.tune_lora_lrs]
+
+
+def tuning_point(name: str, point: dict, cfg: BenchConfig) -> tuple[str, BenchConfig]:
+    """A tuning point's folder relative to OUT and the config it runs with (val split)."""
+    rel = os.path.join("tuning", name, f"{point['lora_lr']:g}-{point['lora_epochs']}")
+    return rel, replace(cfg, eval_split="val", **point)
 
 
 def _num(x: float | None) -> float:
@@ -119,9 +134,9 @@ def tune(backbone, stream, methods: Sequence[str], main_budget: int, out_dir: st
     for name in cfg.tune:
         points = []
         for point in tuning_grid(cfg):
-            rel = os.path.join("tuning", name, f"{point['lora_lr']:g}-{point['lora_epochs']}")
+            rel, pcfg = tuning_point(name, point, cfg)
             res = run_bench(backbone, stream, [name], [main_budget], main_budget, os.path.join(out_dir, rel),
-                            replace(cfg, eval_split="val", **point), model_name=model_name, progress=progress)
+                            pcfg, model_name=model_name, progress=progress)
             run = res["runs"][0]
             points.append({**point, "dir": rel, "metrics": run["metrics"], "seconds": run["seconds"]})
         best = pick_best(points)
@@ -233,15 +248,14 @@ def run_grid(backbone, streams: Sequence[str], seeds: Sequence[int], methods: Se
     ``load(stream, seed)`` gives the stream (default :func:`edgekv.data.stream.load_stream`)."""
     load = load or _default_load
     t0 = time.perf_counter()
-    plan = grid_runs(streams, seeds)
+    plan = run_plan(streams, seeds, budgets, main_budget, out_dir)
     first = load(plan[0][0], plan[0][1])
     overrides, tuning = tune(backbone, first, methods, main_budget, out_dir, replace(cfg, seed=plan[0][1]),
                              model_name, progress)
     results_list, summaries = [], []
-    for k, (stream, seed, label) in enumerate(plan):
-        res = run_bench(backbone, first if k == 0 else load(stream, seed), methods,
-                        budgets if k == 0 else [main_budget], main_budget, os.path.join(out_dir, "runs", label),
-                        replace(cfg, seed=seed), model_name=model_name, command=command, progress=progress,
+    for k, (stream, seed, label, run_dir, run_budgets) in enumerate(plan):
+        res = run_bench(backbone, first if k == 0 else load(stream, seed), methods, run_budgets, main_budget,
+                        run_dir, replace(cfg, seed=seed), model_name=model_name, command=command, progress=progress,
                         overrides=overrides)
         results_list.append(res)
         summaries.append(_run_summary(label, seed, res))
@@ -261,7 +275,7 @@ def run_grid(backbone, streams: Sequence[str], seeds: Sequence[int], methods: Se
     }
     if tuning:
         results["tuning"] = tuning
-    results.update(run_extras(backbone, first, results_list[0], os.path.join(out_dir, "runs", plan[0][2]), out_dir,
+    results.update(run_extras(backbone, first, results_list[0], plan[0][3], out_dir,
                               methods, main_budget, model_name, progress))
     results["seconds_total"] = round(time.perf_counter() - t0, 1)
     write_grid(results, out_dir)
