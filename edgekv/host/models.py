@@ -109,16 +109,22 @@ def rope_spec(model: Any) -> RopeSpec | None:
     return RopeSpec(tuple(float(x) for x in inv), float(getattr(rot, "attention_scaling", 1.0)))
 
 
-def _builtin_folder(name: str) -> str:
-    """Convert the built-in GGUF to a cached Hugging Face folder once; return the folder."""
+def builtin_gguf(name: str) -> str:
+    """The path of built-in model ``name``'s GGUF file (installed with its package)."""
     info = BUILTINS[name]
     spec = importlib.util.find_spec(info["package"])
     if spec is None or not spec.submodule_search_locations:
         raise InputError(f"built-in model {name!r} is not installed: {info['install']}")
-    gguf_dir = spec.submodule_search_locations[0]
-    gguf_path = os.path.join(gguf_dir, info["gguf"])
+    gguf_path = os.path.join(spec.submodule_search_locations[0], info["gguf"])
     if not os.path.isfile(gguf_path):
         raise InputError(f"built-in model {name!r}: {gguf_path} is missing; reinstall: {info['install']}")
+    return gguf_path
+
+
+def _builtin_folder(name: str) -> str:
+    """Convert the built-in GGUF to a cached Hugging Face folder once; return the folder."""
+    info = BUILTINS[name]
+    gguf_path = builtin_gguf(name)
     stamp = f"{os.path.getsize(gguf_path)}-{int(os.path.getmtime(gguf_path))}"
     folder = os.path.join(cache_dir(), "models", f"{name}-{stamp}")
     if not os.path.isfile(os.path.join(folder, "config.json")):
