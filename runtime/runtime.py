@@ -81,9 +81,10 @@ def check_stop(stop: Sequence[str] | str | None) -> tuple[str, ...]:
     return stop
 
 
-def cut_at_stop(text: str, stop: Sequence[str]) -> tuple[str, bool]:
-    """``text`` up to where the earliest stop string begins, and whether one occurs."""
-    hits = [i for i in (text.find(s) for s in stop) if i >= 0]
+def cut_at_stop(text: str, stop: Sequence[str], start: int = 0) -> tuple[str, bool]:
+    """``text`` up to where the earliest stop string begins, and whether one occurs; ``start``:
+    where the search begins (no stop string begins before it)."""
+    hits = [i for i in (text.find(s, start) for s in stop) if i >= 0]
     return (text[:min(hits)], True) if hits else (text, False)
 
 
@@ -442,12 +443,14 @@ class Runtime:
                 res: GenerationResult, stop: tuple[str, ...] = ()) -> Iterator[str]:
         """Sample from ``logits[0, -1]`` [V], feed the token back ([1, 1] per step), up to
         ``q.max_new_tokens``, EOS or a ``stop`` string; yield the text as it becomes whole
-        characters, holding back the last len(longest stop) - 1 characters while a stop string
-        could still begin there."""
+        characters (decoded one token at a time, :class:`~edgekv.runtime.tokenizer.TextStream`),
+        holding back the last len(longest stop) - 1 characters while a stop string could still
+        begin there. A stop string is looked for only where the new piece could complete one."""
         rng = np.random.default_rng(sampling.seed)
         penalized = sampling.repetition_penalty != 1.0
         hold = max((len(s) for s in stop), default=1) - 1
-        out_ids: list[int] = []
+        stream = self.tokenizer.text_stream()
+        out_ids = res.token_ids = stream.ids  # the ids generated so far
         sent = 0  # characters of the text yielded so far
         t_first = None
         res.stop_reason = "length"
@@ -459,11 +462,10 @@ class Runtime:
             if tok in self.eos_ids:
                 res.stop_reason = "eos"
                 break
-            out_ids.append(tok)
-            text = self.tokenizer.decode(out_ids)
-            if not text.endswith("\ufffd"):  # whole characters only
-                res.text, stopped = cut_at_stop(text, stop)
-                res.token_ids = list(out_ids)
+            piece = stream.push(tok)
+            if piece:
+                text = stream.text
+                res.text, stopped = cut_at_stop(text, stop, max(len(text) - len(piece) - hold, 0))
                 if stopped:
                     res.stop_reason = "stop"
                     break
@@ -473,9 +475,8 @@ class Runtime:
             if len(out_ids) == q.max_new_tokens:
                 break
             logits, past = self.decoder.forward(np.asarray([[tok]], np.int64), past)
-        if res.stop_reason != "stop":  # the whole answer once more: its last characters may have just completed
+        if res.stop_reason != "stop":  # the whole answer once: its last characters may be incomplete bytes
             res.text, stopped = cut_at_stop(self.tokenizer.decode(out_ids), stop)
-            res.token_ids = out_ids
             res.stop_reason = "stop" if stopped else res.stop_reason
         if len(res.text) > sent:
             yield res.text[sent:]

@@ -153,6 +153,10 @@ class DeviceTokenizer:
     def decode(self, ids: list[int]) -> str:
         return self._call("decode", lambda: self.tok.decode(list(ids), skip_special_tokens=True))
 
+    def text_stream(self) -> TextStream:
+        """A :class:`TextStream`: the text of generated ids, one token at a time."""
+        return TextStream(self)
+
     def render_chat(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
         if not self.chat_template:
             raise InputError("this model has no chat template; call with chat=False")
@@ -185,6 +189,50 @@ class DeviceTokenizer:
 
     def encode_chat(self, messages: list[dict], add_generation_prompt: bool = True) -> list[int]:
         return self.encode(self.render_chat(messages, add_generation_prompt), add_special_tokens=False)
+
+
+def _decode_stream():
+    """``tokenizers.decoders.DecodeStream`` skipping special tokens (tokenizers >= 0.21), or None."""
+    try:
+        from tokenizers.decoders import DecodeStream
+    except ImportError:
+        return None
+    return DecodeStream(skip_special_tokens=True)
+
+
+class TextStream:
+    """The text of a growing list of token ids: :meth:`push` adds one id and returns the text it
+    completes ("" while a character is still incomplete: byte-level tokens can split one).
+
+    Each push decodes a few ids with ``tokenizers``' ``DecodeStream`` (O(1) per token). Without it
+    (tokenizers < 0.21), or once it fails on a tokenizer's decoder, every push decodes all the ids.
+    The pieces concatenate to ``text``, the whole characters of ``decode(ids)``.
+    """
+
+    def __init__(self, tokenizer: DeviceTokenizer):
+        self.tokenizer = tokenizer
+        self.ids: list[int] = []
+        self.text = ""
+        self._stream = _decode_stream()
+
+    def push(self, token: int) -> str:
+        self.ids.append(token)
+        piece = self._step(token) if self._stream is not None else None
+        if piece is None:  # no DecodeStream: the whole text, its new end once it is whole characters
+            text = self.tokenizer.decode(self.ids)
+            piece = "" if text.endswith("\ufffd") else text[len(self.text):]
+        self.text += piece
+        return piece
+
+    def _step(self, token: int) -> str | None:
+        """DecodeStream's piece ("" until whole characters), or None when it fails (then it is dropped)."""
+        try:
+            return self._stream.step(self.tokenizer.tok, token) or ""
+        except BaseException as e:  # a decoder whose text of a window is not a prefix of the next one
+            if _fatal(e):
+                raise
+            self._stream = None
+            return None
 
 
 def template_sha256(template: str) -> str:
