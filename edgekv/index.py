@@ -13,7 +13,8 @@ file itself (:func:`memory_state`, :func:`bound_to`). Two places hold one:
 
 The :class:`Retriever` uses exact numpy search when asked, below ``IndexConfig.exact_below``
 entries, or when hnswlib is missing or crashes on this CPU (probed once per process in a
-subprocess, see :func:`hnswlib_status`); otherwise HNSW over the first index bound to the
+subprocess, see :func:`hnswlib_status`; then one warning line on stderr says so and how to get
+the index, :func:`warn_exact_instead_of_hnsw`); otherwise HNSW over the first index bound to the
 memory's current state, building one if there is none. An index bound to another state is never
 used. ``Retriever.mode`` / ``reason`` say what was used and why.
 
@@ -48,12 +49,21 @@ import numpy as np
 
 from edgekv.atomic import publish_file, remove_stale, storage_errors, temp_name, write_file_atomic
 from edgekv.configs import Config
-from edgekv.errors import CorruptFileError, EdgeKVError, InputError, MismatchError
+from edgekv.errors import (
+    CorruptFileError,
+    EdgeKVError,
+    InputError,
+    MismatchError,
+    MissingDependencyError,
+)
 from edgekv.format import Memory
 from edgekv.manifest import file_sha256
 from edgekv.retrieval import effective_keys, topk_exact
 
 INDEX_FILE = "index.hnsw"
+HNSWLIB_MISSING = "hnswlib is not installed"
+HNSWLIB_INSTALL = "pip install hnswlib"
+HNSWLIB_REBUILD = "HNSWLIB_NO_NATIVE=1 pip install --force-reinstall --no-binary hnswlib hnswlib"
 INDEX_META = "index.json"
 _MAX_META_BYTES = 1 << 20
 
@@ -107,11 +117,18 @@ def bound_to(meta: dict, state: dict, legacy: bool = False) -> bool:
     return True
 
 
+def _hnswlib():
+    """The hnswlib module; :class:`MissingDependencyError` (one line, how to install it) without it."""
+    try:
+        import hnswlib
+    except ImportError:
+        raise MissingDependencyError(f"the HNSW index needs hnswlib: {HNSWLIB_INSTALL}") from None
+    return hnswlib
+
+
 def _new_index(slots: np.ndarray, keys: np.ndarray, config: IndexConfig):
     """A fresh hnswlib index of keys [n, R] labelled by slots [n] (seeded, one thread: reproducible)."""
-    import hnswlib
-
-    index = hnswlib.Index(space="ip", dim=keys.shape[1])
+    index = _hnswlib().Index(space="ip", dim=keys.shape[1])
     index.init_index(max_elements=max(len(slots), 1), ef_construction=config.ef_construction,
                      M=config.M, random_seed=0)
     if len(slots):
@@ -314,7 +331,7 @@ def hnswlib_status() -> tuple[bool, str]:
     ``except`` can catch.
     """
     if importlib.util.find_spec("hnswlib") is None:
-        return False, "hnswlib is not installed"
+        return False, HNSWLIB_MISSING
     try:
         out = subprocess.run([sys.executable, "-c", _PROBE], capture_output=True, text=True, timeout=300)
     except (OSError, subprocess.TimeoutExpired) as e:
@@ -330,6 +347,15 @@ def hnswlib_status() -> tuple[bool, str]:
 
 def hnswlib_available() -> bool:
     return hnswlib_status()[0]
+
+
+@functools.lru_cache(maxsize=None)
+def warn_exact_instead_of_hnsw(why: str) -> None:
+    """One line on stderr, once per process and reason: an HNSW index was due but hnswlib is
+    unusable (``why``, :func:`hnswlib_status`), so search is exact; and how to get the index."""
+    fix = HNSWLIB_INSTALL if why == HNSWLIB_MISSING else f"reinstall it for this CPU: {HNSWLIB_REBUILD}"
+    print(f"edgekv: warning: {why}: exact search over the memory's keys instead of its HNSW index (the same "
+          f"entries, slower on large memories); for the index, {fix}", file=sys.stderr)
 
 
 @contextlib.contextmanager
@@ -348,8 +374,7 @@ def _pinned(path: str) -> Iterator[str]:
 def _load_checked(path: str, meta: dict, slots: np.ndarray, keys: np.ndarray, capacity: int = 0):
     """hnswlib's index from ``path`` after its hash (``meta``), shape and whole structure are
     checked against slots [n] and keys [n, R]; ``capacity``: room for that many items."""
-    import hnswlib
-
+    hnswlib = _hnswlib()
     try:
         with _pinned(path) as alias:
             if file_sha256(alias) != meta["file_sha256"]:
@@ -492,7 +517,7 @@ class Retriever:
     """Top-k by inner product over a memory's effective keys (HNSW or exact numpy).
 
     Exact search when asked (``force="exact"``), for memories below ``config.exact_below`` entries,
-    or when hnswlib is missing or crashes on this CPU. Otherwise HNSW over, in this order: the
+    or when hnswlib is missing or crashes on this CPU (with one warning line). Otherwise HNSW over, in this order: the
     export's index (``index_dir``) if it is bound to exactly this memory state; the index cached
     beside the memory (``MEM.ekv.hnsw``) if bound to this state; else one built now and cached there
     (``cache=False``: no cache, exact search). An index bound to another state is never used.
@@ -520,6 +545,7 @@ class Retriever:
         if force is None and n < self.config.exact_below:
             return f"{n} entries < {self.config.exact_below}: exact search is as fast"
         if not hnswlib_available():
+            warn_exact_instead_of_hnsw(hnswlib_status()[1])
             return hnswlib_status()[1]
         return None
 

@@ -27,11 +27,13 @@ from dataclasses import dataclass
 import numpy as np
 
 from edgekv.configs import Config
-from edgekv.errors import InputError
+from edgekv.errors import InputError, MissingDependencyError
 
 KINDS = ("clip", "idefics3")
 MAX_IMAGE_SIDE = 4096  # Idefics3's MAX_IMAGE_SIZE: resized images never exceed it
 MAX_IMAGE_PIXELS = 1 << 28  # refuse decompression bombs before decoding
+
+PILLOW_INSTALL = "pip install 'edgekv[vision]'"  # the extra that brings Pillow
 
 # PIL resample codes (PIL.Image.Resampling values; Hugging Face stores the int).
 BICUBIC, LANCZOS = 3, 1
@@ -107,10 +109,19 @@ class ProcessedImage:
 
 
 # --- loading -------------------------------------------------------------------------
+def pillow(what: str = "an image"):
+    """The ``PIL.Image`` module, imported on first use (text-only use never needs Pillow); without
+    Pillow, :class:`MissingDependencyError`: ``what`` needs it, and the extra to install."""
+    try:
+        from PIL import Image
+    except ImportError:
+        raise MissingDependencyError(f"{what} needs Pillow: {PILLOW_INSTALL}") from None
+    return Image
+
+
 def load_image(image) -> object:
     """A PIL image from a path or a PIL image; unreadable input -> InputError (one line)."""
-    from PIL import Image, UnidentifiedImageError
-
+    Image = pillow()
     if isinstance(image, Image.Image):
         return image
     if not isinstance(image, (str, os.PathLike)):
@@ -123,7 +134,7 @@ def load_image(image) -> object:
         with Image.open(path) as im:
             im.load()
             return im.copy()
-    except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as e:
+    except (Image.UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as e:
         raise InputError(f"image {path} cannot be read ({str(e).splitlines()[0][:160]})") from None
 
 
@@ -137,10 +148,9 @@ def _to_uint8(image, keep_alpha: bool) -> np.ndarray:
 
 def _composite_on_white(img: np.ndarray) -> np.ndarray:
     """[H, W, 4] RGBA -> [H, W, 3] RGB on a white background (Idefics3's convert_to_rgb)."""
-    from PIL import Image
-
     if img.shape[2] == 3:
         return img
+    Image = pillow()
     white = Image.new("RGBA", (img.shape[1], img.shape[0]), (255, 255, 255))
     return np.asarray(Image.alpha_composite(white, Image.fromarray(img, "RGBA")).convert("RGB"), dtype=np.uint8)
 
@@ -148,8 +158,7 @@ def _composite_on_white(img: np.ndarray) -> np.ndarray:
 # --- pure numpy / Pillow steps -------------------------------------------------------
 def resize(img: np.ndarray, height: int, width: int, resample: int) -> np.ndarray:
     """[H, W, C] uint8 (C = 3 or 4) -> [height, width, C] uint8 via Pillow (as Hugging Face's resize)."""
-    from PIL import Image
-
+    Image = pillow()
     return np.asarray(Image.fromarray(img).resize((width, height), resample=resample), dtype=np.uint8)
 
 

@@ -14,7 +14,13 @@ import functools
 from dataclasses import dataclass
 
 import numpy as np
-from PIL import Image, ImageDraw, ImageFont
+
+from edgekv.errors import MissingDependencyError
+
+try:
+    from PIL import Image, ImageDraw, ImageFont
+except ImportError:  # the built-in image tasks import this module on first use
+    raise MissingDependencyError("the built-in image tasks need Pillow: pip install 'edgekv[vision]'") from None
 
 COLOURS: dict[str, tuple[int, int, int]] = {
     "red": (220, 30, 30),
@@ -185,7 +191,11 @@ def caption(scene: Scene) -> str:
 
 @functools.lru_cache(maxsize=1)
 def _digits() -> tuple[np.ndarray, np.ndarray]:
-    from sklearn.datasets import load_digits  # bundled with scikit-learn, no download
+    try:
+        from sklearn.datasets import load_digits  # bundled with scikit-learn, no download
+    except ImportError:
+        raise MissingDependencyError("the digit images need scikit-learn (a host extra): "
+                                     "pip install 'edgekv[host]'") from None
 
     data = load_digits()
     return data.images.astype(np.float32), data.target.astype(np.int64)  # [1797, 8, 8], [1797]
