@@ -195,9 +195,10 @@ def _decode_stream():
     """``tokenizers.decoders.DecodeStream`` skipping special tokens (tokenizers >= 0.21), or None."""
     try:
         from tokenizers.decoders import DecodeStream
-    except ImportError:
+
+        return DecodeStream(skip_special_tokens=True)
+    except (ImportError, TypeError):  # an older tokenizers, or a constructor that changed
         return None
-    return DecodeStream(skip_special_tokens=True)
 
 
 class TextStream:
