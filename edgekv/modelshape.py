@@ -12,6 +12,13 @@ from dataclasses import dataclass
 
 from edgekv.errors import InputError
 
+# The decoder families edgekv's fused ONNX graph covers (export/decoder_graph.py), by config
+# ``model_type``: llama's layer with per-family changes. Others export through optimum's graph.
+FUSED_FAMILIES = ("llama", "qwen2", "gemma", "mistral", "qwen3", "phi3", "gemma2")
+# Of those, the families whose fused graph applies the sliding window itself (GroupQueryAttention's
+# ``local_window_size`` on the windowed layers): their context is not capped at the window.
+WINDOWED_FAMILIES = ("gemma2",)
+
 # Built-in backbones, by name: (Hugging Face config fields that matter to the memory).
 BUILTIN_CONFIGS: dict[str, dict] = {
     "smollm2-135m": {
@@ -61,10 +68,12 @@ class ModelShape:
 
 def context_positions(cfg: dict) -> int:
     """Positions the runtime may use: max_position_embeddings, capped at the sliding window when
-    the model has one in use (mistral, phi3, qwen2/qwen3 with use_sliding_window): edgekv's graphs
-    attend over the whole context, which equals windowed attention only up to the window."""
+    the model has one in use (mistral, phi3, qwen2/qwen3 with use_sliding_window, families exported
+    through optimum's graph): those graphs attend over the whole context, which equals windowed
+    attention only up to the window. ``WINDOWED_FAMILIES`` apply the window and keep the context."""
     n = int(cfg.get("max_position_embeddings") or 0)
-    window = cfg.get("sliding_window") if cfg.get("use_sliding_window", True) else None
+    capped = cfg.get("use_sliding_window", True) and cfg.get("model_type") not in WINDOWED_FAMILIES
+    window = cfg.get("sliding_window") if capped else None
     return min(n, int(window)) if window and n else n
 
 

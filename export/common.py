@@ -31,7 +31,8 @@ class ExportOptions(Config):
 
     quantize_weights: str | None = knob(None, "'int8' or 'int4': weight-only block-wise decoder weights "
                                               "(MatMulNBits; activations stay float). Default: fp32.")
-    graph: str = knob("fused", "'fused': edgekv's decoder graph; 'optimum': optimum's export (fp32 only).")
+    graph: str = knob("fused", "'fused': edgekv's decoder graph (a family it does not cover falls back to "
+                               "'optimum'); 'optimum': optimum's export (fp32 only).")
     memory: str | None = knob(None, "Memory file (.ekv): check it belongs to the model and build its HNSW index.")
     key_layer: int | None = knob(None, "Layer the retrieval key pools (default: the memory's, else the model "
                                        "default).")

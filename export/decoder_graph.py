@@ -10,9 +10,30 @@ builder writes ~13 kernels per layer with com.microsoft contrib ops:
                 q, k, v = Split(MatMul(x, Wqkv) [+ b])            # one fused projection
                 q, k = RotaryEmbedding(q | k, position_ids)       # positions are an input
                 a, present = GroupQueryAttention(q, k, v, past)   # no repeat_kv, no Concat
-                x, h = SkipSimplifiedLayerNorm(MatMul(a, Wo), h)
-                prev = MatMul(act(g) * u, Wdown), g, u = Split(MatMul(x, Wgate_up))
-    logits = MatMul(norm(h), lm_head)
+                x, h = SkipSimplifiedLayerNorm(MatMul(a, Wo) [-> norm, Gemma 2], h)
+                prev = MatMul(act(g) * u, Wdown) [-> norm, Gemma 2], g, u = Split(MatMul(x, Wgate_up))
+    logits = MatMul(norm(h), lm_head) [-> cap * tanh(logits / cap), Gemma 2]
+
+Gemma 2 (``gemma2``), exactly with stock ops: the sandwich norms are two more RMSNorms per layer
+(post_attention_layernorm on the attention output, post_feedforward_layernorm on the MLP's;
+pre_feedforward_layernorm takes the place of the others' post_attention_layernorm); attention
+soft-capping and ``query_pre_attn_scalar`` are GroupQueryAttention's ``softcap`` (applied to the
+scaled logits before the mask, as transformers' eager attention) and ``scale``; the final
+soft-capping is Div, Tanh, Mul; the window of the ``sliding_attention`` layers is
+GroupQueryAttention's ``local_window_size`` (``attention_attrs``), so its context is not capped.
+The host loads it with eager attention (transformers' SDPA path drops the soft-cap).
+
+Gemma 3 (``gemma3_text``) is not fused, and not exported through optimum either: its graph needs
+only stock ops (RotaryEmbedding takes cos/sin caches as inputs, so the sliding layers could read a
+second cache built from ``rope_local_base_freq``; q/k norms are qwen3's ``_head_norm`` with Gemma's
+(1 + w)), but the memory cannot hold it exactly. edgekv stores memory keys position-free and the
+runtime rotates them into the positions it assigns with *one* RoPE for every layer (a memory
+file's header holds one set of inverse frequencies; ``runtime.decoder.KVCache.write_entries``
+builds one cos/sin table), while Gemma 3 rotates its sliding layers' keys with base 10,000 and its
+global layers' with 1,000,000 (and linear scaling from 4B up). An entry's keys would come out of
+the round trip rotated by the wrong angles in one group of layers (``edgekv.host.models.
+check_rotary_decoder`` measures this and refuses the model). Covering it needs a per-layer RoPE in
+the memory format and the runtime, not another graph.
 
 The interface is optimum's (``input_ids``, ``attention_mask``, ``position_ids``,
 ``past_key_values.{l}.key|value`` -> ``logits``, ``present.{l}.key|value``), so
@@ -51,12 +72,14 @@ from typing import Any
 import numpy as np
 
 from edgekv.errors import InputError
-from edgekv.modelshape import ModelShape
+from edgekv.modelshape import FUSED_FAMILIES, WINDOWED_FAMILIES, ModelShape
 
-# llama's layer with: qwen2 q/k/v biases; gemma (1 + w) norms, scaled embeddings, tanh GELU; mistral
-# a sliding window (the context is capped at it: ModelShape.from_config); qwen3 per-head RMSNorm of q
-# and k before RoPE; phi3 fused qkv_proj / gate_up_proj and partial rotary
-FUSED_FAMILIES = ("llama", "qwen2", "gemma", "mistral", "qwen3", "phi3")
+# FUSED_FAMILIES (edgekv.modelshape, which the host side shares): llama's layer with qwen2 q/k/v
+# biases; gemma (1 + w) norms, scaled embeddings, tanh GELU; mistral a sliding window (the context
+# is capped at it: ModelShape.from_config); qwen3 per-head RMSNorm of q and k before RoPE; phi3 fused
+# qkv_proj / gate_up_proj and partial rotary; gemma2 gemma's plus sandwich norms, soft-capping,
+# query_pre_attn_scalar and a sliding window on alternate layers (see the module docstring)
+GEMMA_FAMILIES = ("gemma", "gemma2")  # (1 + w) RMSNorm scales, embeddings * sqrt(hidden), hidden_activation
 MS_DOMAIN = "com.microsoft"
 OPSET = 18
 KV_BUFFER_META = "edgekv.kv_buffer"  # metadata: "shared" when past may be a longer in-place buffer
@@ -152,6 +175,9 @@ class Arch:
     attn_scale: float
     max_positions: int
     qk_norm: bool = False  # qwen3: RMSNorm over each head of q and k (weights [head_dim]) before RoPE
+    attn_softcap: float = 0.0  # gemma2: attention logits -> cap * tanh(logits / cap) (0: none)
+    final_softcap: float = 0.0  # gemma2: output logits -> cap * tanh(logits / cap) (0: none)
+    windows: tuple[int, ...] = ()  # per layer: the sliding window in tokens, 0 full attention (): all full
 
     @staticmethod
     def from_model(model: Any) -> Arch:
@@ -161,7 +187,8 @@ class Arch:
             raise InputError(f"edgekv's fused decoder graph covers {FUSED_FAMILIES}, not {family!r}")
         heads = int(cfg.num_attention_heads)
         head_dim = int(getattr(cfg, "head_dim", None) or cfg.hidden_size // heads)
-        act = str(getattr(cfg, "hidden_activation", None) or cfg.hidden_act) if family == "gemma" else cfg.hidden_act
+        gemma = family in GEMMA_FAMILIES
+        act = str(getattr(cfg, "hidden_activation", None) or cfg.hidden_act) if gemma else cfg.hidden_act
         if act in ("silu", "swish"):
             activation = "silu"
         elif act in ("gelu_pytorch_tanh", "gelu_tanh"):
@@ -172,10 +199,38 @@ class Arch:
             family=family, num_layers=int(cfg.num_hidden_layers), hidden=int(cfg.hidden_size), num_heads=heads,
             num_kv_heads=int(getattr(cfg, "num_key_value_heads", None) or heads), head_dim=head_dim,
             intermediate=int(cfg.intermediate_size), vocab=int(cfg.vocab_size), eps=float(cfg.rms_norm_eps),
-            activation=activation, norm_offset=1.0 if family == "gemma" else 0.0,
-            embed_scale=float(np.float32(cfg.hidden_size ** 0.5)) if family == "gemma" else 1.0,
-            attn_scale=head_dim ** -0.5, max_positions=ModelShape.from_config(cfg.to_dict()).max_positions,
-            qk_norm=family == "qwen3")
+            activation=activation, norm_offset=1.0 if gemma else 0.0,
+            embed_scale=float(np.float32(cfg.hidden_size ** 0.5)) if gemma else 1.0,
+            attn_scale=float(getattr(cfg, "query_pre_attn_scalar", None) or head_dim) ** -0.5,
+            max_positions=ModelShape.from_config(cfg.to_dict()).max_positions, qk_norm=family == "qwen3",
+            attn_softcap=float(getattr(cfg, "attn_logit_softcapping", None) or 0.0),
+            final_softcap=float(getattr(cfg, "final_logit_softcapping", None) or 0.0),
+            windows=layer_windows(cfg.to_dict()))
+
+
+def layer_windows(cfg: dict) -> tuple[int, ...]:
+    """Each layer's sliding window in tokens (0: full attention) for ``WINDOWED_FAMILIES``, whose
+    ``layer_types`` name the windowed layers; () for the others (no window, or one the context is
+    capped at: ``edgekv.modelshape.context_positions``)."""
+    if cfg.get("model_type") not in WINDOWED_FAMILIES or not cfg.get("sliding_window"):
+        return ()
+    return tuple(int(cfg["sliding_window"]) if t == "sliding_attention" else 0 for t in cfg["layer_types"])
+
+
+def attention_attrs(arch: Arch, layer: int) -> dict:
+    """GroupQueryAttention's attributes for ``layer``: heads, scale, soft-capping, window.
+
+    A window of W: query i sees cache positions i - W + 1 .. i, in transformers (kv > q - W) and in
+    GroupQueryAttention with local_window_size = W (measured: W - 1 and W + 1 differ from PyTorch).
+    Positions are cache indices in both, and the runtime's memory sits at 0..T-1, so a windowed
+    layer sees injected entries exactly as the joint sequence's tokens."""
+    attrs = {"num_heads": arch.num_heads, "kv_num_heads": arch.num_kv_heads, "scale": float(arch.attn_scale)}
+    if arch.attn_softcap:
+        attrs["softcap"] = float(arch.attn_softcap)  # cap * tanh(scale * q.k / cap), before the mask
+    window = arch.windows[layer] if arch.windows else 0
+    if window:
+        attrs["local_window_size"] = window
+    return attrs
 
 
 # --- block-wise weight quantisation ---------------------------------------------------
@@ -428,20 +483,30 @@ def _np(t: Any) -> np.ndarray:
 
 def _layer_weights(layer: Any, norm_offset: float) -> dict:
     """A decoder layer's weights as the graph applies them: norm scales with ``norm_offset``
-    added ([hidden]), fused qkv [q+k+v, hidden] (+ bias), o, gate_up [2 * intermediate, hidden], down."""
+    added ([hidden]), fused qkv [q+k+v, hidden] (+ bias), o, gate_up [2 * intermediate, hidden], down.
+
+    ``post_norm`` is the norm in front of the MLP; gemma2's sandwich norms add ``attn_out_norm``
+    (its post_attention_layernorm, on the attention output) and ``mlp_out_norm`` (on the MLP's)."""
     a, m = layer.self_attn, layer.mlp
     projs = (a.qkv_proj,) if hasattr(a, "qkv_proj") else (a.q_proj, a.k_proj, a.v_proj)  # phi3: fused already
     bias = [getattr(p, "bias", None) for p in projs]
     gate_up = (m.gate_up_proj,) if hasattr(m, "gate_up_proj") else (m.gate_proj, m.up_proj)
+    sandwich = hasattr(layer, "pre_feedforward_layernorm")
+
+    def norm(module: Any) -> np.ndarray:
+        return _np(module.weight) + np.float32(norm_offset)
+
     return {
-        "in_norm": _np(layer.input_layernorm.weight) + np.float32(norm_offset),
-        "post_norm": _np(layer.post_attention_layernorm.weight) + np.float32(norm_offset),
+        "in_norm": norm(layer.input_layernorm),
+        "post_norm": norm(layer.pre_feedforward_layernorm if sandwich else layer.post_attention_layernorm),
+        "attn_out_norm": norm(layer.post_attention_layernorm) if sandwich else None,
+        "mlp_out_norm": norm(layer.post_feedforward_layernorm) if sandwich else None,
         "qkv": np.concatenate([_np(p.weight) for p in projs]),
         "qkv_bias": None if bias[0] is None else np.concatenate([_np(b) for b in bias]),
         "o": _np(a.o_proj.weight), "o_bias": None if a.o_proj.bias is None else _np(a.o_proj.bias),
         "gate_up": np.concatenate([_np(p.weight) for p in gate_up]), "down": _np(m.down_proj.weight),
-        "q_norm": _np(a.q_norm.weight) if hasattr(a, "q_norm") else None,  # [head_dim] (qwen3)
-        "k_norm": _np(a.k_norm.weight) if hasattr(a, "k_norm") else None,
+        "q_norm": norm(a.q_norm) if hasattr(a, "q_norm") else None,  # [head_dim] (qwen3)
+        "k_norm": norm(a.k_norm) if hasattr(a, "k_norm") else None,
     }
 
 
@@ -488,7 +553,7 @@ def _body(g: _Graph, model: Any, arch: Arch, rope: Any, num_layers: int, ids: st
         p = f"layers.{i}"
         in_norm = g.const(f"{p}.input_layernorm", w["in_norm"])
         if prev is None:
-            x = g.op("SimplifiedLayerNormalization", [h, in_norm], axis=-1, epsilon=arch.eps, stash_type=1)[0]
+            x = _norm(g, h, in_norm, arch)
         else:
             x, _, _, h = g.op("SkipSimplifiedLayerNormalization", [prev, h, in_norm], 4, MS_DOMAIN, epsilon=arch.eps)
         qkv = g.linear(x, f"{p}.qkv_proj", w["qkv"], w["qkv_bias"])
@@ -504,14 +569,15 @@ def _body(g: _Graph, model: Any, arch: Arch, rope: Any, num_layers: int, ids: st
             q = g.op("RotaryEmbedding", [q, pos, cos, sin], domain=MS_DOMAIN, interleaved=0, **heads_q)[0]
             k = g.op("RotaryEmbedding", [k, pos, cos, sin], domain=MS_DOMAIN, interleaved=0, **heads_k)[0]
             attn = g.op("GroupQueryAttention", [q, k, v, *kv_in, seqlens, total], domain=MS_DOMAIN,
-                        outputs=[f"/{p}/attn", *kv_out], num_heads=arch.num_heads, kv_num_heads=arch.num_kv_heads,
-                        scale=float(arch.attn_scale), do_rotary=0)[0]
+                        outputs=[f"/{p}/attn", *kv_out], do_rotary=0, **attention_attrs(arch, i))[0]
         else:  # packed q|k|v; attention rotates q and k at position_ids itself
             attn = g.op("GroupQueryAttention", [qkv, "", "", *kv_in, seqlens, total, cos, sin, pos], domain=MS_DOMAIN,
-                        outputs=[f"/{p}/attn", *kv_out], num_heads=arch.num_heads, kv_num_heads=arch.num_kv_heads,
-                        scale=float(arch.attn_scale), do_rotary=1, rotary_interleaved=0)[0]
+                        outputs=[f"/{p}/attn", *kv_out], do_rotary=1, rotary_interleaved=0,
+                        **attention_attrs(arch, i))[0]
         o = g.linear(attn, f"{p}.o_proj", w["o"], w["o_bias"])
-        post = g.const(f"{p}.post_attention_layernorm", w["post_norm"])
+        if w["attn_out_norm"] is not None:  # gemma2: norm(attention output) before the residual add
+            o = _norm(g, o, g.const(f"{p}.attn_out_norm", w["attn_out_norm"]), arch)
+        post = g.const(f"{p}.post_attention_layernorm", w["post_norm"])  # the MLP's input norm (any family)
         x, _, _, h = g.op("SkipSimplifiedLayerNormalization", [o, h, post], 4, MS_DOMAIN, epsilon=arch.eps)
         gu = g.linear(x, f"{p}.gate_up_proj", w["gate_up"])
         gate, up = g.op("Split", [gu, split_mlp], 2, axis=-1)
@@ -520,13 +586,27 @@ def _body(g: _Graph, model: Any, arch: Arch, rope: Any, num_layers: int, ids: st
         else:
             act = g.op("FastGelu", [gate], domain=MS_DOMAIN)[0]  # tanh approximation
         prev = g.linear(g.op("Mul", [act, up])[0], f"{p}.down_proj", w["down"])
+        if w["mlp_out_norm"] is not None:  # gemma2: norm(MLP output) before the residual add
+            prev = _norm(g, prev, g.const(f"{p}.mlp_out_norm", w["mlp_out_norm"]), arch)
     return h, prev
+
+
+def _norm(g: _Graph, x: str, weight: str, arch: Arch) -> str:
+    """RMSNorm of x [..., n] over its last axis with scales ``weight`` [n] (offset already added)."""
+    return g.op("SimplifiedLayerNormalization", [x, weight], axis=-1, epsilon=arch.eps, stash_type=1)[0]
+
+
+def _softcap(g: _Graph, x: str, cap: float) -> str:
+    """cap * tanh(x / cap): gemma2's soft-capping of the output logits (attention's is
+    GroupQueryAttention's ``softcap``)."""
+    c = g.const(f"const.softcap_{cap:g}", np.asarray(cap, np.float32))
+    return g.op("Mul", [g.op("Tanh", [g.op("Div", [x, c])[0]])[0], c])[0]
 
 
 def _head_norm(g: _Graph, x: str, weight: str, heads: int, arch: Arch) -> str:
     """RMSNorm of every head of x [B, S, heads * D] with ``weight`` [D] (qwen3's q_norm / k_norm)."""
     split = g.op("Reshape", [x, g.const(f"shape.heads{heads}", np.asarray([0, 0, heads, arch.head_dim], np.int64))])[0]
-    y = g.op("SimplifiedLayerNormalization", [split, weight], axis=-1, epsilon=arch.eps, stash_type=1)[0]
+    y = _norm(g, split, weight, arch)
     return g.op("Reshape", [y, g.const("shape.merge_heads", np.asarray([0, 0, -1], np.int64))])[0]
 
 
@@ -582,14 +662,16 @@ def build_decoder_graph(model: Any, rope: Any, weights: WeightFormat, act_max: A
     final = g.const("norm.weight", _np((model.get_decoder() if hasattr(model, "get_decoder") else model.model).norm.weight)
                     + arch.norm_offset)
     if prev is None:  # no layers
-        x = g.op("SimplifiedLayerNormalization", [h, final], axis=-1, epsilon=arch.eps, stash_type=1)[0]
+        x = _norm(g, h, final, arch)
     else:
         x = g.op("SkipSimplifiedLayerNormalization", [prev, h, final], 1, MS_DOMAIN, epsilon=arch.eps)[0]
     x = _keep_last(g, x)
     head = model.get_output_embeddings().weight
     embed = (model.get_decoder() if hasattr(model, "get_decoder") else model.model).embed_tokens.weight
     tied = head.data_ptr() == embed.data_ptr()
-    g.linear(x, "lm_head", _np(head), transposed="embed_tokens.weight" if tied else None)
+    logits = g.linear(x, "lm_head", _np(head), transposed="embed_tokens.weight" if tied else None)
+    if arch.final_softcap:
+        _softcap(g, logits, arch.final_softcap)
     g.nodes[-1].output[0] = "logits"
     f, i64 = TensorProto.FLOAT, TensorProto.INT64
     inputs = [helper.make_tensor_value_info("input_ids", i64, ["batch_size", "sequence_length"]),

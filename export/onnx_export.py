@@ -100,6 +100,19 @@ class _PositionIdsInput:
         return inputs
 
 
+def optimum_exports(family: str) -> bool:
+    """Whether optimum's ONNX exporter has a decoder-with-past config for the transformers
+    ``model_type`` ``family`` (what ``export_decoder`` needs)."""
+    import optimum.exporters.onnx.model_configs  # noqa: F401  (registers the ONNX configs)
+    from optimum.exporters.tasks import TasksManager
+
+    try:
+        tasks = TasksManager.get_supported_tasks_for_model_type(family, exporter="onnx", library_name="transformers")
+    except KeyError:
+        return False
+    return DECODER_TASK in tasks
+
+
 def _decoder_onnx_configs(model: Any) -> dict:
     """``custom_onnx_configs`` for optimum: {} when its config already takes position_ids."""
     import optimum.exporters.onnx.model_configs  # noqa: F401  (registers the ONNX configs)
@@ -285,10 +298,13 @@ def export_fused(model: Any, rope: Any, key_layer: int, pooling: str, out_dir: s
 def _torch_reference(model: Any, ids: list[int], split: int) -> tuple[Any, list, list]:
     """Logits [S, V] of ``ids`` as one sequence, and K, V per layer [1, H, split, D] of ids[:split]."""
     import torch
+    from transformers import DynamicCache
 
     with torch.no_grad():
         joint = model(input_ids=torch.tensor([ids]), use_cache=False).logits[0].float().numpy()
-        cache = model(input_ids=torch.tensor([ids[:split]]), use_cache=True).past_key_values
+        # a plain DynamicCache keeps every position (the model's own drops what its windowed layers no longer see)
+        cache = model(input_ids=torch.tensor([ids[:split]]), past_key_values=DynamicCache(),
+                      use_cache=True).past_key_values
     if hasattr(cache, "layers"):
         kv = [(layer.keys, layer.values) for layer in cache.layers]
     else:

@@ -1,7 +1,8 @@
 """``edgekv export``: turn a backbone (and optionally a memory) into a device folder.
 
 Stages (one progress bar): load the backbone; write the fp32 decoder with past (edgekv's
-fused graph, or optimum's with ``graph="optimum"``); check it against PyTorch (prefix KV
+fused graph, or optimum's with ``graph="optimum"`` or for a family the fused graph does not
+cover: ``resolve_graph``); check it against PyTorch (prefix KV
 injected as past must give the joint sequence's logits); optionally quantise its weights
 (weight-only int8 / int4 ``MatMulNBits``, see ``decoder_graph.WeightFormat``) and measure
 the effect; write the retrieval-key graph; write the tokenizer; build the HNSW index for
@@ -16,8 +17,10 @@ export in ``out_dir`` is replaced; any other non-empty folder is refused unless
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 import shutil
+import sys
 import time
 from collections.abc import Iterator
 
@@ -44,6 +47,7 @@ from edgekv.export.onnx_export import (
 from edgekv.host.models import Backbone, load_backbone
 from edgekv.host.vlm import vlm_type
 from edgekv.manifest import MANIFEST_FILE, file_hashes, is_export_folder, write_manifest
+from edgekv.modelshape import FUSED_FAMILIES, load_model_config
 from edgekv.signing import key_id, load_private_key, sign_export
 
 # The export-time check holds the fp32 decoder to this, relative to the logits' scale
@@ -71,6 +75,10 @@ class Stages:
         self.seconds[name] = round(time.perf_counter() - t0, 3)
         self.bar.update(1)
 
+    def say(self, line: str) -> None:
+        """One line for the user on stderr (above the bar)."""
+        self.bar.write(f"edgekv: {line}", file=sys.stderr)
+
     def close(self) -> None:
         self.bar.close()
 
@@ -83,6 +91,26 @@ def stage_names(opts: ExportOptions) -> list[str]:
     names += ["tokenizer"]
     names += ["index"] if opts.memory else []
     return [*names, "manifest"]
+
+
+# --- which graph -------------------------------------------------------------------
+def resolve_graph(model: str, opts: ExportOptions) -> tuple[ExportOptions, str | None]:
+    """(options with the graph to write, a line for the user or None). A family outside edgekv's
+    fused graph falls back to optimum's graph (fp32), refused when that cannot do either: weights
+    to quantise, or a family optimum cannot export. Read from the config alone (nothing loaded)."""
+    family = str(load_model_config(model).get("model_type", "unknown"))
+    if opts.graph != "fused" or family in FUSED_FAMILIES:
+        return opts, None
+    if opts.quantize_weights:
+        raise InputError(f"ExportOptions.quantize_weights needs edgekv's fused graph, which does not cover {family} "
+                         f"(only {', '.join(FUSED_FAMILIES)}); export it in fp32 (optimum's graph) instead")
+    from edgekv.export.onnx_export import optimum_exports
+
+    if not optimum_exports(family):
+        raise InputError(f"{family} is covered neither by edgekv's fused graph ({', '.join(FUSED_FAMILIES)}) "
+                         f"nor by optimum's ONNX export; it cannot be exported")
+    return (dataclasses.replace(opts, graph="optimum"),
+            f"{family} is not covered by edgekv's fused graph; exporting optimum's graph (fp32) instead")
 
 
 # --- output folder ------------------------------------------------------------------
@@ -141,15 +169,20 @@ def quantise_fused(bb: Backbone, key: tuple[int, str], weights: str, fp32_dir: s
 
 
 # --- the whole export ---------------------------------------------------------------
-def _export_into(model: str, folder: str, opts: ExportOptions, stages: Stages) -> dict:
+def _export_into(model: str, folder: str, opts: ExportOptions, stages: Stages, note: str | None = None) -> dict:
+    """``note``: ``resolve_graph``'s line for the user, told once the model has loaded."""
     spec = memory_spec(opts.memory) if opts.memory else None
     with stages.stage("load"):
         bb = load_backbone(model)
+    if note:
+        stages.say(note)
     if spec is not None:
         check_memory(spec, opts.memory, bb, opts.key_layer)
     key = resolve_key(bb, opts, spec)
     fp32_dir = os.path.join(folder, ".fp32") if opts.quantize_weights else folder
     summary: dict = {"decoder": {"weights": opts.quantize_weights or "fp32", "graph": opts.graph}}
+    if note:
+        summary["note"] = note
     row_tables: dict = {}
     with stages.stage("decoder"):
         if opts.graph == "optimum":
@@ -195,10 +228,12 @@ def run_export(model: str, out_dir: str, opts: ExportOptions, progress: bool = T
     from edgekv.export import vlm  # vision-language models: their own graphs (export/vlm.py)
 
     is_vlm = vlm_type(model) is not None
+    opts, note = (opts, None) if is_vlm else resolve_graph(model, opts)
     stages = Stages(vlm.stage_names(opts) if is_vlm else stage_names(opts), progress)
     staging = staging_dir(out_dir)
     try:
-        summary = (vlm.export_vlm_into if is_vlm else _export_into)(model, staging, opts, stages)
+        summary = vlm.export_vlm_into(model, staging, opts, stages) if is_vlm else \
+            _export_into(model, staging, opts, stages, note)
         if signer is not None:  # inside the staging folder: the export and its signature appear together
             sig = sign_export(staging, signer)
             summary["files"][os.path.basename(sig)] = os.path.getsize(sig)

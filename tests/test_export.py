@@ -289,10 +289,15 @@ def test_weight_only_decoder_is_smaller_and_close(family, weights, exported, bac
     agree = float(np.mean(got.argmax(-1) == want.argmax(-1)))
     scale = np.abs(want).max()
     print(f"\n{family} {weights}: {size[fp32]} -> {size[q]} bytes, max |logit diff| {diff:.4f}, top-1 {agree:.1%}")
-    assert 1e-5 < diff <= (0.03 if weights == "int8" else 0.2) * scale  # quantised: not identical, but close
+    # tiny gemma2's sandwich norms bring every layer's output to unit scale, where the tiny llama-like
+    # models' layers barely move the residual stream: rounding its weights alone (PyTorch on the
+    # dequantised weights) moves its logits by 3% (int8) / 30% (int4) of their scale, and the graph
+    # stays within 3% / 2% of that rounded model
+    bound = (0.03 if weights == "int8" else 0.2) * (2 if family == "gemma2" else 1)
+    assert 1e-5 < diff <= bound * scale  # quantised: not identical, but close
     assert agree >= (0.9 if weights == "int8" else 0.6)
     d_inj, _ = _prefix_injection_diffs(bb, sess, _ids(bb, PREFIX), _ids(bb, QUERY, special=False))
-    assert d_inj <= (0.03 if weights == "int8" else 0.2) * scale
+    assert d_inj <= bound * scale
 
 
 @pytest.mark.parametrize("weights", ["int8", "int4"])
@@ -533,6 +538,8 @@ def test_sliding_window_caps_the_context():
     assert ModelShape.from_config({**base, "sliding_window": 4096}).max_positions == 512
     # qwen2 / qwen3 carry a window they do not use
     assert ModelShape.from_config({**base, "sliding_window": 256, "use_sliding_window": False}).max_positions == 512
+    # gemma2 applies its window (GroupQueryAttention's local_window_size): the context stays the model's
+    assert ModelShape.from_config({**base, "model_type": "gemma2", "sliding_window": 256}).max_positions == 512
 
 
 def test_mistral_export_refuses_what_the_window_cannot_hold(exported):
@@ -543,3 +550,62 @@ def test_mistral_export_refuses_what_the_window_cannot_hold(exported):
     assert read_manifest(art)["max_positions"] == 256  # the tiny mistral's window, not its 512 positions
     with Runtime.load(art, k=0) as rt, pytest.raises(InputError, match="exceeds the model's context of 256"):
         rt.generate("apple river " * 200, max_new_tokens=2)
+
+
+def _full_prefix_kv(model, ids: list[int]) -> tuple[np.ndarray, np.ndarray]:
+    """K, V [L, H, T, D] of ids at 0..T-1, every position of every layer (a plain DynamicCache:
+    the model's own drops what its windowed layers no longer see)."""
+    import torch
+    from transformers import DynamicCache
+
+    with torch.no_grad():
+        cache = model(input_ids=torch.tensor([ids]), past_key_values=DynamicCache(), use_cache=True).past_key_values
+    return (np.stack([layer.keys[0].numpy() for layer in cache.layers]),
+            np.stack([layer.values[0].numpy() for layer in cache.layers]))
+
+
+def test_gemma2_window_is_applied_past_it_with_injected_memory(tmp_path, ort_session):
+    """A tiny gemma2 whose alternate layers see the last 6 positions: the export equals PyTorch on a
+    text 3x longer than the window, with the first half injected as past, and greedy generation after
+    position-free memory matches transformers' own (windowed) decoding; the context is not capped."""
+    import torch
+    from reference import greedy
+    from tiny_models import save_random_model, tiny_config, train_tokenizer
+    from transformers import AutoModelForCausalLM
+
+    from edgekv.export.pipeline import export_model
+    from edgekv.host.models import load_backbone
+    from edgekv.induce.entries import prefix_kv as adapt_prefix_kv
+    from edgekv.rope import remove_rope
+    from edgekv.runtime import Runtime
+
+    tok = train_tokenizer()
+    cfg = tiny_config("gemma2", len(tok))
+    cfg.sliding_window = 6
+    torch.manual_seed(0)
+    folder = save_random_model(AutoModelForCausalLM.from_config(cfg), tok, str(tmp_path / "gemma2-w6"))
+    bb = load_backbone(folder)
+    art = export_model(folder, str(tmp_path / "art"), progress=False)["out"]
+    assert read_manifest(art)["max_positions"] == 512  # not the window
+    sess = ort_session(os.path.join(art, "model.onnx"))
+    ids = _ids(bb, PREFIX + QUERY)
+    assert len(ids) > 3 * 6
+    want = joint_logits(bb.model, ids)
+    assert np.abs(ort_logits(sess, ids) - want).max() <= 1e-4
+    split = len(ids) // 2
+    K, V = _full_prefix_kv(bb.model, ids[:split])
+    assert np.abs(ort_logits(sess, ids[split:], K, V) - want[split:]).max() <= 1e-4
+    with torch.no_grad():  # control: the same model attending to everything
+        bb.model.config.sliding_window = 512
+        full = joint_logits(bb.model, ids)
+        bb.model.config.sliding_window = 6
+    assert np.abs(full - want).max() > 1e-2
+    # adapt's prefix KV keeps every position of the windowed layers too
+    Ka, Va = adapt_prefix_kv(bb.model, [ids[:split]])[0]
+    assert np.abs(Ka.numpy() - K).max() <= 1e-5 and np.abs(Va.numpy() - V).max() <= 1e-5
+    prompt = "what is the code for river?"
+    with Runtime.load(art, k=0) as rt:
+        query = rt.prompt_ids(prompt)
+        res = rt.generate(prompt, max_new_tokens=12, inject=(remove_rope(K, bb.rope, np.arange(split)), V))
+    expect = greedy(bb.model, ids[:split] + query, 12, set(bb.eos_token_ids))
+    assert res.token_ids == expect and len(expect) > 0

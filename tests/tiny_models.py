@@ -25,7 +25,9 @@ CORPUS = [
     "hello world, this is a tiny tokenizer for tests 0123456789",
 ] * 20
 
-FAMILIES = ("llama", "qwen2", "gemma", "mistral", "qwen3", "phi3")
+FAMILIES = ("llama", "qwen2", "gemma", "mistral", "qwen3", "phi3", "gemma2")
+# Families edgekv exports through optimum's graph (not fused), tested by tests/test_fallback.py
+FALLBACK_FAMILIES = ("granite",)
 
 
 def train_tokenizer(vocab_size: int = 320, added_special: tuple[str, ...] = (), chat_template: str = CHATML):
@@ -51,7 +53,9 @@ def train_tokenizer(vocab_size: int = 320, added_special: tuple[str, ...] = (), 
 
 def tiny_config(family: str, vocab_size: int):
     from transformers import (
+        Gemma2Config,
         GemmaConfig,
+        GraniteConfig,
         LlamaConfig,
         MistralConfig,
         Phi3Config,
@@ -74,7 +78,15 @@ def tiny_config(family: str, vocab_size: int):
         return Qwen3Config(**{**common, "head_dim": 24}, rope_theta=10000.0, use_sliding_window=False)
     if family == "phi3":  # fused qkv_proj and gate_up_proj, partial rotary (Phi-4-mini's 0.75)
         return Phi3Config(**common, rope_theta=10000.0, partial_rotary_factor=0.75, sliding_window=None)
-    raise ValueError(f"unknown family {family!r}; choose from {FAMILIES}")
+    if family == "gemma2":  # sandwich norms, soft-capping that bites at this scale (tiny logits), a query
+        # scalar other than head_dim, a window on alternate layers (longer than the tests' texts here;
+        # tests/test_export.py shortens it to exercise it)
+        return Gemma2Config(**common, rope_theta=10000.0, query_pre_attn_scalar=8, attn_logit_softcapping=0.1,
+                            final_logit_softcapping=0.5, sliding_window=256)
+    if family == "granite":  # not fused: llama's layer with embedding / attention / residual / logit multipliers
+        return GraniteConfig(**common, rope_theta=10000.0, embedding_multiplier=2.0, attention_multiplier=0.2,
+                             residual_multiplier=0.5, logits_scaling=0.5)
+    raise ValueError(f"unknown family {family!r}; choose from {FAMILIES + FALLBACK_FAMILIES}")
 
 
 def make_tiny_model(family: str, out_dir: str, seed: int = 0) -> str:

@@ -20,6 +20,8 @@ def _human(d: dict) -> str:
         ("key graph", f"layer {d['key']['layer']}, {d['key']['pooling']} pooling"),
         ("decoder weights", dec["weights"]),
     ]
+    if dec["graph"] != "fused":
+        rows.append(("decoder graph", "optimum's (fp32)" + (f": {d['note'].split(';')[0]}" if d.get("note") else "")))
     if "fp32_check" in dec:
         c = dec["fp32_check"]
         rows.append(("check vs PyTorch", f"max |logit diff| {c['max_abs_diff_with_past']:.1e} with injected past, "

@@ -3,7 +3,9 @@
 ``load_backbone(MODEL)`` returns a :class:`Backbone`: the frozen PyTorch model in fp32
 eval mode, its tokenizer, the KV geometry, the RoPE spec (inverse frequencies read from
 the model itself, so every rope_type is covered) and the model fingerprint that memory
-files carry. GGUF files are de-quantised by transformers; the converted folder is cached
+files carry. Families: edgekv's fused ones (``FUSED_FAMILIES``), and any other causal LM of
+transformers whose layers all rotate their cached keys with one RoPE (``check_rotary_decoder``,
+measured when it loads). GGUF files are de-quantised by transformers; the converted folder is cached
 under ``$EDGEKV_CACHE`` (default ``~/.cache/edgekv``) so the 20 s conversion runs once.
 
 Vision-language models (LLaVA, Idefics3, the built-in ``tiny-vlm``; :mod:`edgekv.host.vlm`)
@@ -22,13 +24,18 @@ import os
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
+
 from edgekv.atomic import atomic_dir
 from edgekv.errors import InputError, MissingDependencyError
 from edgekv.host.vlm import TINY_VLM, VLM_BUILTINS, VLM_TYPES, ImageInputs, vlm_type
-from edgekv.modelshape import ModelShape
-from edgekv.rope import RopeSpec
+from edgekv.modelshape import FUSED_FAMILIES, ModelShape
+from edgekv.rope import RopeSpec, remove_rope
 
-SUPPORTED_TYPES = ("llama", "qwen2", "gemma", "mistral", "qwen3", "phi3")  # = export FUSED_FAMILIES
+# Decoders known to work throughout (edgekv's fused graph covers them). Other causal LMs load when
+# they pass ``check_rotary_decoder`` (their export is optimum's graph).
+SUPPORTED_TYPES = FUSED_FAMILIES
+ROPE_PROBE_OFFSET = 37  # check_rotary_decoder: the probe's second placement
 
 # Built-in name -> (package holding the GGUF, file name, fixes to apply).
 BUILTINS = {
@@ -83,6 +90,24 @@ def text_decoder(model: Any) -> Any:
     if lm is not None:
         return lm
     return model.get_decoder() if hasattr(model, "get_decoder") else model.model
+
+
+def output_logits(model: Any, h: Any) -> Any:
+    """Logits of final hidden states h [..., hidden] (after the final norm) as the model's own forward
+    computes them: the output layer, then what some families do after it (gemma2's final soft-capping,
+    granite's logits_scaling, cohere's logit_scale). ``check_rotary_decoder`` holds other families to
+    their forward. -> [..., V]"""
+    import torch
+
+    cfg = model.config.get_text_config()
+    logits = model.lm_head(h)
+    if getattr(cfg, "final_logit_softcapping", None):
+        logits = torch.tanh(logits / cfg.final_logit_softcapping) * cfg.final_logit_softcapping
+    if getattr(cfg, "logits_scaling", None):
+        logits = logits / cfg.logits_scaling
+    if getattr(cfg, "logit_scale", None):
+        logits = logits * cfg.logit_scale
+    return logits
 
 
 def model_fingerprint(model: Any) -> str:
@@ -212,26 +237,116 @@ def load_backbone(model: str) -> Backbone:
             cfg = transformers.AutoConfig.from_pretrained(model, trust_remote_code=False)
         except (ValueError, OSError, KeyError) as e:  # unknown model_type, custom code, bad JSON
             raise InputError(f"{model}: cannot read its config.json ({str(e).splitlines()[0][:200]})") from None
-        if cfg.model_type not in SUPPORTED_TYPES:
-            raise InputError(f"{model}: architecture {cfg.model_type!r} is not supported "
-                             f"(supported decoders: {', '.join(SUPPORTED_TYPES)})")
+        check_causal_config(cfg, model)
         hf_model = transformers.AutoModelForCausalLM.from_pretrained(model, dtype=torch.float32,
-                                                                     trust_remote_code=False)
+                                                                     trust_remote_code=False,
+                                                                     **attention_kwargs(cfg))
         tok = transformers.AutoTokenizer.from_pretrained(model, trust_remote_code=False)
     else:
         raise InputError(f"model {source!r} not found: pass a Hugging Face model folder, a .gguf file, "
                          f"or a built-in name ({', '.join(BUILTINS)})")
-    if hf_model.config.model_type not in SUPPORTED_TYPES:
-        raise InputError(f"{source}: architecture {hf_model.config.model_type!r} is not supported "
-                         f"(supported decoders: {', '.join(SUPPORTED_TYPES)})")
+    check_causal_config(hf_model.config, source)
+    if attention_kwargs(hf_model.config):  # a .gguf: loaded before its config could choose
+        hf_model.set_attn_implementation(attention_kwargs(hf_model.config)["attn_implementation"])
     hf_model.eval()
     for p in hf_model.parameters():
         p.requires_grad_(False)
+    rope = rope_spec(hf_model)
+    if hf_model.config.model_type not in FUSED_FAMILIES:
+        check_rotary_decoder(hf_model, rope, source)
     shape = ModelShape.from_config(hf_model.config.to_dict())
     eos = hf_model.generation_config.eos_token_id if hf_model.generation_config else None
     eos = eos if eos is not None else hf_model.config.eos_token_id
     eos_ids = tuple(eos) if isinstance(eos, (list, tuple)) else ((eos,) if eos is not None else ())
-    return Backbone(hf_model, tok, shape, rope_spec(hf_model), model_fingerprint(hf_model), source, eos_ids)
+    return Backbone(hf_model, tok, shape, rope, model_fingerprint(hf_model), source, eos_ids)
+
+
+def _unsupported(source: str, family: str, why: str) -> InputError:
+    return InputError(f"{source}: architecture {family!r} is not supported ({why}; edgekv's fused decoders: "
+                      f"{', '.join(FUSED_FAMILIES)})")
+
+
+def attention_kwargs(cfg: Any) -> dict:
+    """``from_pretrained`` arguments: eager attention for models that soft-cap attention logits
+    (gemma2). transformers' default SDPA path leaves the cap out; the model was trained with it
+    and the exported graph applies it, so the host must too."""
+    return {"attn_implementation": "eager"} if getattr(cfg, "attn_logit_softcapping", None) else {}
+
+
+def check_causal_config(cfg: Any, source: str) -> None:
+    """Before any weights load: a fused family, or another causal LM of transformers with rotary
+    positions (RoPE), whose memory keys can be made position-free. Raises InputError otherwise."""
+    family = str(cfg.model_type)
+    if family in FUSED_FAMILIES:
+        return
+    from transformers import AutoModelForCausalLM
+
+    if type(cfg) not in AutoModelForCausalLM._model_mapping:
+        raise _unsupported(source, family, "not a causal language model transformers knows")
+    if getattr(cfg, "rope_theta", None) is None:
+        raise _unsupported(source, family, "edgekv's memory needs rotary position embeddings (RoPE)")
+
+
+def _probe_ids(model: Any) -> Any:
+    """8 token ids of the model's vocabulary [1, 8] (what the load-time checks run)."""
+    import torch
+
+    vocab = int(model.config.get_text_config().vocab_size)
+    return torch.tensor([[(7 * i + 3) % vocab for i in range(8)]])
+
+
+def output_layer_error(model: Any) -> float:
+    """max |output_logits(final hidden states) - the forward's logits| on the probe, relative to
+    their scale: ~1e-7 when ``output_logits`` (the method's loss path) is the model's output layer."""
+    import torch
+
+    ids = _probe_ids(model)
+    with torch.no_grad():
+        want = model(input_ids=ids).logits.float()
+        got = output_logits(model, text_decoder(model)(input_ids=ids).last_hidden_state).float()
+    return float((got - want).abs().max() / max(1.0, float(want.abs().max())))
+
+
+def rope_round_trip_error(model: Any, rope: RopeSpec, offset: int = ROPE_PROBE_OFFSET) -> float:
+    """Largest difference over every layer between the position-free keys of the same tokens placed
+    at 0..T-1 and at ``offset``.., relative to the keys' scale: ~1e-7 when every layer rotates its
+    cached keys with ``rope`` (RoPE is relative, so nothing else moves), O(1) when a layer does not
+    (no RoPE there, another base, another pairing of dimensions)."""
+    import torch
+    from transformers import DynamicCache
+
+    ids = _probe_ids(model)  # [1, T]
+    free = []
+    for start in (0, offset):
+        pos = torch.arange(start, start + ids.shape[1])
+        with torch.no_grad():  # a plain DynamicCache keeps every position of windowed layers too
+            cache = model(input_ids=ids, position_ids=pos[None], past_key_values=DynamicCache(),
+                          use_cache=True).past_key_values
+        k = np.stack([layer.keys[0].float().numpy() for layer in cache.layers])  # [L, H, T, D]
+        free.append(remove_rope(k, rope, pos.numpy()))
+    return float(np.abs(free[0] - free[1]).max() / max(1.0, np.abs(free[0]).max()))
+
+
+def check_rotary_decoder(model: Any, rope: RopeSpec | None, source: str) -> None:
+    """A causal LM outside the fused families works with edgekv's memory when its base model has
+    ``layers`` and ``norm`` (the retrieval key's truncated decoder), a rotary embedding module (the RoPE
+    spec), every layer's cached keys are that RoPE at their position (``rope_round_trip_error``: the
+    memory stores keys position-free and the runtime rotates every layer with that one spec) and
+    ``output_logits`` is its output layer (``output_layer_error``: adapt's loss)."""
+    family = str(model.config.model_type)
+    base = text_decoder(model)
+    if not (hasattr(base, "layers") and hasattr(base, "norm")):
+        raise _unsupported(source, family, "its base model has no layers and norm")
+    if rope is None:
+        raise _unsupported(source, family, "no rotary embedding module with inv_freq on its base model")
+    err = rope_round_trip_error(model, rope)
+    if not err <= 1e-4:
+        raise _unsupported(source, family, f"its layers' cached keys are not all one RoPE at their positions (round "
+                                           f"trip off by {err:.1e}); edgekv's memory rotates every layer with one")
+    err = output_layer_error(model)
+    if not err <= 1e-4:
+        raise _unsupported(source, family, f"its forward does more after the output layer than edgekv knows "
+                                           f"(off by {err:.1e})")
 
 
 def load_vlm(model: str) -> tuple[Backbone, Any]:

@@ -240,9 +240,13 @@ def prefix_kv(model, id_lists: Sequence[Sequence[int]], embeds: torch.Tensor | N
     embeds: optional [B, S, hidden] right-padded inputs used instead of the ids (images spliced in).
     -> per sequence (K, V): [L, H, T, D] float32
     """
+    from transformers import DynamicCache
+
     x, mask = pad_batch(id_lists)
     inputs = {"input_ids": x} if embeds is None else {"inputs_embeds": embeds}
-    out = text_decoder(model)(**inputs, attention_mask=mask, use_cache=True)  # no LM head needed
+    # a plain DynamicCache keeps every position (the model's own drops what its windowed layers no longer see)
+    out = text_decoder(model)(**inputs, attention_mask=mask, past_key_values=DynamicCache(),
+                              use_cache=True)  # no LM head needed
     layers = cache_layers(out.past_key_values)
     K = torch.stack([k for k, _ in layers], dim=1).float()  # [B, L, H, S, D]
     V = torch.stack([v for _, v in layers], dim=1).float()

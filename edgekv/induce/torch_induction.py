@@ -33,7 +33,7 @@ import numpy as np
 import torch
 
 from edgekv.format import Entry
-from edgekv.host.models import text_decoder
+from edgekv.host.models import output_logits, text_decoder
 from edgekv.host.tokens import pad_batch
 from edgekv.induction import entry_kv
 from edgekv.rope import RopeSpec
@@ -280,7 +280,7 @@ def answer_nll(model, ids: list[list[int]], answer_start: list[int], k_mem: torc
     for i, (seq, a) in enumerate(zip(ids, answer_start, strict=True)):
         tgt[i, a - 1: len(seq) - 1] = True
     rows, cols = tgt.nonzero(as_tuple=True)
-    logits = model.lm_head(h[rows, cols]).float()  # [n, V]
+    logits = output_logits(model, h[rows, cols]).float()  # [n, V]
     labels = x[rows, cols + 1]
     tok_nll = torch.nn.functional.cross_entropy(logits, labels, reduction="none")  # [n]
     per_seq = torch.zeros(B).index_add(0, rows, tok_nll)
