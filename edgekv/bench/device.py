@@ -32,13 +32,19 @@ another's prefill):
   graph costs what the base model costs): ``Runtime.generate(query, max_new_tokens=1)``
   without memory.
 
-Images (a vision-language export): a query's own image is encoded inside the timed call
-for every method (as ``generate(image=...)`` does); a prompt method's retrieved shots keep
+Images (a vision-language export): queries with an image are timed as image queries
+(``generate(image=...)`` for memory and plain methods), reported apart from the text queries:
+each method's figures over the text queries at the top of its entry (the keys a text run has),
+those over the image queries in its ``image`` sub-block, both timed in the same interleaved
+passes (text and image queries alternate). A query's own image is encoded inside the timed
+call for every method (as ``generate(image=...)`` does); a prompt method's retrieved shots keep
 their images, each spliced into its own chat turn through the runtime's embedding path
-(``MultimodalModel.embed`` fills every image-token position, several images in token
-order), with each shot image's features computed once per path before timing (the host
-benchmark caches them the same way): the vision encoder's time for shots is not counted,
-their positions' prefill is. The result's ``images`` field says so.
+(``MultimodalModel.embed`` fills every image-token position, several images in token order),
+with each shot image's features computed once per path before timing (the host benchmark
+caches them the same way): the vision encoder's time for shots is not counted, their
+positions' prefill is. ``image_tokens`` is the mean number of prompt positions that hold
+image features (the query's image and the shots'), part of ``prompt_tokens``. The result's
+``images`` field says so. A text-only export ignores the images (its queries are all text).
 """
 
 from __future__ import annotations
@@ -56,10 +62,12 @@ from edgekv.errors import EdgeKVError, InputError, MismatchError
 
 KINDS = ("memory", "prompt", "plain")
 DEFAULT_THREADS = 2
-IMAGES_NOTE = ("shot images: each retrieved shot's image is spliced into its own chat turn through the runtime's "
-               "embedding path (MultimodalModel.embed, several images in token order); its features are computed "
-               "once per path before timing (vision encoder not timed, the image positions' prefill is). A query's "
-               "own image is encoded inside the timed call for every method.")
+IMAGES_NOTE = ("image queries (their own image) are reported apart from text queries (each method's 'image' "
+               "block); a query's own image is encoded inside the timed call for every method. Shot images: each "
+               "retrieved shot's image is spliced into its own chat turn through the runtime's embedding path "
+               "(MultimodalModel.embed, several images in token order); its features are computed once per path "
+               "before timing (vision encoder not timed, the image positions' prefill is).")
+TEXT_EXPORT_NOTE = "a text-only export: the queries' images are ignored (every query is timed as text)"
 
 
 @dataclass
@@ -243,10 +251,10 @@ class _Timed:
 
     def reset(self) -> None:
         """Forget what earlier calls fed (after the warm-up)."""
-        self.prompt_tokens: list[int] = []
-        self.memory_tokens: list[int] = []
-        self.shots: list[int] = []
-        self.shot_images: list[int] = []
+        self.calls: list[dict] = []  # per run() call: what it fed (prompt_tokens, memory_tokens, ...)
+
+    def record(self, **facts) -> None:
+        self.calls.append(facts)
 
     def run(self, q: Example) -> None:
         raise NotImplementedError
@@ -254,11 +262,12 @@ class _Timed:
     def prepare(self, q: Example) -> None:
         """Untimed work before the timing (caches)."""
 
-    def facts(self) -> dict:
-        d = {"prompt_tokens": _mean(self.prompt_tokens), "memory_tokens": _mean(self.memory_tokens)}
-        if self.kind == "prompt":
-            d.update(shots=_mean(self.shots), shot_images=_mean(self.shot_images))
-        return d
+    def facts(self, calls: Sequence[int] | None = None) -> dict:
+        """Mean per query of what the calls (indices into :attr:`calls`; None: all) fed."""
+        sel = self.calls if calls is None else [self.calls[i] for i in calls]
+        keys = ("prompt_tokens", "memory_tokens", "image_tokens") + (("shots", "shot_images") if self.kind == "prompt"
+                                                                      else ())
+        return {k: _mean([c[k] for c in sel if c.get(k) is not None]) for k in keys}
 
     def close(self) -> None:
         pass
@@ -271,15 +280,22 @@ def _mean(x: list[int]) -> float | None:
 class _Generate(_Timed):
     """memory / plain: the runtime's own generation, one token."""
 
-    def __init__(self, name: str, kind: str, rt, use_memory: bool, own: bool):
+    def __init__(self, name: str, kind: str, rt, use_memory: bool, own: bool, image_cache: dict | None = None):
         super().__init__(name)
         self.kind, self.rt, self.use_memory, self.own = kind, rt, use_memory, own
+        self.images = {} if image_cache is None else image_cache  # path -> EncodedImage (token counts only)
+
+    def prepare(self, q: Example) -> None:
+        """The query image's feature count (``image_tokens``), untimed; the timed call encodes it again."""
+        if self.rt.vision is not None and q.image is not None and q.image not in self.images:
+            self.images[q.image] = self.rt.vision.encode_image(q.image)
 
     def run(self, q: Example) -> None:
         image = q.image if self.rt.vision is not None else None  # a text export ignores images
         res = self.rt.generate(q.prompt, max_new_tokens=1, use_memory=self.use_memory, image=image)
-        self.prompt_tokens.append(res.num_prompt_tokens)
-        self.memory_tokens.append(res.num_memory_tokens)
+        enc = self.images.get(image) if image is not None else None
+        self.record(prompt_tokens=res.num_prompt_tokens, memory_tokens=res.num_memory_tokens,
+                    image_tokens=0 if image is None else None if enc is None else int(enc.features.shape[1]))
         self.last = res
 
     def close(self) -> None:
@@ -437,10 +453,10 @@ class _PromptShots(_Timed):
             if shared:
                 dec.release_cache(past)
         self.last_rows, self.last_ids = rows, ids
-        self.prompt_tokens.append(len(ids))
-        self.memory_tokens.append(0)
-        self.shots.append(len(rows))
-        self.shot_images.append(sum(1 for s in shots if s.image is not None))
+        image_id = self.vision.image_token_id if feats is not None else None
+        self.record(prompt_tokens=len(ids), memory_tokens=0,
+                    image_tokens=0 if image_id is None else sum(1 for i in ids if i == image_id),
+                    shots=len(rows), shot_images=sum(1 for s in shots if s.image is not None))
 
 
 # --- the measurement ----------------------------------------------------------------
@@ -471,7 +487,7 @@ def open_methods(artifacts: str, method_states: dict[str, MethodState], cfg=None
                 with Memory(st.memory) as mem:
                     used = mem.num_used
                 if used == 0 or k == 0:  # nothing to retrieve: the prompt alone
-                    methods[name] = _Generate(name, "memory", base, False, False)
+                    methods[name] = _Generate(name, "memory", base, False, False, image_cache)
                     continue
                 rt = Runtime.load(artifacts, memory=st.memory, k=min(k, used), threads=threads, retrieval="exact",
                                   verify_hashes=False)
@@ -480,9 +496,9 @@ def open_methods(artifacts: str, method_states: dict[str, MethodState], cfg=None
                 if key_session is None:
                     key_session = rt.key_session
                 rt.key_session = key_session
-                methods[name] = _Generate(name, "memory", rt, True, True)
+                methods[name] = _Generate(name, "memory", rt, True, True, image_cache)
             elif st.kind == "plain":
-                methods[name] = _Generate(name, "plain", base, False, False)
+                methods[name] = _Generate(name, "plain", base, False, False, image_cache)
         prompts = {n: st for n, st in method_states.items() if st.kind == "prompt"}
         if prompts:
             m = base.manifest
@@ -530,17 +546,39 @@ def _time_interleaved(methods: dict[str, _Timed], qs: Sequence[Example], repeats
     return times
 
 
+def _alternate(text: Sequence[Example], image: Sequence[Example]) -> list[Example]:
+    """Text and image queries alternating (t0, i0, t1, i1, ...), the longer list's rest at the end."""
+    out: list[Example] = []
+    for i in range(max(len(text), len(image))):
+        out += ([text[i]] if i < len(text) else []) + ([image[i]] if i < len(image) else [])
+    return out
+
+
+def _block(ms: Sequence[float], facts: dict) -> dict:
+    """median / p25 / p75 ms and n of one method's calls over one kind of query, with what they fed."""
+    x = np.asarray(ms, np.float64)
+    if not len(x):
+        return {"median_ms": None, "p25_ms": None, "p75_ms": None, "n": 0, **facts}
+    return {"median_ms": float(np.median(x)), "p25_ms": float(np.percentile(x, 25)),
+            "p75_ms": float(np.percentile(x, 75)), "n": len(x), **facts}
+
+
 def measure_device_ttft(artifacts_dir: str, method_states: dict[str, MethodState], queries, cfg=None,
                         repeats: int | None = None, threads: int | None = None, reference: str = "induce") -> dict:
     """Time to first token of every method on the device runtime, in ms.
 
     ``queries``: Examples (or prompt strings), timed in turn for every method (the methods'
     order rotates from query to query), ``repeats`` passes over them (default 2, or
-    ``cfg.ttft_repeats``); one untimed warm-up call per method first. ``cfg``: a BenchConfig
+    ``cfg.ttft_repeats``); one untimed warm-up call per method and kind of query first.
+    Queries with an image (on a vision-language export) are image queries: they alternate
+    with the text queries in the passes and are reported apart. ``cfg``: a BenchConfig
     (``top_k``; threads from ``cfg.threads`` / ``device_threads`` when it has one, default 2).
     -> {"methods": {name: {kind, median_ms, p25_ms, p75_ms, n, over_<reference>, prompt_tokens,
-    memory_tokens[, shots, shot_images]}}, "reference", "threads", "queries", "repeats",
-    "retrieval", "images", "artifacts", "model_fingerprint", "weights"}
+    memory_tokens, image_tokens[, shots, shot_images], "image": {the same over the image
+    queries} (only when there are image queries)}}, "reference", "threads", "queries" (text
+    queries), "image_queries", "repeats", "retrieval", "images", "artifacts",
+    "model_fingerprint", "weights"}; the top-level figures are over the text queries (None,
+    ``n`` 0, when every query has an image).
     """
     qs = [_as_example(q, i) for i, q in enumerate(queries)]
     if not qs:
@@ -550,37 +588,50 @@ def measure_device_ttft(artifacts_dir: str, method_states: dict[str, MethodState
     repeats = int(repeats or _cfg_get(cfg, ("ttft_repeats",), 2))
     base, methods = open_methods(artifacts_dir, method_states, cfg, threads)
     try:
-        for t in methods.values():  # untimed: shot images' features (cached per path)
-            if t.kind == "prompt":
-                for q in qs:
-                    t.prepare(q)
-        for t in methods.values():  # one untimed warm-up each
-            t.run(qs[0])
+        vlm = base.vision is not None
+        dropped = 0 if vlm else sum(1 for q in qs if q.image is not None)
+        if dropped:  # a text export ignores images: every query is a text query
+            qs = [replace(q, image=None) for q in qs]
+        text = [q for q in qs if q.image is None]
+        image = [q for q in qs if q.image is not None]
+        qs = _alternate(text, image)
+        for t in methods.values():  # untimed: shot images' features (cached per path), query image sizes
+            for q in qs:
+                t.prepare(q)
+        for t in methods.values():  # one untimed warm-up each, per kind of query (the vision graph too)
+            for q in (text[:1] + image[:1]):
+                t.run(q)
             t.reset()
         names = list(methods)
         times = _time_interleaved(methods, qs, repeats)
+        is_image = [q.image is not None for q in qs] * repeats  # per call, in the order every method ran them
+        which = {"text": [i for i, b in enumerate(is_image) if not b], "image": [i for i, b in enumerate(is_image) if b]}
+        blocks: dict[str, dict[str, dict]] = {kind: {n: _block([times[n][i] for i in idx], methods[n].facts(idx))
+                                                     for n in names} for kind, idx in which.items()}
         out: dict = {}
+        for kind in ("text", "image"):
+            ref = blocks[kind].get(reference, {}).get("median_ms")
+            for n in names:
+                m = blocks[kind][n]["median_ms"]
+                blocks[kind][n][f"over_{reference}"] = m / ref if ref and m is not None else None
         for n in names:
-            x = np.asarray(times[n])
-            out[n] = {"kind": methods[n].kind, "median_ms": float(np.median(x)),
-                      "p25_ms": float(np.percentile(x, 25)), "p75_ms": float(np.percentile(x, 75)), "n": len(x),
-                      **methods[n].facts()}
-        ref = out.get(reference, {}).get("median_ms")
-        for n in names:
-            out[n][f"over_{reference}"] = out[n]["median_ms"] / ref if ref else None
+            out[n] = {"kind": methods[n].kind, **blocks["text"][n]}
+            if image:
+                out[n]["image"] = blocks["image"][n]
+        has_ref = any(blocks[kind].get(reference, {}).get("median_ms") for kind in which)
         mem = [t for t in methods.values() if isinstance(t, _Generate) and t.use_memory]
-        has_images = base.vision is not None and any(t.kind == "prompt" for t in methods.values())
+        has_images = vlm and (bool(image) or any(t.kind == "prompt" for t in methods.values()))
         return {
-            "methods": out, "reference": reference if ref else None, "threads": base.config.threads,
-            "queries": len(qs), "repeats": repeats,
+            "methods": out, "reference": reference if has_ref else None, "threads": base.config.threads,
+            "queries": len(text), "image_queries": len(image), "repeats": repeats,
             "retrieval": "exact numpy search over each memory's effective keys (no HNSW index: the runtime uses one "
                          "only when the export lists an index built for that memory, and only from 2,048 entries)"
                          + (f"; modes: {sorted({t.rt.retriever.mode for t in mem})}" if mem else ""),
-            "images": IMAGES_NOTE if has_images else None,
+            "images": IMAGES_NOTE if has_images else TEXT_EXPORT_NOTE if dropped else None,
             "artifacts": artifacts_dir, "model_fingerprint": base.manifest.get("model_fingerprint"),
             "weights": base.manifest.get("decoder", {}).get("weights"),
-            "timed": "wall time of each call from the query text to the first token's logits (greedy pick "
-                     "included), one shared decoder session",
+            "timed": "wall time of each call from the query text (and image) to the first token's logits (greedy "
+                     "pick included), one shared decoder session",
         }
     finally:
         close_methods(base, methods)
@@ -588,4 +639,5 @@ def measure_device_ttft(artifacts_dir: str, method_states: dict[str, MethodState
 
 def ttft_seconds(result: dict) -> dict[str, float]:
     """``{"<name>_s": median seconds}``: the shape ``edgekv.bench.report.ttft_summary`` takes."""
-    return {f"{n}_s": r["median_ms"] / 1000 for n, r in result.get("methods", {}).items()}
+    return {f"{n}_s": r["median_ms"] / 1000 for n, r in result.get("methods", {}).items()
+            if r.get("median_ms") is not None}

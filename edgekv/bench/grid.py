@@ -22,7 +22,8 @@ Around the runs, both on the first run (first stream, first seed):
 * :func:`run_extras`: the accuracy ladder (``BenchConfig.ladder``; ``OUT/ladder/``, the
   memory rung from induce's final state at the main budget; reused while its fingerprint
   holds) and the time to first token on the device runtime (``BenchConfig.device_ttft``:
-  an export into ``OUT/artifacts``, each method's final state, :mod:`edgekv.bench.device`),
+  an export into ``OUT/artifacts``, each method's final state, :mod:`edgekv.bench.device`;
+  text test queries, and image test queries reported apart on a vision-language model),
   ``ttft_device`` in results.json.
 """
 
@@ -192,13 +193,18 @@ def bench_device_ttft(backbone, tasks, run_dir: str, out_dir: str, methods: Sequ
     from edgekv.bench import device
 
     queries = ttft_examples(tasks, cfg.ttft_queries)
-    if not queries:
-        return {"error": "no text test query to time"}
+    # a vision-language model: image queries too (reported apart), as many as text ones
+    images = ttft_examples(tasks, cfg.ttft_queries, images=True) if getattr(backbone, "vision", None) is not None \
+        else []
+    if not queries and not images:
+        with_images = any(ex.image is not None for t in tasks for ex in t.test)
+        return {"error": "no text test query to time" + (" (image queries are timed on a vision-language model only)"
+                                                         if with_images else "")}
     try:
         art = device.export_for_bench(model_name or str(getattr(backbone, "source", "")), out_dir,
                                       fingerprint=backbone.fingerprint)
         states = device.method_states_from_bench(run_dir, methods, main_budget, len(tasks), cfg)
-        res = device.measure_device_ttft(art, states, queries, cfg)
+        res = device.measure_device_ttft(art, states, queries + images, cfg)
     except (EdgeKVError, ImportError) as e:
         print(f"edgekv bench: no device time to first token: {e}", file=sys.stderr)
         return {"error": str(e)}

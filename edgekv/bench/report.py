@@ -161,24 +161,47 @@ def tuning_table(tuning: dict | None) -> list[str]:
 
 
 def device_ttft_table(ttft: dict | None) -> list[str]:
-    """Median and p25-p75 device TTFT per method, the ratio to InduceKV, prompt and memory tokens."""
+    """Median and p25-p75 device TTFT per method, the ratio to InduceKV, prompt and memory tokens;
+    with image queries (a vision-language model) one row per method and kind of query, and the
+    image tokens of the prompt."""
     if not ttft:
         return []
     head = ["## Time to first token on the device runtime", ""]
     if ttft.get("error") or not ttft.get("methods"):
         return head + [f"Not measured: {ttft.get('error') or 'no method state'}.", ""]
     ref = ttft.get("reference")
+    n_img = int(ttft.get("image_queries") or 0)
+    queries = f"{ttft.get('queries')} text" + (f" + {n_img} image" if n_img else "") + " queries"
     lines = head + [f"onnxruntime runtime ({ttft.get('weights')} weights, {ttft.get('threads')} threads), "
-                    f"{ttft.get('queries')} text queries x {ttft.get('repeats')} passes, the methods interleaved "
+                    f"{queries} x {ttft.get('repeats')} passes, the methods interleaved "
                     "query by query, from the query text to the first token's logits (edgekv.bench.device); each "
                     "method's state after the last task at the main budget, first run. Tokens: mean per query. "
-                    "The host torch TTFT is a secondary figure.", "",
-                    f"| method | kind | median ms | p25-p75 ms | over {ref or '-'} | prompt tokens | memory tokens |",
-                    "|---|---|---|---|---|---|---|"]
-    for name, r in ttft["methods"].items():
+                    "The host torch TTFT is a secondary figure."]
+    if n_img:
+        lines.append("Image queries (their own image, encoded inside the timed call) are reported apart from text "
+                     "queries; ratios are to the reference on the same kind of query; image tokens: prompt positions "
+                     "holding image features (the query's and its shots'), part of the prompt tokens.")
+    lines.append("")
+
+    def row(name: str, kind: str, r: dict, which: str | None) -> str:
         ratio = r.get(f"over_{ref}") if ref else None
-        lines.append(f"| {name} | {r['kind']} | {r['median_ms']:.1f} | {r['p25_ms']:.1f}-{r['p75_ms']:.1f} | "
-                     f"{_fmt(ratio, '.2f')} | {_fmt(r.get('prompt_tokens'))} | {_fmt(r.get('memory_tokens'))} |")
+        times = "- | -" if r.get("median_ms") is None else f"{r['median_ms']:.1f} | {r['p25_ms']:.1f}-{r['p75_ms']:.1f}"
+        cells = [name, kind] + ([which] if which else []) + [times, _fmt(ratio, ".2f"), _fmt(r.get("prompt_tokens"))] \
+            + ([_fmt(r.get("image_tokens"))] if which else []) + [_fmt(r.get("memory_tokens"))]
+        return "| " + " | ".join(cells) + " |"
+
+    if not n_img:
+        lines += [f"| method | kind | median ms | p25-p75 ms | over {ref or '-'} | prompt tokens | memory tokens |",
+                  "|---|---|---|---|---|---|---|"]
+        lines += [row(name, r["kind"], r, None) for name, r in ttft["methods"].items()]
+        return lines + [""]
+    lines += [f"| method | kind | queries | median ms | p25-p75 ms | over {ref or '-'} | prompt tokens | image tokens | "
+              "memory tokens |", "|---|---|---|---|---|---|---|---|---|"]
+    for name, r in ttft["methods"].items():
+        if r.get("n"):
+            lines.append(row(name, r["kind"], r, "text"))
+        if r.get("image"):
+            lines.append(row(name, r["kind"], r["image"], "image"))
     return lines + [""]
 
 
@@ -409,8 +432,14 @@ def last_vs_bytes(results: dict, path: str) -> bool:
 def _ttft_points(results: dict) -> tuple[dict[str, tuple[float, float, float]], str]:
     """method -> (median, p25, p75) ms: the device runtime's, else the host torch medians."""
     dev = results.get("ttft_device") or {}
-    if dev.get("methods"):
-        return {n: (r["median_ms"], r["p25_ms"], r["p75_ms"]) for n, r in dev["methods"].items()}, "device runtime"
+    if dev.get("methods"):  # the text queries' figures; the image queries' where there is no text query
+        pts = {}
+        for n, r in dev["methods"].items():
+            r = r if r.get("median_ms") is not None else r.get("image") or {}
+            if r.get("median_ms") is not None:
+                pts[n] = (r["median_ms"], r["p25_ms"], r["p75_ms"])
+        text = any(r.get("median_ms") is not None for r in dev["methods"].values())
+        return pts, "device runtime" + ("" if text else ", image queries")
     runs = results.get("runs") or [{}]
     host = results.get("ttft") or runs[0].get("ttft") or {}
     return ({k[:-2]: (1000 * v,) * 3 for k, v in host.items() if k.endswith("_s") and isinstance(v, (int, float))},

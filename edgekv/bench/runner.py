@@ -119,9 +119,11 @@ def stage_fingerprint(cfg: BenchConfig, method: Method, budget: int, stream_fp: 
     return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:32]
 
 
-def ttft_examples(tasks: Sequence[BenchTask], num: int) -> list[Example]:
-    """The first ``num`` text test examples, last task first (TTFT is timed on text queries)."""
-    out = [ex for t in reversed(tasks) for ex in t.test if ex.image is None]
+def ttft_examples(tasks: Sequence[BenchTask], num: int, images: bool = False) -> list[Example]:
+    """The first ``num`` text test examples, last task first (the host TTFT times text queries);
+    ``images``: the first ``num`` test examples with an image instead (the device TTFT's image
+    queries on a vision-language model)."""
+    out = [ex for t in reversed(tasks) for ex in t.test if (ex.image is not None) == images]
     return out[:num]
 
 

@@ -88,6 +88,15 @@ def grid_options(stream: str | None, streams: str | None, seed: int, seeds: str 
     return names, nums
 
 
+def _device_ttft_cell(r: dict) -> str:
+    """A method's median device TTFT: text queries, and image queries when they were timed."""
+    img = r.get("image") or {}
+    parts = [f"{r['median_ms']:.1f} ms" + (" text" if img else "")] if r.get("median_ms") is not None else []
+    if img.get("median_ms") is not None:
+        parts.append(f"{img['median_ms']:.1f} ms image")
+    return ", ".join(parts) or "-"
+
+
 def _extra_rows(d: dict) -> list[tuple[str, str]]:
     """Rows for the tuning choice, the device TTFT and the ladder (when they ran)."""
     rows = [(f"tuned {n}", f"lr {c['chosen']['lora_lr']:g}, {c['chosen']['lora_epochs']} epochs (val)")
@@ -95,7 +104,7 @@ def _extra_rows(d: dict) -> list[tuple[str, str]]:
     dev = d.get("ttft_device")
     if dev:
         rows += [("device TTFT", f"not measured: {dev['error']}")] if dev.get("error") else [
-            (f"device TTFT {n}", f"{r['median_ms']:.1f} ms") for n, r in dev.get("methods", {}).items()]
+            (f"device TTFT {n}", _device_ttft_cell(r)) for n, r in dev.get("methods", {}).items()]
     if d.get("ladder"):
         rows.append(("ladder", f"{d['ladder']['dir']}/ladder.md"))
     return rows
