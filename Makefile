@@ -10,7 +10,7 @@ PYTEST_WORKERS ?= -n 2 --dist loadfile
 # could crash with illegal instructions on another CPU (or a board).
 export HNSWLIB_NO_NATIVE := 1
 
-.PHONY: setup test demo bench lint clean
+.PHONY: setup test demo bench bench-deps lint clean
 
 setup: $(STAMP)
 
@@ -30,6 +30,10 @@ demo: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/run_all.py
+
+# llama-cpp-python built from source for this CPU (llama.cpp as perf_bench's peer); pip caches the wheel.
+bench-deps: $(STAMP)
+	CMAKE_BUILD_PARALLEL_LEVEL=2 $(BIN)/pip install -q -c constraints.txt -e ".[bench]"
 
 lint: $(STAMP)
 	$(BIN)/ruff check edgekv export runtime devices tests benchmarks
