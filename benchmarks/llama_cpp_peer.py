@@ -63,8 +63,9 @@ def load(path: str, threads: int, logits_all: bool = False, n_ctx: int = 2048):
 
 
 def last_logits(llm) -> np.ndarray:
-    """[V] logits of the last evaluated position."""
-    return np.asarray(llm.scores[llm.n_tokens - 1])
+    """[V] logits of the last evaluated position (read from the context: without ``logits_all``
+    llama-cpp-python does not copy them into ``Llama.scores``)."""
+    return np.ctypeslib.as_array(llm._ctx.get_logits_ith(-1), shape=(llm.n_vocab(),)).copy()
 
 
 def stepper(name: str, llm, prompt: list[int]):
@@ -112,7 +113,7 @@ def child_rss(path: str, threads: int, prompt: list[int]) -> dict:
             f"n_threads_batch={threads}, verbose=False)\n"
             f"llm.eval({list(prompt)!r})\n"
             "for _ in range(32):\n"
-            "    llm.eval([int(np.asarray(llm.scores[llm.n_tokens - 1]).argmax())])\n"
+            "    llm.eval([int(np.ctypeslib.as_array(llm._ctx.get_logits_ith(-1), shape=(llm.n_vocab(),)).argmax())])\n"
             "st = {l.split(':')[0]: int(l.split()[1]) * 1024 for l in open('/proc/self/status') "
             "if l.startswith(('VmHWM', 'VmRSS', 'RssAnon', 'RssFile'))}\n"
             "print(json.dumps({'peak_rss_bytes': st['VmHWM'], 'rss_bytes': st['VmRSS'], 'anon_bytes': st['RssAnon'],"

@@ -109,7 +109,7 @@ CEILING = "int4_kernel_ceiling"
 # kernels; poor accuracy); int8 activations everywhere with the exact Q4_1 float offsets (llama.cpp's
 # Q4_1 dot products also quantise every activation to 8 bits).
 VARIANTS = {CEILING: {"fp32_inputs": frozenset(), "float_offsets": False},
-            "int4_int8_act": {"fp32_inputs": frozenset()}}
+            "int4_int8_act": {"fp32_inputs": frozenset()}}  # = WEIGHT_FORMATS["int4-a8"] (--quantize-weights int4-a8)
 
 
 def variant_export(bb, name: str) -> str:

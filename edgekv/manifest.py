@@ -33,7 +33,7 @@ from edgekv.errors import CorruptFileError, InputError, MismatchError
 MANIFEST_FILE = "manifest.json"
 MANIFEST_VERSION = 1
 MAX_MANIFEST_BYTES = 16 << 20  # a manifest is a few KB (the chat template); refuse hostile sizes
-WEIGHT_TYPES = ("fp32", "int8", "int4")
+WEIGHT_TYPES = ("fp32", "int8", "int4", "int4-a8")
 POOLINGS = ("mean", "last")
 
 _INT = "int"  # an int that is not a bool

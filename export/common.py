@@ -20,7 +20,7 @@ from edgekv.host.models import Backbone, default_key_layer
 from edgekv.manifest import POOLINGS
 
 TOKENIZER_FILE = "tokenizer.json"
-QUANTIZE_CHOICES = ("int8", "int4")
+QUANTIZE_CHOICES = ("int8", "int4", "int4-a8")
 GRAPHS = ("fused", "optimum")
 TOKENIZER_PROBES = ("hello world", "  two leading spaces", "Question: 2+2?\nAnswer: 4", "Ünïcödé ☃ — ok")
 
@@ -29,8 +29,9 @@ TOKENIZER_PROBES = ("hello world", "  two leading spaces", "Question: 2+2?\nAnsw
 class ExportOptions(Config):
     """What ``edgekv export`` writes besides the fp32 decoder."""
 
-    quantize_weights: str | None = knob(None, "'int8' or 'int4': weight-only block-wise decoder weights "
-                                              "(MatMulNBits; activations stay float). Default: fp32.")
+    quantize_weights: str | None = knob(None, "'int8', 'int4' or 'int4-a8': block-wise decoder weights "
+                                              "(MatMulNBits; int4-a8: int8 activations in every linear, "
+                                              "faster, top-1 a little lower). Default: fp32.")
     graph: str = knob("fused", "'fused': edgekv's decoder graph (a family it does not cover falls back to "
                                "'optimum'); 'optimum': optimum's export (fp32 only).")
     memory: str | None = knob(None, "Memory file (.ekv): check it belongs to the model and build its HNSW index.")

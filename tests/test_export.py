@@ -300,6 +300,28 @@ def test_weight_only_decoder_is_smaller_and_close(family, weights, exported, bac
     assert d_inj <= bound * scale
 
 
+def test_int4_a8_takes_int8_activations_in_every_linear(exported, backbone, ort_session):
+    """int4-a8: the int4 graph with accuracy_level 4 (int8 activations) in every MatMulNBits, where
+    int4 keeps fp32 activations (level 1) in qkv_proj / gate_up_proj; logits as close to PyTorch."""
+    import onnx
+
+    def levels(folder: str) -> dict[str, int]:
+        g = onnx.load(os.path.join(folder, "model.onnx"), load_external_data=False).graph
+        return {n.name: next(a.i for a in n.attribute if a.name == "accuracy_level")
+                for n in g.node if n.op_type == "MatMulNBits"}
+
+    bb = backbone("llama")
+    a8, int4 = exported("llama", quantize_weights="int4-a8"), exported("llama", quantize_weights="int4")
+    assert read_manifest(a8)["decoder"]["weights"] == "int4-a8"
+    got_levels, int4_levels = levels(a8), levels(int4)
+    assert set(got_levels.values()) == {4} and got_levels.keys() == int4_levels.keys()
+    assert 1 in int4_levels.values()  # control: int4 differs exactly there
+    ids = _ids(bb, PREFIX + QUERY)
+    want = joint_logits(bb.model, ids)
+    got = ort_logits(ort_session(os.path.join(a8, "model.onnx")), ids)
+    assert 1e-5 < float(np.abs(got - want).max()) <= 0.2 * np.abs(want).max()
+
+
 @pytest.mark.parametrize("weights", ["int8", "int4"])
 def test_key_graph_shares_the_quantised_weights(weights, exported, backbone, ort_session):
     """key.onnx reads the decoder's (quantised) tensors from the one weights file; its keys stay
