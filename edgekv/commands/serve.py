@@ -2,11 +2,25 @@
 
 from __future__ import annotations
 
+import signal
+
 import typer
 
 from edgekv.cli import command, field_option
 from edgekv.runtime.runtime import RuntimeConfig
 from edgekv.runtime.server import ServeConfig
+
+
+def _stop_on_signals() -> None:
+    """Ctrl-C and SIGTERM (a service manager, ``docker stop``) end ``serve_forever`` cleanly, also
+    when the parent started the server with SIGINT ignored (a background job, a test runner's
+    worker: Python then installs no KeyboardInterrupt handler of its own)."""
+
+    def stop(signum, frame):
+        raise KeyboardInterrupt
+
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, stop)
 
 
 @command("serve")
@@ -26,7 +40,7 @@ def serve_cmd(
                               help="Public key file (.pub of `edgekv keys generate`): refuse artifacts and a memory "
                                    "that this key did not sign."),
 ) -> None:
-    """Serve /v1/chat/completions, /v1/completions and /v1/models (OpenAI API) until Ctrl-C."""
+    """Serve /v1/chat/completions, /v1/completions and /v1/models (OpenAI API) until Ctrl-C or SIGTERM."""
     from edgekv.runtime import Runtime
     from edgekv.runtime.server import make_server
 
@@ -37,6 +51,7 @@ def serve_cmd(
         h, p = server.server_address[:2]
         what = f"memory {memory} (k = {rt.config.k})" if memory else "no memory"
         typer.echo(f"edgekv: serving {artifacts} with {what} on http://{h}:{p}/v1 (Ctrl-C stops)", err=True)
+        _stop_on_signals()
         try:
             server.serve_forever()
         except KeyboardInterrupt:
