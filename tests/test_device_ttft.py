@@ -454,3 +454,36 @@ def test_vlm_prompt_path_matches_the_host_method(vlm_setup, tmp_path):
             assert ids == pt.chat(q)[0]
     finally:
         close_methods(base, methods)
+
+
+def test_prompt_path_generates_whole_answers(vlm_setup):
+    """``_PromptShots.generate`` (the demo's prompt-text answers): the prompt ``build`` makes (what
+    ``run`` times), then greedy decoding through the runtime's cache; each token is the argmax of a
+    prefill of everything so far without a cache, and the first is ``run``'s."""
+    from edgekv.bench.device import MethodState, close_methods, open_methods
+    from edgekv.retrieval import fit_projection
+
+    art, items, keys, paths = vlm_setup
+    state = MethodState("prompt", items=items, keys=keys, projection=fit_projection(keys, 3), top_k=3)
+    base, methods = open_methods(art, {"prompt-text": state}, threads=1)
+    try:
+        t = methods["prompt-text"]
+        for q in [Example("q0", "code for apple?", "K7"), Example("q1", "how many dots?", "three", paths[1])]:
+            t.prepare(q)
+            res = t.generate(q, 4)
+            qimg = None if q.image is None else base.encode_image(q.image)
+            ids, feats, _, rows = t.build(q, qimg)
+            assert res.num_prompt_tokens == len(ids) and t.last_rows == rows and res.ttft_ms > 0
+            assert 1 <= len(res.token_ids) <= 4 and res.stop_reason in ("eos", "length")
+            assert res.text == base.tokenizer.decode(res.token_ids)
+            seq = list(ids)
+            for tok in res.token_ids + ([] if res.stop_reason == "length" else [next(iter(base.eos_ids))]):
+                past = base.decoder.empty_past()
+                logits = base.decoder.forward(np.asarray([seq], np.int64), past, last_only=True)[0] if feats is None \
+                    else base.vision.forward_ids(seq, feats, past)[0]
+                assert int(np.argmax(logits[0, -1])) == tok
+                seq.append(tok)
+        with pytest.raises(Exception, match="max_new_tokens"):
+            t.generate(q, 0)
+    finally:
+        close_methods(base, methods)

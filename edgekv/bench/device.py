@@ -32,6 +32,11 @@ another's prefill):
   graph costs what the base model costs): ``Runtime.generate(query, max_new_tokens=1)``
   without memory.
 
+Beyond timing, :meth:`_PromptShots.generate` answers a query whole with its shots (the prompt
+``build`` makes, then the runtime's own prefill and greedy decode): ``edgekv demo`` scores
+prompt text's accuracy with it, and times both methods with :func:`time_first_token` (the
+prepare / warm-up / interleaved passes :func:`measure_device_ttft` runs).
+
 Images (a vision-language export): queries with an image are timed as image queries
 (``generate(image=...)`` for memory and plain methods), reported apart from the text queries:
 each method's figures over the text queries at the top of its entry (the keys a text run has),
@@ -433,6 +438,39 @@ class _PromptShots(_Timed):
         ids, feats = self.chat_ids(shots, q, qimg)
         return ids, feats, shots, rows
 
+    def generate(self, q: Example, max_new_tokens: int):
+        """The whole greedy answer to ``q`` with its shots (an ``edgekv.runtime.GenerationResult``):
+        the prompt :meth:`build` makes (what :meth:`run` times), then the runtime's own prefill and
+        decode (``Runtime._prefill`` / ``Runtime._decode``, no memory; stops at EOS, at most
+        ``max_new_tokens``, cut to the model's context). ``ttft_ms`` counts from the key pass on."""
+        from edgekv.runtime.runtime import GenerationResult, _Query
+        from edgekv.runtime.sampling import SamplingConfig
+
+        if max_new_tokens < 1:
+            raise InputError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+        rt = self.base
+        qimg = rt.encode_image(q.image) if self.vision is not None and q.image else None
+        t0 = time.perf_counter()
+        ids, feats, _, rows = self.build(q, qimg)
+        if rt.max_positions and len(ids) + 1 > rt.max_positions:
+            raise InputError(f"{self.name}: a prompt of {len(ids)} tokens with its shots exceeds the model's context "
+                             f"of {rt.max_positions}")
+        if rt.max_positions:
+            max_new_tokens = min(max_new_tokens, rt.max_positions - len(ids))
+        query = _Query(ids, None if feats is None else SimpleNamespace(features=feats), [], None, None, 0,
+                       max_new_tokens, t0)
+        res = GenerationResult(num_prompt_tokens=len(ids))
+        cache = rt._start_past(None, len(ids) + max_new_tokens)
+        try:
+            logits, past = rt._prefill(query, cache)
+            for _ in rt._decode(logits, past, query, SamplingConfig(), res):
+                pass
+        finally:
+            if getattr(rt.decoder, "shared_buffer", False):
+                rt.decoder.release_cache(cache)
+        self.last_rows, self.last_ids = rows, ids
+        return res
+
     def run(self, q: Example) -> None:
         rt = self.base
         qimg = rt.encode_image(q.image) if self.vision is not None and q.image else None
@@ -546,6 +584,25 @@ def _time_interleaved(methods: dict[str, _Timed], qs: Sequence[Example], repeats
     return times
 
 
+def time_first_token(methods: dict[str, _Timed], qs: Sequence[Example], repeats: int = 1) -> dict[str, list[float]]:
+    """ms of every timed call of every method (:func:`open_methods`' methods) over ``qs``, in order.
+
+    Untimed first: each method's :meth:`_Timed.prepare` over ``qs`` (shot images' features, cached
+    per path) and one warm-up call per kind of query (text, image: the vision graph too); then
+    ``repeats`` passes over ``qs``, every method per query, the order rotating from query to query.
+    ``reset`` after the warm-up, so each method's ``calls`` hold the timed calls only.
+    """
+    for t in methods.values():
+        for q in qs:
+            t.prepare(q)
+    first = [q for q in qs if q.image is None][:1] + [q for q in qs if q.image is not None][:1]
+    for t in methods.values():
+        for q in first:
+            t.run(q)
+        t.reset()
+    return _time_interleaved(methods, qs, repeats)
+
+
 def _alternate(text: Sequence[Example], image: Sequence[Example]) -> list[Example]:
     """Text and image queries alternating (t0, i0, t1, i1, ...), the longer list's rest at the end."""
     out: list[Example] = []
@@ -595,15 +652,8 @@ def measure_device_ttft(artifacts_dir: str, method_states: dict[str, MethodState
         text = [q for q in qs if q.image is None]
         image = [q for q in qs if q.image is not None]
         qs = _alternate(text, image)
-        for t in methods.values():  # untimed: shot images' features (cached per path), query image sizes
-            for q in qs:
-                t.prepare(q)
-        for t in methods.values():  # one untimed warm-up each, per kind of query (the vision graph too)
-            for q in (text[:1] + image[:1]):
-                t.run(q)
-            t.reset()
         names = list(methods)
-        times = _time_interleaved(methods, qs, repeats)
+        times = time_first_token(methods, qs, repeats)
         is_image = [q.image is not None for q in qs] * repeats  # per call, in the order every method ran them
         which = {"text": [i for i, b in enumerate(is_image) if not b], "image": [i for i, b in enumerate(is_image) if b]}
         blocks: dict[str, dict[str, dict]] = {kind: {n: _block([times[n][i] for i in idx], methods[n].facts(idx))

@@ -379,6 +379,25 @@ class Fifo(StreamMemory):
 # ---------------------------------------------------------------------------------
 # retrieval of the same examples as prompt text
 # ---------------------------------------------------------------------------------
+def prompt_key_model(backbone):
+    """The retrieval key prompt-text stores and queries with: InduceKV's default key layer, mean pooling."""
+    from edgekv.host.keymodel import KeyModel
+    from edgekv.host.models import default_key_layer
+
+    return KeyModel(backbone.decoder, default_key_layer(backbone.shape.num_layers), "mean")
+
+
+def prompt_keys(backbone, examples: Sequence[Example], key_model=None) -> np.ndarray:
+    """Raw retrieval keys [N, R] float32 of ``examples`` as :class:`PromptText` stores them (prompt,
+    and image on a vision-language backbone; a text backbone ignores images). ``key_model``:
+    :func:`prompt_key_model` when None. What ``edgekv.bench.device.MethodState.keys`` holds."""
+    from edgekv.induce.entries import example_keys
+
+    if getattr(backbone, "vision", None) is None:
+        examples = [replace(ex, image=None) for ex in examples]
+    return example_keys(backbone, key_model if key_model is not None else prompt_key_model(backbone), list(examples))
+
+
 class PromptText(Method):
     """Examples kept as text under the byte budget; the top-k by the same frozen retrieval key
     (same layer, pooling and all-but-the-top projection as InduceKV) are put in the prompt as
@@ -394,11 +413,7 @@ class PromptText(Method):
         self.keys = np.zeros((0, 0), np.float32)  # [N, R] raw keys of items
 
     def _key_setup(self):
-        from edgekv.host.keymodel import KeyModel
-        from edgekv.host.models import default_key_layer
-
-        bb = self.ctx.backbone
-        return KeyModel(bb.decoder, default_key_layer(bb.shape.num_layers), "mean")
+        return prompt_key_model(self.ctx.backbone)
 
     @property
     def proj_dirs(self) -> int:
@@ -416,6 +431,19 @@ class PromptText(Method):
         img = os.path.getsize(ex.image) if with_image and ex.image is not None and os.path.isfile(ex.image) else 0
         return len(ex.prompt.encode("utf-8")) + len(ex.answer.encode("utf-8")) + 4 * key_dim + img
 
+    @staticmethod
+    def store_bytes(examples: Sequence[Example], key_dim: int, with_images: bool = True,
+                    proj_dirs: int | None = None) -> int:
+        """Bytes a device holds for ``examples`` stored as prompt text: the key projection
+        (``proj_dirs`` directions + mean, fp32; default ``AdaptConfig().proj_dirs``) and every
+        example's :meth:`item_bytes`."""
+        if proj_dirs is None:
+            from edgekv.induce.adapt import AdaptConfig
+
+            proj_dirs = AdaptConfig().proj_dirs
+        return 4 * key_dim * (proj_dirs + 1) + sum(PromptText.item_bytes(ex, key_dim, with_images)
+                                                   for ex in examples)
+
     def _fixed_bytes(self) -> int:
         R = self.ctx.backbone.shape.hidden_size
         return 4 * R * (self.proj_dirs + 1)  # projection: directions + mean
@@ -426,18 +454,14 @@ class PromptText(Method):
     def deployed_bytes(self) -> int:
         R = self.ctx.backbone.shape.hidden_size
         keep = self.vision is not None
-        return self._fixed_bytes() + sum(self.item_bytes(ex, R, keep) for _, ex in self.items)
+        return self.store_bytes([ex for _, ex in self.items], R, keep, self.proj_dirs)
 
     def info(self) -> dict:
         return {"num_examples": len(self.items)}
 
     def _keys(self, examples: Sequence[Example]) -> np.ndarray:
         """Raw retrieval keys of prompts (and images on a VLM). -> [N, R]"""
-        from edgekv.induce.entries import example_keys
-
-        if self.vision is None:  # a text backbone ignores images
-            examples = [replace(ex, image=None) for ex in examples]
-        return example_keys(self.ctx.backbone, self._key_setup(), list(examples))
+        return prompt_keys(self.ctx.backbone, examples, self._key_setup())
 
     def learn(self, task_index, task_name, train) -> dict:
         keys = self._keys(train)
