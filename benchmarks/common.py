@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import os
 import platform
+import subprocess
+import sys
 
 import numpy as np
 
@@ -65,6 +67,21 @@ def write_json(name: str, data: dict) -> str:
     with open(path, "w", encoding="utf-8") as f:
         json.dump(data, f, indent=2, sort_keys=True)
     return path
+
+
+def child_rss(body: str, extra: str = "{}", runs: int = 1) -> dict:
+    """Run ``body`` (Python source) in ``runs`` fresh interpreters, then read each one's
+    /proc/self/status: peak (VmHWM, median over the runs; all in ``runs``), resident, anonymous
+    and file-backed bytes of the first run, plus ``extra`` (a dict expression evaluated in the child)."""
+    code = (f"import json\n{body}"
+            "st = {l.split(':')[0]: int(l.split()[1]) * 1024 for l in open('/proc/self/status') "
+            "if l.startswith(('VmHWM', 'VmRSS', 'RssAnon', 'RssFile'))}\n"
+            "print(json.dumps({'peak_rss_bytes': st['VmHWM'], 'rss_bytes': st['VmRSS'], 'anon_bytes': st['RssAnon'],"
+            f" 'file_bytes': st['RssFile'], **({extra})}}))\n")
+    rows = [json.loads(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                                      check=True).stdout.strip().splitlines()[-1]) for _ in range(runs)]
+    peaks = [r["peak_rss_bytes"] for r in rows]
+    return {**rows[0], "peak_rss_bytes": int(np.median(peaks)), "runs": peaks}
 
 
 def chat_ids(tok, messages, gen) -> list[int]:

@@ -16,10 +16,7 @@ What it measures, the same way as for edgekv (see perf_bench.py):
 
 from __future__ import annotations
 
-import json
 import os
-import subprocess
-import sys
 import time
 
 import numpy as np
@@ -106,23 +103,15 @@ def ttft_ms(llm, prompt: list[int]) -> float:
     return (time.perf_counter() - t) * 1000
 
 
-def child_rss(path: str, threads: int, prompt: list[int]) -> dict:
-    """Fresh interpreter: load ``path`` and generate 32 greedy tokens after ``prompt``; VmHWM."""
-    code = ("import json, llama_cpp, numpy as np\n"
+def median_rss(path: str, threads: int, prompt: list[int], runs: int) -> dict:
+    """Fresh interpreters: load ``path`` and generate 32 greedy tokens after ``prompt``; peak RSS
+    (``common.child_rss``)."""
+    from common import child_rss
+
+    body = ("import llama_cpp, numpy as np\n"
             f"llm = llama_cpp.Llama(model_path={path!r}, n_ctx=2048, n_threads={threads}, "
             f"n_threads_batch={threads}, verbose=False)\n"
             f"llm.eval({list(prompt)!r})\n"
             "for _ in range(32):\n"
-            "    llm.eval([int(np.ctypeslib.as_array(llm._ctx.get_logits_ith(-1), shape=(llm.n_vocab(),)).argmax())])\n"
-            "st = {l.split(':')[0]: int(l.split()[1]) * 1024 for l in open('/proc/self/status') "
-            "if l.startswith(('VmHWM', 'VmRSS', 'RssAnon', 'RssFile'))}\n"
-            "print(json.dumps({'peak_rss_bytes': st['VmHWM'], 'rss_bytes': st['VmRSS'], 'anon_bytes': st['RssAnon'],"
-            " 'file_bytes': st['RssFile']}))\n")
-    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-    return json.loads(res.stdout.strip().splitlines()[-1])
-
-
-def median_rss(path: str, threads: int, prompt: list[int], runs: int) -> dict:
-    rows = [child_rss(path, threads, prompt) for _ in range(runs)]
-    return {**rows[0], "peak_rss_bytes": int(np.median([r["peak_rss_bytes"] for r in rows])),
-            "runs": [r["peak_rss_bytes"] for r in rows]}
+            "    llm.eval([int(np.ctypeslib.as_array(llm._ctx.get_logits_ith(-1), shape=(llm.n_vocab(),)).argmax())])\n")
+    return child_rss(body, runs=runs)

@@ -36,7 +36,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
 import time
 
@@ -44,7 +43,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import llama_cpp_peer  # noqa: E402
-from common import CACHE, build_memory, cached_build, export_cached, machine, write_json  # noqa: E402
+from common import CACHE, build_memory, cached_build, child_rss, export_cached, machine, write_json  # noqa: E402
 from runtime_bench import FACTS  # noqa: E402
 
 QUERY = "Tell me the access code for the north gate."
@@ -339,23 +338,12 @@ def ttft_parts(rt, query: str, reps: int = 7) -> dict:
 
 
 # --- resident memory (fresh processes) ------------------------------------------------
-def child_rss(artifacts: str, memory: str | None, k: int, threads: int, prompt: str) -> dict:
-    """Run in a fresh interpreter: load the runtime (+ memory) and generate 32 tokens; VmHWM."""
-    code = ("import json, sys\nfrom edgekv.runtime import Runtime\n"
-            f"rt = Runtime.load({artifacts!r}, memory={memory!r}, k={k}, threads={threads})\n"
-            f"r = rt.generate({prompt!r}, max_new_tokens=32)\n"
-            "st = {l.split(':')[0]: int(l.split()[1]) * 1024 for l in open('/proc/self/status') "
-            "if l.startswith(('VmHWM', 'VmRSS', 'RssAnon', 'RssFile'))}\n"
-            "print(json.dumps({'peak_rss_bytes': st['VmHWM'], 'rss_bytes': st['VmRSS'], 'anon_bytes': st['RssAnon'],"
-            " 'file_bytes': st['RssFile'], 'tokens': len(r.token_ids), 'retrieved': len(r.retrieved)}))\n")
-    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-    return json.loads(res.stdout.strip().splitlines()[-1])
-
-
 def median_rss(artifacts: str, memory: str | None, k: int, threads: int, prompt: str, runs: int) -> dict:
-    rows = [child_rss(artifacts, memory, k, threads, prompt) for _ in range(runs)]
-    return {**rows[0], "peak_rss_bytes": int(np.median([r["peak_rss_bytes"] for r in rows])),
-            "runs": [r["peak_rss_bytes"] for r in rows]}
+    """Fresh interpreters: load the runtime (+ memory) and generate 32 tokens; peak RSS (common.child_rss)."""
+    body = ("from edgekv.runtime import Runtime\n"
+            f"rt = Runtime.load({artifacts!r}, memory={memory!r}, k={k}, threads={threads})\n"
+            f"r = rt.generate({prompt!r}, max_new_tokens=32)\n")
+    return child_rss(body, "{'tokens': len(r.token_ids), 'retrieved': len(r.retrieved)}", runs)
 
 
 # --- the run --------------------------------------------------------------------------
