@@ -66,20 +66,18 @@ def weighted_mean(ids: list[int], h: np.ndarray, weight) -> np.ndarray:
     return (w[:, None] * h).sum(axis=0) / max(float(w.sum()), 1e-12)
 
 
-def main() -> None:
+def val_setup():
+    """edge6 (seed 0), the bench's train sample and val split, tiny-vlm: -> (tasks, backbone, train
+    [(task, Example)], val queries [(task, Example)], their (task, concept) labels)."""
     import torch
 
     from edgekv.bench.config import BenchConfig
     from edgekv.bench.ladder import example_concept, task_metas
     from edgekv.bench.runner import bench_tasks
     from edgekv.data.stream import load_stream
-    from edgekv.host.keymodel import KeyModel
     from edgekv.host.models import load_backbone
-    from edgekv.induce.entries import example_keys, key_ids
-    from edgekv.retrieval import effective_keys, fit_projection
 
     torch.set_num_threads(2)
-    t0 = time.perf_counter()
     stream = load_stream("edge6", seed=0)
     tasks = bench_tasks(stream, replace(BenchConfig(seed=0), eval_split="val"))
     meta = {m["name"]: m for m in task_metas(stream)}
@@ -88,6 +86,18 @@ def main() -> None:
     queries = [(t.name, e) for t in tasks for e in t.val]
     tl = [(t, example_concept(meta[t], e)) for t, e in train]
     ql = [(t, example_concept(meta[t], e)) for t, e in queries]
+    return tasks, bb, train, queries, tl, ql
+
+
+def main() -> None:
+    import torch
+
+    from edgekv.host.keymodel import KeyModel
+    from edgekv.induce.entries import example_keys, key_ids
+    from edgekv.retrieval import effective_keys, fit_projection
+
+    t0 = time.perf_counter()
+    tasks, bb, train, queries, tl, ql = val_setup()
 
     rows = []
     for layer in LAYERS:

@@ -17,13 +17,12 @@ from __future__ import annotations
 import os
 import sys
 import time
-from dataclasses import replace
 
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import write_json  # noqa: E402
-from probe_keys import retrieval_stats  # noqa: E402
+from probe_keys import retrieval_stats, val_setup  # noqa: E402
 
 K = 4
 NS = (8, 16, 32)
@@ -65,25 +64,12 @@ def summary(stats: dict) -> dict:
 def main() -> None:
     import torch
 
-    from edgekv.bench.config import BenchConfig
-    from edgekv.bench.ladder import example_concept, task_metas
-    from edgekv.bench.runner import bench_tasks
-    from edgekv.data.stream import load_stream
     from edgekv.host.keymodel import KeyModel
-    from edgekv.host.models import load_backbone
     from edgekv.induce.entries import example_keys, key_ids
     from edgekv.retrieval import effective_keys, fit_projection
 
-    torch.set_num_threads(2)
     t0 = time.perf_counter()
-    stream = load_stream("edge6", seed=0)
-    tasks = bench_tasks(stream, replace(BenchConfig(seed=0), eval_split="val"))
-    meta = {m["name"]: m for m in task_metas(stream)}
-    bb = load_backbone("tiny-vlm")
-    train = [(t.name, e) for t in tasks for e in t.train]
-    queries = [(t.name, e) for t in tasks for e in t.val]
-    tl = [(t, example_concept(meta[t], e)) for t, e in train]
-    ql = [(t, example_concept(meta[t], e)) for t, e in queries]
+    _, bb, train, queries, tl, ql = val_setup()
     km = KeyModel(bb.decoder, 1, "mean")
     with torch.no_grad():
         kt, kq = example_keys(bb, km, [e for _, e in train]), example_keys(bb, km, [e for _, e in queries])
