@@ -210,7 +210,7 @@ def main() -> None:
                                 "dirs": dict(probe.dirs) if probe.policy["kind"] == "tproj" else None,
                                 "seconds": round(time.time() - t0, 1)}
             print(key, json.dumps(res["rows"][key]), flush=True)
-            write_json(OUT, res)
+            write_json(os.path.basename(OUT), res)
 
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-"""Where the runtime's peak RSS goes (issue: peak RSS int4 / llama.cpp Q4_1 <= 1.10).
+"""Where the runtime's peak RSS goes, against the target peak RSS int4 / llama.cpp Q4_1 <= 1.10.
 
 ``benchmarks/perf_bench.py`` measures peak RSS (VmHWM) of a fresh process that loads the int4
 export with a memory and generates 32 tokens, against llama.cpp on the same GGUF. This script
@@ -64,13 +64,14 @@ def main() -> None:
     if not os.path.isfile(os.path.join(ART, "manifest.json")) or not os.path.isfile(MEM):
         sys.exit(f"missing {ART} or {MEM}: run `.venv/bin/python benchmarks/perf_bench.py --prepare` first")
     mib = 2 ** 20
-    out = {"artifacts": ART, "memory": MEM, "rows": {}}
+    root = os.path.dirname(HERE)
+    out = {"artifacts": os.path.relpath(ART, root), "memory": os.path.relpath(MEM, root), "rows": {}}
     for name, (body, extra) in ROWS.items():
         r = child_rss(body, extra, 3)
         out["rows"][name] = r
         print(f"{name:20s} peak {r['peak_rss_bytes'] / mib:6.1f} MiB  resident {r['rss_bytes'] / mib:6.1f}  "
               f"anon {r['anon_bytes'] / mib:6.1f}  file {r['file_bytes'] / mib:6.1f}", flush=True)
-    write_json(os.path.join(HERE, "results", "rss_profile.json"), out)
+    write_json("rss_profile.json", out)
 
 
 if __name__ == "__main__":
