@@ -39,10 +39,10 @@ def main() -> None:
     from probe_keys import val_setup
 
     from edgekv.bench.evaluate import is_correct
-    from edgekv.bench.ladder import float_kv, oracle_rows, query_prompt
+    from edgekv.bench.ladder import float_kv, oracle_past, oracle_rows, query_prompt
     from edgekv.induce.config import EntryConfig
     from edgekv.induce.entries import prefix_kv, query_ids, template_prefix_len
-    from edgekv.induce.torch_induction import greedy_decode, make_cache, memory_kv, num_layers_of
+    from edgekv.induce.torch_induction import greedy_decode, make_cache, num_layers_of
 
     t0 = time.perf_counter()
     tasks, bb, train, queries, tl, ql = val_setup()
@@ -51,13 +51,6 @@ def main() -> None:
     prefix = query_ids(tok, "hello")[:p]
     (Kp, Vp), = prefix_kv(bb.model, [prefix])
     Kp, Vp = Kp[:, None], Vp[:, None]  # [L, 1, H, p, D], keys rotated to 0..p-1
-
-    def past(kvs, start: int):
-        """Entries (position-free, layout order) rotated to start.. -> K, V [L, 1, H, T, D]"""
-        K = torch.cat([torch.as_tensor(k) for k, _ in kvs], dim=2)[None]
-        V = torch.cat([torch.as_tensor(v) for _, v in kvs], dim=2)[None]
-        one = torch.zeros((1, 1), dtype=torch.long)
-        return memory_kv(K, V, one, torch.ones((1, 1)), torch.ones(K.shape[1]), bb.rope, start)
 
     train_by_task: dict[str, list] = {}
     for (t, e), (_, c) in zip(train, tl, strict=True):
@@ -83,7 +76,7 @@ def main() -> None:
                 cut = p if layout == "prefix_first" else 0
                 for part in ("full", "pooled"):
                     kvs = [kv[entries_prefix][x.id][part] for x in shots[e.id]]
-                    km, vm = past(kvs, cut) if kvs else (None, None)
+                    km, vm = oracle_past(kvs, bb.rope, cut)
                     if cut:
                         km = Kp if km is None else torch.cat([Kp, km], 3)
                         vm = Vp if vm is None else torch.cat([Vp, vm], 3)

@@ -224,11 +224,12 @@ def stored_kv(K: np.ndarray, V: np.ndarray, payload_dtype: str) -> tuple[np.ndar
     return entry_kv(e, 1.0, np.ones(K.shape[0], np.float32))
 
 
-def oracle_past(kvs: Sequence[tuple[np.ndarray, np.ndarray]], rope) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+def oracle_past(kvs: Sequence[tuple[np.ndarray, np.ndarray]], rope, start_position: int = 0
+                ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
     """The past of a query given its right examples' KV in layout order, uniform alpha, gates 1.
 
     kvs: per example (K, V) [L, H, T_i, D], position-free -> K_mem, V_mem [L, 1, H, sum T_i, D]
-    (entry j right after entry j-1; keys rotated to 0..sum T_i - 1 by ``memory_kv``); None, None
+    (entry j right after entry j-1; keys rotated to start_position.. by ``memory_kv``); None, None
     without examples. With equal T_i = m this is ``memory_kv`` over the k entries with alpha = 1/k.
     """
     from edgekv.induction import entry_scale
@@ -240,7 +241,7 @@ def oracle_past(kvs: Sequence[tuple[np.ndarray, np.ndarray]], rope) -> tuple[tor
     K = torch.cat([torch.as_tensor(k) * s for k, _ in kvs], dim=2)[None]  # [1, L, H, T, D]
     V = torch.cat([torch.as_tensor(v) * s for _, v in kvs], dim=2)[None]
     one = torch.zeros((1, 1), dtype=torch.long)
-    return memory_kv(K, V, one, torch.ones((1, 1)), torch.ones(K.shape[1]), rope)  # one "entry", scale 1
+    return memory_kv(K, V, one, torch.ones((1, 1)), torch.ones(K.shape[1]), rope, start_position)  # scale 1
 
 
 def query_prompt(backbone, ex: Example) -> tuple[list[int], str | None]:
