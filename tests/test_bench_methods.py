@@ -90,6 +90,26 @@ def test_induce_uniform_stores_the_uniform_tau(backbone, tmp_path):
     assert m.info()["tau"] == UNIFORM_TAU and m.params()["uniform_alpha"]
 
 
+def test_stage_fingerprint_follows_the_adapt_defaults(backbone, tmp_path, monkeypatch):
+    """A changed library default of adapt (init_tau) recomputes a KV memory's stages, not LoRA's."""
+    from edgekv.bench import runner
+    from edgekv.bench.base import Context
+    from edgekv.bench.lora import Lora
+    from edgekv.bench.methods import Induce, Reservoir
+
+    ctx = Context(backbone("llama"), BenchConfig().quick(), 40_000, str(tmp_path / "work"))
+    cfg = ctx.cfg
+    methods = [Induce(ctx), Reservoir(ctx), Lora(ctx)]
+    before = [runner.stage_fingerprint(cfg, m, 40_000, "s", "m", 1) for m in methods]
+    for m in methods[:2]:
+        orig = type(m).adapt_config
+        monkeypatch.setattr(type(m), "adapt_config",
+                            lambda self, i, orig=orig: dataclasses.replace(orig(self, i), init_tau=0.37))
+    after = [runner.stage_fingerprint(cfg, m, 40_000, "s", "m", 1) for m in methods]
+    assert before[0] != after[0] and before[1] != after[1] and before[2] == after[2]
+    assert before[0] != runner.stage_fingerprint(cfg, methods[0], 40_000, "s", "m", 2)  # per task (its seed)
+
+
 # ---------------------------------------------------------------------------------
 # prompt-text-matched: a best-first prefix of prompt-text's shots within k x m tokens
 # ---------------------------------------------------------------------------------

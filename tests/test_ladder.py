@@ -30,6 +30,7 @@ from edgekv.bench.ladder import (
 )
 from edgekv.data import Example
 from edgekv.errors import InputError
+from edgekv.induce.config import AdaptConfig
 
 
 @pytest.fixture(scope="module")
@@ -57,7 +58,7 @@ def test_config_roundtrip_and_validation():
             LadderConfig(**bad)
     with pytest.raises(InputError, match="unknown LadderConfig fields: nope"):
         LadderConfig.from_dict({"nope": 1})
-    assert LadderConfig().resolved_tau() == 0.1  # AdaptConfig.init_tau
+    assert LadderConfig().resolved_tau() == AdaptConfig().init_tau == 0.5
 
 
 def test_example_concept_rules():

@@ -6,7 +6,9 @@ stage writes ``OUT/stages/<method>/<budget>/task<i>/stage.json`` (its A row, the
 deployed and host bytes, timings, facts) and the method's state after task i
 (``state/``: memory file + anchors, adapter, replay buffer, stored texts). A rerun
 skips every stage whose fingerprint (sha256 of the bench config, the method's
-settings, the budget, the stream, the model and the task index) matches, and resumes
+settings, a KV memory method's full ``AdaptConfig`` for that task (so a changed library
+default such as ``init_tau`` recomputes it), the budget, the stream, the model and the task
+index) matches, and resumes
 from the last finished stage's state; only the last finished stage keeps its state (the
 earlier ones keep their stage.json).
 """
@@ -116,6 +118,9 @@ def stage_fingerprint(cfg: BenchConfig, method: Method, budget: int, stream_fp: 
     bench = {k: v for k, v in cfg.to_dict().items() if k not in RUN_FIELDS}  # what organises runs: not a stage's
     d = {"bench": bench, "method": method.name, "params": method.params(), "budget": budget,
          "stream": stream_fp, "model": model_fp, "task_index": task_index}
+    adapt_config = getattr(method, "adapt_config", None)
+    if adapt_config is not None:  # a KV memory method: the library's adapt defaults (init_tau, ...) count too
+        d["adapt"] = adapt_config(task_index).to_dict()
     return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:32]
 
 

@@ -140,7 +140,7 @@ class AdaptConfig(Config):
     key_pooling: str = "mean"  # mean | last (the probe: mean with the projection is far better)
     proj_dirs: int = 3  # top principal directions removed from keys (all-but-the-top)
     proj_max_dirs: int = 8  # capacity for directions in the memory header (fixed at creation)
-    init_tau: float = 0.1  # tau of a new memory before its first calibration
+    init_tau: float = 0.5  # tau of a new memory before its first calibration (chosen on edge6 val: docs/induce.md)
     init_gate: float = 0.95  # value gates of a new memory before its first calibration
     max_candidates: int = 512  # task examples turned into candidate entries (seeded sample)
     max_queries: int = 512  # task examples used as L_cur queries (seeded sample)
