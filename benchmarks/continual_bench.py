@@ -4,12 +4,14 @@ Runs the grid of 2 stream orders x 2 seeds (resumable; each run's stages live un
 ``$EDGEKV_CACHE/bench/edge6-tiny-vlm-grid/runs/<stream>-s<seed>``)::
 
     edgekv bench --model tiny-vlm --streams edge6,edge6-rev --seeds 0,1 --budget 8MiB \
-        --budgets 2MiB,4MiB,8MiB --methods all --out $EDGEKV_CACHE/bench/edge6-tiny-vlm-grid --threads 2
+        --budgets 2MiB,4MiB,8MiB,16MiB --methods all --tune lora,replay-lora --ladder \
+        --out $EDGEKV_CACHE/bench/edge6-tiny-vlm-grid --threads 2
 
 and copies what people read to ``benchmarks/results/bench/``: the aggregate
 (``results.json``, ``results.md``: mean and 95 % bootstrap interval of every metric over
 runs x test queries, paired differences against InduceKV) and, under ``runs/<label>/``,
-each run's ``results.json``, ``results.md`` and ``plots/``. Its cost is not measured yet
+each run's ``results.json``, ``results.md`` and ``plots/``; the grid's ``plots/``, the
+ladder (``ladder/``) and the tuning record (``tuning.json``) when they exist. Its cost is not measured yet
 (docs/bench.md, "Cost of the full grid"); finished stages are skipped on a rerun, so an
 interrupted grid continues. Several processes may run disjoint ``--methods`` into the same
 folder at once; a last run with ``--methods all`` then only merges (and measures time to
@@ -25,7 +27,8 @@ import sys
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ARGS = ["--model", "tiny-vlm", "--streams", "edge6,edge6-rev", "--seeds", "0,1", "--budget", "8MiB",
-        "--budgets", "2MiB,4MiB,8MiB", "--methods", "all", "--threads", "2"]
+        "--budgets", "2MiB,4MiB,8MiB,16MiB", "--methods", "all", "--tune", "lora,replay-lora", "--ladder",
+        "--threads", "2"]
 
 
 def main() -> None:
@@ -38,8 +41,12 @@ def main() -> None:
         sys.exit(rc)
     dest = os.path.join(HERE, "results", "bench")
     os.makedirs(dest, exist_ok=True)
-    for name in ("results.json", "results.md"):
-        shutil.copyfile(os.path.join(out, name), os.path.join(dest, name))
+    for name in ("results.json", "results.md", "tuning.json"):
+        if os.path.exists(os.path.join(out, name)):
+            shutil.copyfile(os.path.join(out, name), os.path.join(dest, name))
+    for folder in ("plots", "ladder"):
+        if os.path.isdir(os.path.join(out, folder)):
+            shutil.copytree(os.path.join(out, folder), os.path.join(dest, folder), dirs_exist_ok=True)
     for label in sorted(os.listdir(os.path.join(out, "runs"))):
         src, to = os.path.join(out, "runs", label), os.path.join(dest, "runs", label)
         os.makedirs(to, exist_ok=True)
