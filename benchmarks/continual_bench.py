@@ -11,8 +11,8 @@ and copies what people read to ``benchmarks/results/bench/``: the aggregate
 (``results.json``, ``results.md``: mean and 95 % bootstrap interval of every metric over
 runs x test queries, paired differences against InduceKV) and, under ``runs/<label>/``,
 each run's ``results.json``, ``results.md`` and ``plots/``; the grid's ``plots/``, the
-ladder (``ladder/``) and the tuning record (``tuning.json``) when they exist. Its cost is not measured yet
-(docs/bench.md, "Cost of the full grid"); finished stages are skipped on a rerun, so an
+ladder (``ladder/``) and the tuning record (``tuning.json``) when they exist. Its cost end to end is
+not measured yet; per cell it is in docs/bench.md, "Cost of the full grid". Finished stages are skipped on a rerun, so an
 interrupted grid continues. Several processes may run disjoint ``--methods`` into the same
 folder at once; a last run with ``--methods all`` then only merges (and measures time to
 first token).
