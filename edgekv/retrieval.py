@@ -2,11 +2,14 @@
 
 A stored memory key is the raw pooled hidden state ``h`` of an example's query part. The
 *effective* key used for search is ``normalise(project(h))`` where ``project`` is the
-memory's key projection: subtract the memory's mean key and remove its top principal
-directions ("all-but-the-top"). Mean-pooled hidden states of a small backbone are
-dominated by a few directions that encode phrasing, not content; removing them is what
-makes retrieval find the right entry. The projection is fitted on the host from the
-memory's keys, stored in the memory file, and applied to the query on the device.
+memory's key projection: subtract the memory's mean key, remove its *phrasing directions*
+and then its top principal directions ("all-but-the-top"). Mean-pooled hidden states of a
+small backbone are dominated by directions that encode phrasing, not content; removing them
+is what makes retrieval find the right entry. The phrasing directions are learnt from the
+examples that share an answer (the same item asked in different words): their differences
+from their class mean (:func:`class_residuals`) span what a key should ignore, summed over
+every task in a low-rank sketch kept on the host (:func:`update_sketch`). The projection is
+fitted on the host, stored in the memory file, and applied to the query on the device.
 """
 
 from __future__ import annotations
@@ -28,19 +31,64 @@ class KeyProjection:
         return KeyProjection(np.zeros(dim, np.float32), np.zeros((0, dim), np.float32))
 
 
-def fit_projection(keys: np.ndarray, num_dirs: int) -> KeyProjection:
+def fit_projection(keys: np.ndarray, num_dirs: int, fixed: np.ndarray | None = None) -> KeyProjection:
     """All-but-the-top: the keys' mean and their top ``num_dirs`` principal directions.
 
-    keys: [N, R] raw pooled hidden states -> KeyProjection (mean [R], dirs [P, R])
+    ``fixed``: directions removed before the principal ones are fitted (the memory's phrasing
+    directions, :func:`sketch_dirs`); the projection removes both (rows: ``fixed``, then the
+    principal directions of what remains).
+    keys: [N, R] raw pooled hidden states, fixed: [W, R] orthonormal rows -> KeyProjection (mean [R], dirs [P, R])
     """
     keys = np.asarray(keys, dtype=np.float64)
     mean = keys.mean(axis=0) if len(keys) else np.zeros(keys.shape[1])
     centred = keys - mean
-    p = int(min(num_dirs, max(len(keys) - 1, 0), keys.shape[1]))
-    if p == 0:
-        return KeyProjection(mean.astype(np.float32), np.zeros((0, keys.shape[1]), np.float32))
-    _, _, vt = np.linalg.svd(centred, full_matrices=False)
-    return KeyProjection(mean.astype(np.float32), vt[:p].astype(np.float32))
+    fixed = np.zeros((0, keys.shape[1])) if fixed is None or not len(fixed) else np.asarray(fixed, np.float64)  # [W, R]
+    if len(fixed):
+        centred = centred - (centred @ fixed.T) @ fixed
+    p = int(min(num_dirs, max(len(keys) - 1, 0), keys.shape[1] - len(fixed)))
+    top = np.linalg.svd(centred, full_matrices=False)[2][:p] if p > 0 else np.zeros((0, keys.shape[1]))
+    dirs = np.concatenate([fixed, top])  # [W + p, R]
+    if len(fixed) and len(dirs):
+        dirs = np.linalg.qr(dirs.T)[0].T  # orthonormal to float precision (same span)
+    return KeyProjection(mean.astype(np.float32), dirs.astype(np.float32))
+
+
+def class_residuals(keys: np.ndarray, labels: list) -> np.ndarray:
+    """Phrasing residuals: each key minus the mean key of its class, over classes of two or more.
+
+    Examples with the same answer (the same item asked in different words) differ only in
+    phrasing, so these residuals span the directions a key should ignore.
+    keys: [N, R], labels: N hashable class labels -> [M, R] float64 (M = rows in classes of >= 2)
+    """
+    keys = np.asarray(keys, dtype=np.float64)
+    groups: dict = {}
+    for i, c in enumerate(labels):
+        groups.setdefault(c, []).append(i)
+    parts = [keys[ix] - keys[ix].mean(axis=0) for ix in groups.values() if len(ix) > 1]
+    return np.concatenate(parts) if parts else np.zeros((0, keys.shape[1]))
+
+
+def update_sketch(sketch: np.ndarray | None, residuals: np.ndarray, rank: int) -> np.ndarray:
+    """Low-rank sketch of the phrasing scatter summed over tasks: rows s_i v_i of the top ``rank``
+    singular triplets of [sketch; residuals], so sketch^T sketch ~ sum over tasks of residuals^T residuals.
+
+    sketch: [S, R] or None, residuals: [M, R] -> [min(rank, S + M), R] float32
+    """
+    stacked = np.asarray(residuals, np.float64) if sketch is None else \
+        np.concatenate([np.asarray(sketch, np.float64), np.asarray(residuals, np.float64)])
+    if not len(stacked):
+        return stacked.astype(np.float32)
+    _, s, vt = np.linalg.svd(stacked, full_matrices=False)
+    keep = int(min(rank, int((s > s[0] * 1e-6).sum())))
+    return (s[:keep, None] * vt[:keep]).astype(np.float32)
+
+
+def sketch_dirs(sketch: np.ndarray | None, num: int) -> np.ndarray:
+    """The top ``num`` phrasing directions of a sketch. sketch: [S, R] -> [min(num, S), R] orthonormal rows"""
+    if sketch is None or not len(sketch) or num <= 0:
+        return np.zeros((0, 0 if sketch is None else np.shape(sketch)[1]), np.float32)
+    vt = np.linalg.svd(np.asarray(sketch, np.float64), full_matrices=False)[2]
+    return vt[:num].astype(np.float32)
 
 
 def effective_keys(h: np.ndarray, proj: KeyProjection) -> np.ndarray:

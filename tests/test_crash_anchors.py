@@ -18,6 +18,7 @@ import os
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 from edgekv.data import Example
@@ -27,6 +28,7 @@ from edgekv.induce import anchors as anchors_mod
 from edgekv.induce.anchors import (
     anchors_equal,
     commit_with_anchors,
+    read_anchor_set,
     read_anchor_sets,
     read_anchors,
     write_anchors,
@@ -132,4 +134,33 @@ def test_a_truncated_set_is_refused(tmp_path):
     lines = open(path + ".anchors.jsonl").read().splitlines()
     open(path + ".anchors.jsonl", "w").write("\n".join(lines[:-1]) + "\n")
     with pytest.raises(InputError, match="holds 1 records, its header says 2"):
+        read_anchors(path)
+
+
+def test_the_phrasing_sketch_travels_with_its_set(tmp_path):
+    path = _memory(tmp_path)
+    g, crc = _state(path)
+    sketch = np.random.default_rng(0).normal(size=(3, 8)).astype(np.float32)
+    commit_with_anchors(path, _anchors("one"), [], g, crc, calibration=Calibration(0.2, (1.0, 1.0)),
+                        phrasing=sketch)
+    chosen = read_anchor_set(path)
+    assert anchors_equal(list(chosen.anchors), _anchors("one"))
+    np.testing.assert_array_equal(chosen.phrasing, sketch)  # bit-exact float32 round trip
+    # a version 1 set (written before the sketch existed) reads as a set without one
+    g1, crc1 = _state(path)
+    with open(path + ".anchors.jsonl", "w", encoding="utf-8") as f:
+        f.write(json.dumps({"edgekv_anchors": 1, "generation": g1, "memory_crc32": crc1, "count": 1}) + "\n")
+        f.write(json.dumps({"task": "t", "id": "x", "prompt": "p", "answer": "a"}) + "\n")
+    assert read_anchor_set(path).phrasing is None and len(read_anchors(path)) == 1
+
+
+def test_a_damaged_phrasing_sketch_is_refused(tmp_path):
+    path = _memory(tmp_path)
+    g, crc = _state(path)
+    write_anchors(path, [(g, crc, _anchors("cur"), np.ones((2, 8), np.float32))])
+    lines = open(path + ".anchors.jsonl").read().splitlines()
+    head = json.loads(lines[0])
+    head["phrasing"] = [3, 8]  # the header now disagrees with the bytes
+    open(path + ".anchors.jsonl", "w").write("\n".join([json.dumps(head)] + lines[1:]) + "\n")
+    with pytest.raises(InputError, match=r"line 2 is not an anchor record .*phrasing sketch holds 64 bytes"):
         read_anchors(path)

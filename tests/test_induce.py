@@ -24,6 +24,7 @@ from edgekv.induce.entries import (
     answer_pooling_matrix,
     compute_entries,
     encode_example,
+    example_keys,
     key_ids,
     pooling_matrix,
     prefix_kv,
@@ -663,3 +664,36 @@ def test_smollm2_selection_prefers_entries_that_lower_the_loss(backbone, tmp_pat
                  cfg.selection)
     assert sorted(bank.source_ids[i] for i in res.keep) == sorted(e.id for e in train[3:])
     assert res.history[-1]["L_cur"] < res.history[0]["L_cur"]
+
+
+def test_phrasing_sketch_accumulates_over_tasks_and_enters_the_projection(backbone, tmp_path):
+    """With ``phrase_dirs``, each task's same-answer examples add their phrasing scatter to the
+    sketch kept beside the memory, and the stored projection removes its top directions (then the
+    principal ones): the sketch after two tasks is the sum of both tasks' scatters."""
+    from edgekv.induce.anchors import read_anchor_set
+    from edgekv.retrieval import class_residuals, sketch_dirs
+
+    bb = backbone("llama")
+    cfg = dataclasses.replace(SMALL, phrase_dirs=4, proj_max_dirs=8)
+    mem = str(tmp_path / "m.ekv")
+    km = _key_model(bb)
+    scatter = 0.0
+    for t in range(2):
+        exs = [Example(f"t{t}-{i}", f"{['say', 'name'][i // 4]} {w} {t}?", f"A{i % 4}")  # each word in two phrasings
+               for i, w in enumerate(["apple", "river", "stone", "fox"] * 2)]
+        adapt(bb, exs, mem, memory_spec(bb, cfg).file_bytes_for(6) if t == 0 else None, f"task{t}", cfg)
+        res = class_residuals(example_keys(bb, km, exs), [ex.answer for ex in exs])  # 4 classes of 2
+        scatter = scatter + res.T @ res
+    sketch = read_anchor_set(mem).phrasing
+    assert sketch is not None and sketch.shape[1] == bb.shape.hidden_size
+    np.testing.assert_allclose(sketch.T.astype(np.float64) @ sketch, scatter, rtol=1e-3, atol=1e-3 * np.abs(scatter).max())
+    with Memory(mem) as m:
+        dirs = m.projection.dirs  # [4 + proj_dirs, R]
+        assert len(dirs) == 4 + SMALL.proj_dirs
+        top = sketch_dirs(sketch, 4)
+        np.testing.assert_allclose(np.linalg.norm(top @ dirs.T, axis=1), 1.0, atol=1e-4)  # inside the removed span
+    # phrase_dirs 0 (the default): no directions beyond the principal ones
+    mem0 = str(tmp_path / "m0.ekv")
+    adapt(bb, _examples("x", n=4), mem0, memory_spec(bb, SMALL).file_bytes_for(6), "x", SMALL)
+    with Memory(mem0) as m:
+        assert len(m.projection.dirs) == SMALL.proj_dirs

@@ -7,12 +7,15 @@ import pytest
 
 from edgekv.retrieval import (
     KeyProjection,
+    class_residuals,
     effective_keys,
     fit_projection,
     retrieval_weights,
     sigmoid,
+    sketch_dirs,
     softplus,
     topk_exact,
+    update_sketch,
 )
 
 
@@ -149,3 +152,63 @@ def test_softplus_and_sigmoid():
     x = np.array([-3.0, 0.0, 2.0])
     np.testing.assert_allclose(sigmoid(x), 1 / (1 + np.exp(-x)), rtol=1e-12)
     assert sigmoid(0.0) == 0.5
+
+
+# --- phrasing directions -----------------------------------------------------------
+def phrased_keys(seed: int, items: int = 16, templates: int = 12, dim: int = 48, span: int = 10):
+    """Key = item vector (scale 1) + template vector (scale 4, in a ``span``-dimensional phrasing
+    subspace) + noise: the phrasing dominates. -> train keys [items * 2, dim] (each item in two of
+    the first templates), their item labels, query keys [items, dim] (each item in the last template,
+    which no train key uses)."""
+    rng = np.random.default_rng(seed)
+    basis = np.linalg.qr(rng.normal(size=(dim, span)))[0].T  # [span, dim]
+    item, tmpl = rng.normal(size=(items, dim)), 4.0 * rng.normal(size=(templates, span)) @ basis
+    train, labels, queries = [], [], []
+    for i in range(items):
+        for t in (i % (templates - 1), (i + 1 + i // (templates - 1)) % (templates - 1)):
+            train.append(item[i] + tmpl[t] + 0.05 * rng.normal(size=dim))
+            labels.append(i)
+        queries.append(item[i] + tmpl[-1] + 0.05 * rng.normal(size=dim))
+    return np.stack(train), labels, np.stack(queries)
+
+
+def test_class_residuals_are_deviations_from_the_class_mean():
+    keys = np.arange(12, dtype=np.float64).reshape(4, 3) ** 1.5
+    res = class_residuals(keys, ["a", "b", "a", "c"])  # b and c are singletons: no residual
+    np.testing.assert_allclose(res, np.stack([keys[0] - (keys[0] + keys[2]) / 2, keys[2] - (keys[0] + keys[2]) / 2]))
+    assert class_residuals(keys, ["a", "b", "c", "d"]).shape == (0, 3)
+
+
+def test_the_sketch_keeps_the_summed_scatter():
+    rng = np.random.default_rng(3)
+    r1, r2 = rng.normal(size=(5, 16)), rng.normal(size=(7, 16))
+    full = update_sketch(update_sketch(None, r1, 64), r2, 64)  # rank large enough: exact
+    np.testing.assert_allclose(full.T.astype(np.float64) @ full, r1.T @ r1 + r2.T @ r2, atol=1e-4)
+    low = update_sketch(update_sketch(None, r1, 3), r2, 3)
+    assert low.shape == (3, 16)
+    top = np.linalg.svd(np.concatenate([r1, r2]), full_matrices=False)[2][:1]  # the strongest direction survives
+    assert abs(float(sketch_dirs(low, 1)[0] @ top[0])) > 0.95
+
+
+def test_fit_projection_removes_fixed_directions_first():
+    keys, planted = planted_keys(2)
+    fixed = np.linalg.qr(np.random.default_rng(5).normal(size=(32, 2)))[0].T  # [2, 32]
+    proj = fit_projection(keys, 3, fixed)
+    assert proj.dirs.shape == (5, 32)
+    np.testing.assert_allclose(proj.dirs @ proj.dirs.T, np.eye(5), atol=1e-5)
+    np.testing.assert_allclose(effective_keys(keys, proj) @ fixed.T, 0.0, atol=1e-5)  # fixed removed
+    # without fixed directions: exactly the all-but-the-top of before
+    np.testing.assert_array_equal(fit_projection(keys, 3, None).dirs, fit_projection(keys, 3).dirs)
+
+
+def test_phrasing_directions_make_retrieval_find_the_item_not_the_phrasing():
+    train, labels, queries = phrased_keys(0)
+
+    def recall(proj):
+        S = effective_keys(queries, proj) @ effective_keys(train, proj).T  # [items, 2 * items]
+        return float(np.mean([labels[int(np.argmax(S[i]))] == i for i in range(len(queries))]))
+
+    plain = recall(fit_projection(train, 3))
+    dirs = sketch_dirs(update_sketch(None, class_residuals(train, labels), 64), 10)  # the phrasing span
+    phrased = recall(fit_projection(train, 0, dirs))
+    assert plain <= 0.5 and phrased == 1.0, (plain, phrased)

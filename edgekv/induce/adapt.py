@@ -46,7 +46,7 @@ from edgekv.compat import ModelSide, check_memory_matches
 from edgekv.data import Example, resolve_images
 from edgekv.errors import InputError, MismatchError
 from edgekv.format import Calibration, Entry, Memory, MemorySpec, commit_update, create_memory
-from edgekv.induce.anchors import anchors_path, commit_with_anchors, read_anchors
+from edgekv.induce.anchors import anchors_path, commit_with_anchors, read_anchor_set, read_anchors
 from edgekv.induce.anchors import write_anchors as write_anchors  # re-export
 from edgekv.induce.calibrate import Phi, batches, calibrate, kept_memory_objective
 from edgekv.induce.config import AdaptConfig, resolve_entry_config
@@ -61,7 +61,14 @@ from edgekv.induce.torch_induction import (
     concat_banks,
     subset_bank,
 )
-from edgekv.retrieval import KeyProjection, effective_keys, fit_projection
+from edgekv.retrieval import (
+    KeyProjection,
+    class_residuals,
+    effective_keys,
+    fit_projection,
+    sketch_dirs,
+    update_sketch,
+)
 
 # A baseline's replacement for the bilevel selection: (num_slots, old, new) -> kept pool rows.
 # ``old``: (task, example id) of the memory's entries in slot order; ``new``: those of the
@@ -308,6 +315,24 @@ def encode_candidates(backbone, examples: Sequence[Example], key_model, state: M
     return Candidates(cand, entries, bank_from_entries(entries, s.num_layers, s.key_dim, s.payload_shape))
 
 
+def phrasing(state: MemoryState, cands: Candidates, cfg: AdaptConfig) -> tuple[np.ndarray | None, np.ndarray | None,
+                                                                             np.ndarray]:
+    """The phrasing sketch before and after this task, and the phrasing directions the projection removes.
+
+    Candidates with the same answer are one class; their residuals from the class mean are this
+    task's phrasing scatter, added to the sketch kept with the memory state read (the anchors
+    file). -> (sketch read [S, R] or None, new sketch [S', R] or None, directions [W, R])"""
+    R = state.spec.key_dim
+    held = read_anchor_set(state.path, state.generation, state.header_crc32)
+    old = held.phrasing if held is not None and held.phrasing is not None and held.phrasing.shape[1] == R else None
+    labels = [" ".join(ex.answer.split()).casefold() for ex in cands.examples]
+    res = class_residuals(cands.bank.raw_keys, labels)  # [M, R]
+    new = update_sketch(old, res, cfg.phrase_rank) if len(res) or old is not None else None
+    room = max(state.spec.proj_max_dirs - cfg.proj_dirs, 0)  # the header's capacity bounds the directions
+    dirs = sketch_dirs(new, min(cfg.phrase_dirs, room)) if new is not None else np.zeros((0, R), np.float32)
+    return old, new, dirs
+
+
 def build_queries(backbone, examples: Sequence[Example], key_model, cands: Candidates, proj: KeyProjection,
                   state: MemoryState, cfg: AdaptConfig, task: str) -> Queries:
     """Current-task queries (a seeded sample of at most ``max_queries``; candidates' keys reused)
@@ -388,9 +413,11 @@ def final_calibration(backbone, pool: Bank, P: torch.Tensor, keep: Sequence[int]
 
 
 def commit(state: MemoryState, keep: Sequence[int], cands: Candidates, P: torch.Tensor, q: Queries,
-           calibration: Calibration, proj: KeyProjection, cfg: AdaptConfig, task: str) -> dict:
+           calibration: Calibration, proj: KeyProjection, cfg: AdaptConfig, task: str,
+           sketches: tuple[np.ndarray | None, np.ndarray | None] = (None, None)) -> dict:
     """One atomic update of the memory and, with it, the anchors (this task's, spread over its
-    keys, replace any earlier ones of the same name). -> counts for the summary"""
+    keys, replace any earlier ones of the same name) and the phrasing sketch (``sketches``: the
+    new state's and the state read's). -> counts for the summary"""
     num_old = len(state.bank)
     keep_old = [i for i in keep if i < num_old]
     keep_new = [i - num_old for i in keep if i >= num_old]
@@ -402,7 +429,8 @@ def commit(state: MemoryState, keep: Sequence[int], cands: Candidates, P: torch.
     # under its write lock: a crash between the two cannot be observed (edgekv/induce/anchors.py);
     # a concurrent adapt is refused (expect_generation), not mixed in
     anchor_bytes = commit_with_anchors(state.path, anchors, q.anchors_all, state.generation, state.header_crc32,
-                                       commit_update, put=put, clear=clear, calibration=calibration,
+                                       commit_update, phrasing=sketches[0], current_phrasing=sketches[1],
+                                       put=put, clear=clear, calibration=calibration,
                                        projection=proj, top_k=cfg.top_k)["bytes"]  # the k the calibration was fitted for
     return {"kept_new": len(keep_new), "kept_old": len(keep_old), "dropped_old": num_old - len(keep_old),
             "anchors": {"path": anchors_path(state.path), "count": len(anchors), "this_task": len(rows),
@@ -475,7 +503,8 @@ def adapt(backbone, examples: Sequence[Example], memory_path: str, budget_bytes:
     key_model = KeyModel(backbone.decoder, state.spec.key_layer, state.spec.key_pooling)
     cands = encode_candidates(backbone, examples, key_model, state, cfg, task, progress, encoder)
     pool = concat_banks(state.bank, cands.bank)  # old entries first, then the candidates: [N rows]
-    proj = fit_projection(pool.raw_keys, cfg.proj_dirs)
+    old_sketch, sketch, phrase = phrasing(state, cands, cfg)
+    proj = fit_projection(pool.raw_keys, cfg.proj_dirs, phrase)
     P = effective(pool.raw_keys, proj)  # [N, R]
     q = build_queries(backbone, examples, key_model, cands, proj, state, cfg, task)
     cfg = task_balanced(cfg, len({t for t, _ in q.earlier}))
@@ -492,6 +521,6 @@ def adapt(backbone, examples: Sequence[Example], memory_path: str, budget_bytes:
     after = terms(backbone.model, kept_ind, q.cur, q.anc, calibration, cfg.selection.eps, q.eval_cur, q.eval_anc)
     after["J"] = j_value(after, cfg.selection)
 
-    committed = commit(state, keep, cands, P, q, calibration, proj, cfg, task)
+    committed = commit(state, keep, cands, P, q, calibration, proj, cfg, task, (sketch, old_sketch))
     return task_summary(state, task, len(examples), cands, committed, proj, before, after, steps, calibration,
                         cal_losses, cfg, t0)

@@ -15,6 +15,10 @@ File format (JSON lines): a set starts with a header line
 ``{"edgekv_anchors": 1, "generation": G, "memory_crc32": C, "count": N}`` followed by its N
 records ``{"task", "id", "prompt", "answer"[, "image"]}``. A file without header lines (written
 before the stamp existed) is one unstamped set, used for whatever state the memory holds.
+Version 2 adds the state's *phrasing sketch* (:func:`edgekv.retrieval.update_sketch`, the
+low-rank sum of every learnt task's phrasing scatter the key projection is fitted with): the
+header then carries ``"phrasing": [S, R]`` and the next line ``{"phrasing": base64}`` holds the
+[S, R] little-endian float32 rows. Version 1 files (no sketch) are read as sets without one.
 
 Which set :func:`read_anchors` returns for a memory at generation G with header CRC C: the
 set stamped (G, C); else an unstamped set; else the newest set stamped with a generation
@@ -24,16 +28,20 @@ wrote its anchors was never published and another writer committed G since); els
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
+import numpy as np
+
 from edgekv.atomic import remove_stale, write_file_atomic
 from edgekv.data import Example
 from edgekv.errors import EdgeKVError, InputError
 
-ANCHORS_VERSION = 1
+ANCHORS_VERSION = 2
+READ_ANCHORS_VERSIONS = (1, 2)  # version 1: no phrasing sketch
 Anchors = list[tuple[str, Example]]
 
 
@@ -44,6 +52,7 @@ class AnchorSet:
     generation: int | None  # None: an unstamped (old) file
     memory_crc32: int | None
     anchors: tuple[tuple[str, Example], ...]
+    phrasing: np.ndarray | None = None  # [S, R] float32 phrasing sketch of the state; None: none kept
 
 
 def anchors_path(memory_path: str | os.PathLike) -> str:
@@ -65,6 +74,7 @@ def read_anchor_sets(memory_path: str | os.PathLike) -> list[AnchorSet]:
     sets: list[AnchorSet] = []
     head: dict | None = None
     recs: list[tuple[str, Example]] = []
+    sketch: list = [None]
 
     def close(n: int) -> None:
         if head is None and not recs:
@@ -74,7 +84,7 @@ def read_anchor_sets(memory_path: str | os.PathLike) -> list[AnchorSet]:
                              f"header says {head['count']} (line {n}); delete the file to drop the anchors "
                              f"(retention then goes unmeasured)")
         sets.append(AnchorSet(None if head is None else head["generation"],
-                              None if head is None else head["memory_crc32"], tuple(recs)))
+                              None if head is None else head["memory_crc32"], tuple(recs), sketch[0]))
 
     with open(path, encoding="utf-8") as f:
         n = 0
@@ -84,12 +94,16 @@ def read_anchor_sets(memory_path: str | os.PathLike) -> list[AnchorSet]:
             try:
                 r = json.loads(line)
                 if isinstance(r, dict) and "edgekv_anchors" in r:
-                    if r["edgekv_anchors"] != ANCHORS_VERSION:
+                    if r["edgekv_anchors"] not in READ_ANCHORS_VERSIONS:
                         raise ValueError(f"anchors format version {r['edgekv_anchors']!r} is not supported")
                     close(n)
                     head = {"generation": int(r["generation"]), "memory_crc32": int(r["memory_crc32"]),
-                            "count": int(r["count"])}
-                    recs = []
+                            "count": int(r["count"]), "phrasing": r.get("phrasing")}
+                    recs, sketch[0] = [], None
+                    continue
+                if isinstance(r, dict) and "phrasing" in r and head is not None and head["phrasing"] is not None \
+                        and sketch[0] is None and not recs:
+                    sketch[0] = _decode_sketch(r["phrasing"], head["phrasing"])
                     continue
                 recs.append((r["task"], Example(r["id"], r["prompt"], r["answer"], r.get("image"))))
             except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
@@ -97,6 +111,22 @@ def read_anchor_sets(memory_path: str | os.PathLike) -> list[AnchorSet]:
                                  f"drop the anchors (retention then goes unmeasured)") from None
         close(n + 1)
     return sets
+
+
+def _encode_sketch(sketch: np.ndarray) -> str:
+    return base64.b64encode(np.ascontiguousarray(sketch, "<f4").tobytes()).decode("ascii")
+
+
+def _decode_sketch(text: str, shape) -> np.ndarray:
+    """base64 of [S, R] little-endian float32 -> [S, R] float32 (ValueError when it is not that)."""
+    rows, dim = (int(x) for x in shape)
+    data = base64.b64decode(text.encode("ascii"), validate=True)
+    if rows < 0 or dim < 1 or len(data) != 4 * rows * dim:
+        raise ValueError(f"phrasing sketch holds {len(data)} bytes, its header says [{rows}, {dim}] float32")
+    arr = np.frombuffer(data, "<f4").reshape(rows, dim).astype(np.float32)
+    if not np.isfinite(arr).all():
+        raise ValueError("phrasing sketch holds non-finite values")
+    return arr
 
 
 def select_set(sets: Sequence[AnchorSet], generation: int | None, memory_crc32: int | None) -> AnchorSet | None:
@@ -126,33 +156,45 @@ def memory_state(memory_path: str | os.PathLike) -> tuple[int, int] | None:
         return mem.generation, mem.header_crc32
 
 
+def read_anchor_set(memory_path: str | os.PathLike, generation: int | None = None,
+                    memory_crc32: int | None = None) -> AnchorSet | None:
+    """The set stored beside the memory for its state (default: the state the file holds now); None: none."""
+    if generation is None:
+        state = memory_state(memory_path)
+        if state is not None:
+            generation, memory_crc32 = state
+    return select_set(read_anchor_sets(memory_path), generation, memory_crc32)
+
+
 def read_anchors(memory_path: str | os.PathLike, generation: int | None = None,
                  memory_crc32: int | None = None) -> Anchors:
     """(task, example) pairs stored beside the memory for its state; [] when there are none.
 
     ``generation`` / ``memory_crc32``: the memory state to read the anchors of (default: the
     state the memory file holds now)."""
-    if generation is None:
-        state = memory_state(memory_path)
-        if state is not None:
-            generation, memory_crc32 = state
-    chosen = select_set(read_anchor_sets(memory_path), generation, memory_crc32)
+    chosen = read_anchor_set(memory_path, generation, memory_crc32)
     return [] if chosen is None else list(chosen.anchors)
 
 
-def anchors_text(sets: Sequence[tuple[int, int, Sequence[tuple[str, Example]]]]) -> str:
-    """The file's text for stamped sets ``(generation, memory_crc32, anchors)``, newest first."""
+def anchors_text(sets: Sequence[tuple]) -> str:
+    """The file's text for stamped sets ``(generation, memory_crc32, anchors[, phrasing])``, newest first."""
     lines = []
-    for gen, crc, anchors in sets:
-        lines.append(json.dumps({"edgekv_anchors": ANCHORS_VERSION, "generation": int(gen),
-                                 "memory_crc32": int(crc), "count": len(anchors)}))
+    for gen, crc, anchors, *rest in sets:
+        sketch = rest[0] if rest else None
+        head = {"edgekv_anchors": ANCHORS_VERSION, "generation": int(gen), "memory_crc32": int(crc),
+                "count": len(anchors)}
+        if sketch is not None:
+            head["phrasing"] = [int(sketch.shape[0]), int(sketch.shape[1])]
+        lines.append(json.dumps(head))
+        if sketch is not None:
+            lines.append(json.dumps({"phrasing": _encode_sketch(sketch)}))
         lines += [json.dumps(_record(task, ex), ensure_ascii=False) for task, ex in anchors]
     return "".join(line + "\n" for line in lines)
 
 
-def write_anchors(memory_path: str | os.PathLike, sets: Sequence[tuple[int, int, Sequence[tuple[str, Example]]]]
-                  ) -> int:
-    """Replace the anchors file atomically (edgekv.atomic) with stamped ``sets``; returns its bytes."""
+def write_anchors(memory_path: str | os.PathLike, sets: Sequence[tuple]) -> int:
+    """Replace the anchors file atomically (edgekv.atomic) with stamped ``sets`` (:func:`anchors_text`);
+    returns its bytes."""
     path = anchors_path(memory_path)
     remove_stale(path)  # temporary files of killed writers
     return write_file_atomic(path, anchors_text(sets))
@@ -160,11 +202,13 @@ def write_anchors(memory_path: str | os.PathLike, sets: Sequence[tuple[int, int,
 
 def commit_with_anchors(memory_path: str | os.PathLike, anchors: Sequence[tuple[str, Example]],
                         current: Sequence[tuple[str, Example]], read_generation: int, read_crc32: int,
-                        commit: Callable[..., int] | None = None, **update) -> dict:
+                        commit: Callable[..., int] | None = None, phrasing: np.ndarray | None = None,
+                        current_phrasing: np.ndarray | None = None, **update) -> dict:
     """Commit a memory update and the anchors of the new state together (see the module docstring).
 
     ``current``: the anchors of the state the update was computed from, (``read_generation``,
-    ``read_crc32``); ``update``: :func:`edgekv.format.commit_update`'s keywords (``put``,
+    ``read_crc32``); ``phrasing`` / ``current_phrasing``: the phrasing sketches of the new and of
+    that state (None: none); ``update``: :func:`edgekv.format.commit_update`'s keywords (``put``,
     ``clear``, ``calibration``, ``projection``, ``top_k``); the commit is refused if the memory is no
     longer at ``read_generation``. Returns ``{"generation", "bytes"}`` (the anchors file's size).
     """
@@ -174,11 +218,12 @@ def commit_with_anchors(memory_path: str | os.PathLike, anchors: Sequence[tuple[
     anchors, current = list(anchors), list(current)
 
     def before(gen: int, crc: int) -> None:
-        out["bytes"] = write_anchors(memory_path, [(gen, crc, anchors), (read_generation, read_crc32, current)])
+        out["bytes"] = write_anchors(memory_path, [(gen, crc, anchors, phrasing),
+                                                   (read_generation, read_crc32, current, current_phrasing)])
 
     def after(gen: int, crc: int) -> None:
         try:  # drop the previous state's set; if this fails, the two-set file is just as right
-            out["bytes"] = write_anchors(memory_path, [(gen, crc, anchors)])
+            out["bytes"] = write_anchors(memory_path, [(gen, crc, anchors, phrasing)])
         except (EdgeKVError, OSError):
             pass
 
@@ -193,4 +238,5 @@ def anchors_equal(a: Sequence[tuple[str, Example]], b: Sequence[tuple[str, Examp
 
 
 __all__ = ["AnchorSet", "Anchors", "anchors_equal", "anchors_path", "anchors_text", "commit_with_anchors",
+           "read_anchor_set",
            "memory_state", "read_anchor_sets", "read_anchors", "select_set", "write_anchors"]

@@ -139,6 +139,8 @@ class AdaptConfig(Config):
     key_layer: int | None = None  # hidden-state layer of the retrieval key; None: default_key_layer(L)
     key_pooling: str = "mean"  # mean | last (the probe: mean with the projection is far better)
     proj_dirs: int = 3  # top principal directions removed from keys (all-but-the-top)
+    phrase_dirs: int = 0  # phrasing directions removed from keys before the principal ones (0: none)
+    phrase_rank: int = 64  # rows of the host's phrasing sketch (edgekv.retrieval.update_sketch)
     proj_max_dirs: int = 8  # capacity for directions in the memory header (fixed at creation)
     init_tau: float = 0.5  # tau of a new memory before its first calibration (chosen on edge6 val: docs/induce.md)
     init_gate: float = 0.95  # value gates of a new memory before its first calibration
@@ -150,7 +152,8 @@ class AdaptConfig(Config):
 
     def __post_init__(self) -> None:
         _at_least(self, 1, "top_k", "max_candidates", "max_queries", "eval_queries")
-        _at_least(self, 0, "anchors_per_task")
+        _at_least(self, 0, "anchors_per_task", "phrase_dirs")
+        _at_least(self, 1, "phrase_rank")
         if self.key_layer is not None:
             _at_least(self, 0, "key_layer")
         if self.key_pooling not in ("mean", "last"):
