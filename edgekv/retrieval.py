@@ -68,6 +68,11 @@ def class_residuals(keys: np.ndarray, labels: list) -> np.ndarray:
     return np.concatenate(parts) if parts else np.zeros((0, keys.shape[1]))
 
 
+def answer_class(answer: str) -> str:
+    """The class an example's answer puts it in (for :func:`class_residuals`): whitespace-normalised, case-folded."""
+    return " ".join(answer.split()).casefold()
+
+
 def update_sketch(sketch: np.ndarray | None, residuals: np.ndarray, rank: int) -> np.ndarray:
     """Low-rank sketch of the phrasing scatter summed over tasks: rows s_i v_i of the top ``rank``
     singular triplets of [sketch; residuals], so sketch^T sketch ~ sum over tasks of residuals^T residuals.

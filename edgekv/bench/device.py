@@ -173,16 +173,19 @@ def read_prompt_state(folder: str, proj_dirs: int | None = None) -> MethodState:
     """A prompt-text state folder (``PromptText.save``: state.json + keys.npy) as a MethodState."""
     import json
 
+    from edgekv.bench.methods import prompt_projection
     from edgekv.retrieval import fit_projection
 
-    if proj_dirs is None:
-        from edgekv.induce.adapt import AdaptConfig
-
-        proj_dirs = AdaptConfig().proj_dirs  # what PromptText.proj_dirs is
     with open(os.path.join(folder, "state.json"), encoding="utf-8") as f:
         items = tuple(Example(**d) for _, d in json.load(f)["items"])
     keys = np.load(os.path.join(folder, "keys.npy"), allow_pickle=False).astype(np.float32)
-    proj = fit_projection(keys, proj_dirs) if len(items) else None
+    sketch_path = os.path.join(folder, "phrasing.npy")
+    sketch = np.load(sketch_path, allow_pickle=False) if os.path.isfile(sketch_path) else None
+    if proj_dirs is None:  # what PromptText fitted
+        proj = prompt_projection(keys, sketch) if len(items) else None
+        proj_dirs = 0 if proj is None else len(proj.dirs)
+    else:
+        proj = fit_projection(keys, proj_dirs) if len(items) else None
     return MethodState("prompt", items=items, keys=keys, projection=proj, proj_dirs=proj_dirs,
                        info={"state": folder})
 

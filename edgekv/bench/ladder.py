@@ -379,21 +379,31 @@ def _all_train_memory(backbone, tasks, metas, cfg: LadderConfig, progress: bool)
     from edgekv.induce.config import AdaptConfig
     from edgekv.induce.entries import compute_entries
     from edgekv.induce.torch_induction import Induction, bank_from_entries
-    from edgekv.retrieval import fit_projection
+    from edgekv.retrieval import (
+        answer_class,
+        class_residuals,
+        fit_projection,
+        sketch_dirs,
+        update_sketch,
+    )
 
     acfg = AdaptConfig(entry=cfg.entry_config(), top_k=cfg.top_k)
     spec = memory_spec(backbone, acfg)
     km = KeyModel(backbone.decoder, spec.key_layer, spec.key_pooling)
-    entries, labels, rows = [], [], {}
+    entries, labels, rows, sketch = [], [], {}, None
     for t, meta in zip(tasks, metas, strict=True):
         if not t.train:
             raise InputError(f"task {t.name!r} has no train examples")
         for ex in t.train:
             rows[(t.name, ex.id)] = len(labels)
             labels.append((t.name, example_concept(meta, ex)))
-        entries += compute_entries(backbone, list(t.train), km, cfg.entry_config(), t.name[:32], progress)[0]
+        new = compute_entries(backbone, list(t.train), km, cfg.entry_config(), t.name[:32], progress)[0]
+        entries += new
+        if acfg.phrase_dirs:  # the phrasing sketch adapt builds, task by task, from every train example
+            res = class_residuals(np.stack([e.key for e in new]), [answer_class(ex.answer) for ex in t.train])
+            sketch = update_sketch(sketch, res, acfg.phrase_rank) if len(res) or sketch is not None else sketch
     bank = bank_from_entries(entries, spec.num_layers, spec.key_dim, spec.payload_shape)
-    proj = fit_projection(bank.raw_keys, acfg.proj_dirs)
+    proj = fit_projection(bank.raw_keys, acfg.proj_dirs, sketch_dirs(sketch, acfg.phrase_dirs))
     ind = Induction(backbone.model, bank, effective(bank.raw_keys, proj), cfg.top_k, backbone.rope,
                     getattr(backbone, "vision", None))
     return km, proj, ind, labels, rows

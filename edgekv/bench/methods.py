@@ -398,6 +398,17 @@ def prompt_keys(backbone, examples: Sequence[Example], key_model=None) -> np.nda
     return example_keys(backbone, key_model if key_model is not None else prompt_key_model(backbone), list(examples))
 
 
+def prompt_projection(keys: np.ndarray, sketch: np.ndarray | None):
+    """Prompt text's key projection over its stored items, as InduceKV fits its own (the default
+    ``AdaptConfig``): the phrasing sketch's top directions, then all-but-the-top.
+    keys: [N, R] raw, sketch: [S, R] or None -> KeyProjection"""
+    from edgekv.induce.adapt import AdaptConfig
+    from edgekv.retrieval import fit_projection, sketch_dirs
+
+    cfg = AdaptConfig()
+    return fit_projection(keys, cfg.proj_dirs, sketch_dirs(sketch, cfg.phrase_dirs))
+
+
 class PromptText(Method):
     """Examples kept as text under the byte budget; the top-k by the same frozen retrieval key
     (same layer, pooling and all-but-the-top projection as InduceKV) are put in the prompt as
@@ -411,15 +422,26 @@ class PromptText(Method):
         super().__init__(ctx)
         self.items: list[tuple[str, Example]] = []
         self.keys = np.zeros((0, 0), np.float32)  # [N, R] raw keys of items
+        self.sketch: np.ndarray | None = None  # [S, R] phrasing sketch of every task seen (as InduceKV's)
 
     def _key_setup(self):
         return prompt_key_model(self.ctx.backbone)
 
     @property
-    def proj_dirs(self) -> int:
+    def phrase_dirs(self) -> int:
         from edgekv.induce.adapt import AdaptConfig
 
-        return AdaptConfig().proj_dirs
+        return AdaptConfig().phrase_dirs
+
+    @property
+    def proj_dirs(self) -> int:
+        """Directions the stored projection holds: InduceKV's principal ones plus its phrasing ones."""
+        from edgekv.induce.adapt import AdaptConfig
+
+        return AdaptConfig().proj_dirs + self.phrase_dirs
+
+    def params(self) -> dict:
+        return {"phrase_dirs": self.phrase_dirs} if self.phrase_dirs else {}  # absent at 0: earlier stages stay valid
 
     @property
     def vision(self):
@@ -464,7 +486,14 @@ class PromptText(Method):
         return prompt_keys(self.ctx.backbone, examples, self._key_setup())
 
     def learn(self, task_index, task_name, train) -> dict:
+        from edgekv.induce.adapt import AdaptConfig
+        from edgekv.retrieval import answer_class, class_residuals, update_sketch
+
         keys = self._keys(train)
+        if self.phrase_dirs:  # the task's phrasing scatter, as InduceKV adds it from its candidates
+            res = class_residuals(keys, [answer_class(ex.answer) for ex in train])
+            if len(res) or self.sketch is not None:
+                self.sketch = update_sketch(self.sketch, res, AdaptConfig().phrase_rank)
         self.items += [(task_name, ex) for ex in train]
         self.keys = keys if len(self.keys) == 0 else np.concatenate([self.keys, keys])
         rng = np.random.default_rng(self.ctx.cfg.seed * 1000 + task_index)
@@ -479,17 +508,20 @@ class PromptText(Method):
 
     def _retrieve(self, examples: Sequence[Example]) -> list[list[int]]:
         """Rows of the top-k items per query, increasing similarity (best last)."""
-        from edgekv.retrieval import effective_keys, fit_projection
+        from edgekv.retrieval import effective_keys
 
         if not self.items:
             return [[] for _ in examples]
-        proj = fit_projection(self.keys, self.proj_dirs)
+        proj = self.projection()
         P = effective_keys(self.keys, proj)  # [N, R]
         q = effective_keys(self._keys(examples), proj)  # [B, R]
         sims = q @ P.T  # [B, N]
         k = min(self.ctx.cfg.top_k, len(self.items))
         top = np.argsort(-sims, axis=1, kind="stable")[:, :k]  # best first
         return [row[::-1].tolist() for row in top]
+
+    def projection(self):
+        return prompt_projection(self.keys, self.sketch)
 
     def retrieved(self, examples: Sequence[Example]) -> list[list[str]]:
         """Ids of the stored examples each query gets as shots (best last)."""
@@ -566,16 +598,24 @@ class PromptText(Method):
         with open(self.state_path, "w", encoding="utf-8") as f:
             json.dump({"items": [[t, ex.__dict__] for t, ex in self.items]}, f)
         np.save(os.path.join(self.ctx.work_dir, "keys.npy"), self.keys)
+        sketch_path = os.path.join(self.ctx.work_dir, "phrasing.npy")
+        if self.sketch is not None:
+            np.save(sketch_path, self.sketch)
+        elif os.path.exists(sketch_path):
+            os.remove(sketch_path)
 
     def save(self, folder: str) -> None:
         os.makedirs(folder, exist_ok=True)
-        shutil.copyfile(self.state_path, os.path.join(folder, "state.json"))
-        shutil.copyfile(os.path.join(self.ctx.work_dir, "keys.npy"), os.path.join(folder, "keys.npy"))
+        for name in ("state.json", "keys.npy", "phrasing.npy"):
+            if os.path.exists(os.path.join(self.ctx.work_dir, name)):
+                shutil.copyfile(os.path.join(self.ctx.work_dir, name), os.path.join(folder, name))
 
     def load(self, folder: str) -> None:
         with open(os.path.join(folder, "state.json"), encoding="utf-8") as f:
             self.items = [(t, Example(**d)) for t, d in json.load(f)["items"]]
         self.keys = np.load(os.path.join(folder, "keys.npy"))
+        sketch_path = os.path.join(folder, "phrasing.npy")
+        self.sketch = np.load(sketch_path, allow_pickle=False) if os.path.exists(sketch_path) else None
         self._write_state()
 
 
@@ -597,7 +637,7 @@ class PromptTextMatched(PromptText):
         return cfg.top_k * cfg.pooled_len
 
     def params(self) -> dict:
-        return {"shot_tokens": self.shot_token_limit(self.ctx.cfg)}
+        return {**super().params(), "shot_tokens": self.shot_token_limit(self.ctx.cfg)}
 
     def shot_tokens(self, shots: Sequence[Example], ex: Example) -> int:
         """Prompt tokens ``shots`` (layout order) add to query ``ex``'s prompt."""

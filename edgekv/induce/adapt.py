@@ -63,6 +63,7 @@ from edgekv.induce.torch_induction import (
 )
 from edgekv.retrieval import (
     KeyProjection,
+    answer_class,
     class_residuals,
     effective_keys,
     fit_projection,
@@ -325,7 +326,7 @@ def phrasing(state: MemoryState, cands: Candidates, cfg: AdaptConfig) -> tuple[n
     R = state.spec.key_dim
     held = read_anchor_set(state.path, state.generation, state.header_crc32)
     old = held.phrasing if held is not None and held.phrasing is not None and held.phrasing.shape[1] == R else None
-    labels = [" ".join(ex.answer.split()).casefold() for ex in cands.examples]
+    labels = [answer_class(ex.answer) for ex in cands.examples]
     res = class_residuals(cands.bank.raw_keys, labels)  # [M, R]
     new = update_sketch(old, res, cfg.phrase_rank) if len(res) or old is not None else None
     room = max(state.spec.proj_max_dirs - cfg.proj_dirs, 0)  # the header's capacity bounds the directions
