@@ -257,14 +257,15 @@ def prompt_text_alternative(cfg: DemoConfig, bb, tasks: Sequence, tests: Sequenc
     import numpy as np
 
     from edgekv.bench.device import MethodState, close_methods, open_methods, time_first_token
-    from edgekv.bench.methods import PromptText, prompt_keys
+    from edgekv.bench.methods import PromptText, prompt_keys, prompt_projection
     from edgekv.format import Memory
     from edgekv.induce.adapt import AdaptConfig
+    from edgekv.retrieval import add_task_phrasing
 
     store = [ex for t in tasks for ex in t.train]
     images = getattr(bb, "vision", None) is not None
     R = bb.shape.hidden_size
-    proj_dirs = AdaptConfig().proj_dirs
+    proj_dirs = AdaptConfig().proj_dirs + AdaptConfig().phrase_dirs  # the projection's rows (as PromptText counts)
     store_bytes, seen = [], []
     for t in tasks:  # what the store would hold after every task
         seen += t.train
@@ -285,7 +286,14 @@ def prompt_text_alternative(cfg: DemoConfig, bb, tasks: Sequence, tests: Sequenc
 
     keys = prompt_keys(bb, store)  # images already encoded by adapt (the backbone caches them per path)
     lap("keys")
-    state = MethodState("prompt", items=tuple(store), keys=keys, proj_dirs=proj_dirs)
+    sketch, row = None, 0
+    for t in tasks:  # the phrasing sketch task by task, as prompt text in the benchmark builds it
+        if AdaptConfig().phrase_dirs:
+            sketch = add_task_phrasing(sketch, keys[row:row + len(t.train)], [ex.answer for ex in t.train],
+                                       AdaptConfig().phrase_rank)
+        row += len(t.train)
+    proj = prompt_projection(keys, sketch)
+    state = MethodState("prompt", items=tuple(store), keys=keys, projection=proj, proj_dirs=len(proj.dirs))
     n_acc = cfg.prompt_num_test or cfg.num_test  # tests are already cut to num_test
     qsets = [q[:n_acc] if n_acc else list(q) for q in tests]
     with Memory(memory) as mem:

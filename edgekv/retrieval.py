@@ -88,6 +88,15 @@ def update_sketch(sketch: np.ndarray | None, residuals: np.ndarray, rank: int) -
     return (s[:keep, None] * vt[:keep]).astype(np.float32)
 
 
+def add_task_phrasing(sketch: np.ndarray | None, keys: np.ndarray, answers: list[str], rank: int
+                      ) -> np.ndarray | None:
+    """The sketch after one more task: its examples grouped by :func:`answer_class`, their
+    :func:`class_residuals` added (:func:`update_sketch`). None stays None while no task had a
+    class of two examples. keys: [N, R] raw keys of the task's examples, answers: N -> [S', R] or None"""
+    res = class_residuals(keys, [answer_class(a) for a in answers])
+    return update_sketch(sketch, res, rank) if len(res) or sketch is not None else sketch
+
+
 def sketch_dirs(sketch: np.ndarray | None, num: int) -> np.ndarray:
     """The top ``num`` phrasing directions of a sketch. sketch: [S, R] -> [min(num, S), R] orthonormal rows"""
     if sketch is None or not len(sketch) or num <= 0:

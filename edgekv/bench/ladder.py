@@ -379,13 +379,7 @@ def _all_train_memory(backbone, tasks, metas, cfg: LadderConfig, progress: bool)
     from edgekv.induce.config import AdaptConfig
     from edgekv.induce.entries import compute_entries
     from edgekv.induce.torch_induction import Induction, bank_from_entries
-    from edgekv.retrieval import (
-        answer_class,
-        class_residuals,
-        fit_projection,
-        sketch_dirs,
-        update_sketch,
-    )
+    from edgekv.retrieval import add_task_phrasing, fit_projection, sketch_dirs
 
     acfg = AdaptConfig(entry=cfg.entry_config(), top_k=cfg.top_k)
     spec = memory_spec(backbone, acfg)
@@ -400,8 +394,8 @@ def _all_train_memory(backbone, tasks, metas, cfg: LadderConfig, progress: bool)
         new = compute_entries(backbone, list(t.train), km, cfg.entry_config(), t.name[:32], progress)[0]
         entries += new
         if acfg.phrase_dirs:  # the phrasing sketch adapt builds, task by task, from every train example
-            res = class_residuals(np.stack([e.key for e in new]), [answer_class(ex.answer) for ex in t.train])
-            sketch = update_sketch(sketch, res, acfg.phrase_rank) if len(res) or sketch is not None else sketch
+            sketch = add_task_phrasing(sketch, np.stack([e.key for e in new]), [ex.answer for ex in t.train],
+                                       acfg.phrase_rank)
     bank = bank_from_entries(entries, spec.num_layers, spec.key_dim, spec.payload_shape)
     proj = fit_projection(bank.raw_keys, acfg.proj_dirs, sketch_dirs(sketch, acfg.phrase_dirs))
     ind = Induction(backbone.model, bank, effective(bank.raw_keys, proj), cfg.top_k, backbone.rope,

@@ -487,13 +487,11 @@ class PromptText(Method):
 
     def learn(self, task_index, task_name, train) -> dict:
         from edgekv.induce.adapt import AdaptConfig
-        from edgekv.retrieval import answer_class, class_residuals, update_sketch
+        from edgekv.retrieval import add_task_phrasing
 
         keys = self._keys(train)
         if self.phrase_dirs:  # the task's phrasing scatter, as InduceKV adds it from its candidates
-            res = class_residuals(keys, [answer_class(ex.answer) for ex in train])
-            if len(res) or self.sketch is not None:
-                self.sketch = update_sketch(self.sketch, res, AdaptConfig().phrase_rank)
+            self.sketch = add_task_phrasing(self.sketch, keys, [ex.answer for ex in train], AdaptConfig().phrase_rank)
         self.items += [(task_name, ex) for ex in train]
         self.keys = keys if len(self.keys) == 0 else np.concatenate([self.keys, keys])
         rng = np.random.default_rng(self.ctx.cfg.seed * 1000 + task_index)

@@ -63,12 +63,10 @@ from edgekv.induce.torch_induction import (
 )
 from edgekv.retrieval import (
     KeyProjection,
-    answer_class,
-    class_residuals,
+    add_task_phrasing,
     effective_keys,
     fit_projection,
     sketch_dirs,
-    update_sketch,
 )
 
 # A baseline's replacement for the bilevel selection: (num_slots, old, new) -> kept pool rows.
@@ -326,9 +324,7 @@ def phrasing(state: MemoryState, cands: Candidates, cfg: AdaptConfig) -> tuple[n
     R = state.spec.key_dim
     held = read_anchor_set(state.path, state.generation, state.header_crc32)
     old = held.phrasing if held is not None and held.phrasing is not None and held.phrasing.shape[1] == R else None
-    labels = [answer_class(ex.answer) for ex in cands.examples]
-    res = class_residuals(cands.bank.raw_keys, labels)  # [M, R]
-    new = update_sketch(old, res, cfg.phrase_rank) if len(res) or old is not None else None
+    new = add_task_phrasing(old, cands.bank.raw_keys, [ex.answer for ex in cands.examples], cfg.phrase_rank)
     room = max(state.spec.proj_max_dirs - cfg.proj_dirs, 0)  # the header's capacity bounds the directions
     dirs = sketch_dirs(new, min(cfg.phrase_dirs, room)) if new is not None else np.zeros((0, R), np.float32)
     return old, new, dirs
