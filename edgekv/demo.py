@@ -265,7 +265,7 @@ def prompt_text_alternative(cfg: DemoConfig, bb, tasks: Sequence, tests: Sequenc
     store = [ex for t in tasks for ex in t.train]
     images = getattr(bb, "vision", None) is not None
     R = bb.shape.hidden_size
-    proj_dirs = AdaptConfig().proj_dirs + AdaptConfig().phrase_dirs  # the projection's rows (as PromptText counts)
+    proj_dirs = max(AdaptConfig().proj_dirs, AdaptConfig().phrase_dirs)  # the projection's rows (as PromptText counts)
     store_bytes, seen = [], []
     for t in tasks:  # what the store would hold after every task
         seen += t.train

@@ -105,6 +105,18 @@ def sketch_dirs(sketch: np.ndarray | None, num: int) -> np.ndarray:
     return vt[:num].astype(np.float32)
 
 
+def memory_projection(keys: np.ndarray, sketch: np.ndarray | None, phrase_dirs: int, proj_dirs: int
+                      ) -> KeyProjection:
+    """The key projection a memory (or a baseline's store) is searched through: the top
+    ``phrase_dirs`` phrasing directions of ``sketch`` alone; all-but-the-top (``proj_dirs``
+    principal directions) only while there are none (no sketch, or ``phrase_dirs`` 0). Once the
+    phrasing is removed, the top principal directions of what remains are what separates the
+    items (a single task of 4 classes keeps only 3 such directions), so they stay.
+    keys: [N, R] raw, sketch: [S, R] or None -> KeyProjection"""
+    fixed = sketch_dirs(sketch, phrase_dirs)  # [W, R]
+    return fit_projection(keys, 0 if len(fixed) else proj_dirs, fixed)
+
+
 def effective_keys(h: np.ndarray, proj: KeyProjection) -> np.ndarray:
     """Project and unit-normalise raw keys.
 

@@ -668,8 +668,8 @@ def test_smollm2_selection_prefers_entries_that_lower_the_loss(backbone, tmp_pat
 
 def test_phrasing_sketch_accumulates_over_tasks_and_enters_the_projection(backbone, tmp_path):
     """With ``phrase_dirs``, each task's same-answer examples add their phrasing scatter to the
-    sketch kept beside the memory, and the stored projection removes its top directions (then the
-    principal ones): the sketch after two tasks is the sum of both tasks' scatters."""
+    sketch kept beside the memory, and the stored projection removes its top directions (instead of
+    the principal ones): the sketch after two tasks is the sum of both tasks' scatters."""
     from edgekv.induce.anchors import read_anchor_set
     from edgekv.retrieval import class_residuals, sketch_dirs
 
@@ -688,8 +688,8 @@ def test_phrasing_sketch_accumulates_over_tasks_and_enters_the_projection(backbo
     assert sketch is not None and sketch.shape[1] == bb.shape.hidden_size
     np.testing.assert_allclose(sketch.T.astype(np.float64) @ sketch, scatter, rtol=1e-3, atol=1e-3 * np.abs(scatter).max())
     with Memory(mem) as m:
-        dirs = m.projection.dirs  # [4 + proj_dirs, R]
-        assert len(dirs) == 4 + SMALL.proj_dirs
+        dirs = m.projection.dirs  # [4, R]: the phrasing directions alone (no principal ones beside them)
+        assert len(dirs) == 4
         top = sketch_dirs(sketch, 4)
         np.testing.assert_allclose(np.linalg.norm(top @ dirs.T, axis=1), 1.0, atol=1e-4)  # inside the removed span
     # phrase_dirs 0 (the default): no directions beyond the principal ones

@@ -10,6 +10,7 @@ from edgekv.retrieval import (
     class_residuals,
     effective_keys,
     fit_projection,
+    memory_projection,
     retrieval_weights,
     sigmoid,
     sketch_dirs,
@@ -209,6 +210,8 @@ def test_phrasing_directions_make_retrieval_find_the_item_not_the_phrasing():
         return float(np.mean([labels[int(np.argmax(S[i]))] == i for i in range(len(queries))]))
 
     plain = recall(fit_projection(train, 3))
-    dirs = sketch_dirs(update_sketch(None, class_residuals(train, labels), 64), 10)  # the phrasing span
-    phrased = recall(fit_projection(train, 0, dirs))
+    sketch = update_sketch(None, class_residuals(train, labels), 64)
+    phrased = recall(memory_projection(train, sketch, 10, 3))  # 10: the phrasing span
+    assert len(memory_projection(train, sketch, 10, 3).dirs) == 10  # no principal directions beside them
+    np.testing.assert_array_equal(memory_projection(train, None, 10, 3).dirs, fit_projection(train, 3).dirs)
     assert plain <= 0.5 and phrased == 1.0, (plain, phrased)

@@ -379,7 +379,7 @@ def _all_train_memory(backbone, tasks, metas, cfg: LadderConfig, progress: bool)
     from edgekv.induce.config import AdaptConfig
     from edgekv.induce.entries import compute_entries
     from edgekv.induce.torch_induction import Induction, bank_from_entries
-    from edgekv.retrieval import add_task_phrasing, fit_projection, sketch_dirs
+    from edgekv.retrieval import add_task_phrasing, memory_projection
 
     acfg = AdaptConfig(entry=cfg.entry_config(), top_k=cfg.top_k)
     spec = memory_spec(backbone, acfg)
@@ -397,7 +397,7 @@ def _all_train_memory(backbone, tasks, metas, cfg: LadderConfig, progress: bool)
             sketch = add_task_phrasing(sketch, np.stack([e.key for e in new]), [ex.answer for ex in t.train],
                                        acfg.phrase_rank)
     bank = bank_from_entries(entries, spec.num_layers, spec.key_dim, spec.payload_shape)
-    proj = fit_projection(bank.raw_keys, acfg.proj_dirs, sketch_dirs(sketch, acfg.phrase_dirs))
+    proj = memory_projection(bank.raw_keys, sketch, acfg.phrase_dirs, acfg.proj_dirs)
     ind = Induction(backbone.model, bank, effective(bank.raw_keys, proj), cfg.top_k, backbone.rope,
                     getattr(backbone, "vision", None))
     return km, proj, ind, labels, rows

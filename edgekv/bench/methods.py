@@ -400,13 +400,13 @@ def prompt_keys(backbone, examples: Sequence[Example], key_model=None) -> np.nda
 
 def prompt_projection(keys: np.ndarray, sketch: np.ndarray | None):
     """Prompt text's key projection over its stored items, as InduceKV fits its own (the default
-    ``AdaptConfig``): the phrasing sketch's top directions, then all-but-the-top.
+    ``AdaptConfig``, :func:`edgekv.retrieval.memory_projection`).
     keys: [N, R] raw, sketch: [S, R] or None -> KeyProjection"""
     from edgekv.induce.adapt import AdaptConfig
-    from edgekv.retrieval import fit_projection, sketch_dirs
+    from edgekv.retrieval import memory_projection
 
     cfg = AdaptConfig()
-    return fit_projection(keys, cfg.proj_dirs, sketch_dirs(sketch, cfg.phrase_dirs))
+    return memory_projection(keys, sketch, cfg.phrase_dirs, cfg.proj_dirs)
 
 
 class PromptText(Method):
@@ -435,10 +435,11 @@ class PromptText(Method):
 
     @property
     def proj_dirs(self) -> int:
-        """Directions the stored projection holds: InduceKV's principal ones plus its phrasing ones."""
+        """Directions the stored projection holds (bytes are counted for): the phrasing ones, else
+        the principal ones (as InduceKV's header holds its projection)."""
         from edgekv.induce.adapt import AdaptConfig
 
-        return AdaptConfig().proj_dirs + self.phrase_dirs
+        return max(AdaptConfig().proj_dirs, self.phrase_dirs)
 
     def params(self) -> dict:
         return {"phrase_dirs": self.phrase_dirs} if self.phrase_dirs else {}  # absent at 0: earlier stages stay valid

@@ -65,8 +65,7 @@ from edgekv.retrieval import (
     KeyProjection,
     add_task_phrasing,
     effective_keys,
-    fit_projection,
-    sketch_dirs,
+    memory_projection,
 )
 
 # A baseline's replacement for the bilevel selection: (num_slots, old, new) -> kept pool rows.
@@ -315,19 +314,17 @@ def encode_candidates(backbone, examples: Sequence[Example], key_model, state: M
 
 
 def phrasing(state: MemoryState, cands: Candidates, cfg: AdaptConfig) -> tuple[np.ndarray | None, np.ndarray | None,
-                                                                             np.ndarray]:
+                                                                             int]:
     """The phrasing sketch before and after this task, and the phrasing directions the projection removes.
 
     Candidates with the same answer are one class; their residuals from the class mean are this
     task's phrasing scatter, added to the sketch kept with the memory state read (the anchors
-    file). -> (sketch read [S, R] or None, new sketch [S', R] or None, directions [W, R])"""
+    file). -> (sketch read [S, R] or None, new sketch [S', R] or None, phrasing directions to remove)"""
     R = state.spec.key_dim
     held = read_anchor_set(state.path, state.generation, state.header_crc32)
     old = held.phrasing if held is not None and held.phrasing is not None and held.phrasing.shape[1] == R else None
     new = add_task_phrasing(old, cands.bank.raw_keys, [ex.answer for ex in cands.examples], cfg.phrase_rank)
-    room = max(state.spec.proj_max_dirs - cfg.proj_dirs, 0)  # the header's capacity bounds the directions
-    dirs = sketch_dirs(new, min(cfg.phrase_dirs, room)) if new is not None else np.zeros((0, R), np.float32)
-    return old, new, dirs
+    return old, new, min(cfg.phrase_dirs, state.spec.proj_max_dirs)  # the header's room bounds the directions
 
 
 def build_queries(backbone, examples: Sequence[Example], key_model, cands: Candidates, proj: KeyProjection,
@@ -500,8 +497,8 @@ def adapt(backbone, examples: Sequence[Example], memory_path: str, budget_bytes:
     key_model = KeyModel(backbone.decoder, state.spec.key_layer, state.spec.key_pooling)
     cands = encode_candidates(backbone, examples, key_model, state, cfg, task, progress, encoder)
     pool = concat_banks(state.bank, cands.bank)  # old entries first, then the candidates: [N rows]
-    old_sketch, sketch, phrase = phrasing(state, cands, cfg)
-    proj = fit_projection(pool.raw_keys, cfg.proj_dirs, phrase)
+    old_sketch, sketch, phrase_dirs = phrasing(state, cands, cfg)
+    proj = memory_projection(pool.raw_keys, sketch, phrase_dirs, cfg.proj_dirs)
     P = effective(pool.raw_keys, proj)  # [N, R]
     q = build_queries(backbone, examples, key_model, cands, proj, state, cfg, task)
     cfg = task_balanced(cfg, len({t for t, _ in q.earlier}))
