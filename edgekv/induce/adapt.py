@@ -65,6 +65,7 @@ from edgekv.retrieval import (
     KeyProjection,
     add_task_phrasing,
     effective_keys,
+    fit_projection,
     memory_projection,
 )
 
@@ -368,10 +369,22 @@ def j_before(backbone, state: MemoryState, q: Queries, cfg: AdaptConfig) -> dict
     return t
 
 
+def coverage_keys(pool: Bank, P: torch.Tensor, phrased: bool, cfg: AdaptConfig) -> torch.Tensor:
+    """Keys the selection's coverage term sees: P, except with phrasing directions in the projection,
+    then all-but-the-top keys. Removing the phrasing makes one item's entries share a key (what
+    retrieval wants), and coverage would then count them as one and keep a single entry per
+    item (edge6 val: 3 shape-code entries for 4 shapes, while date-house's distinct dates kept
+    17); two phrasings of an item are two payloads the model can use. -> [N, R]"""
+    if not phrased:
+        return P
+    return effective(pool.raw_keys, fit_projection(pool.raw_keys, cfg.proj_dirs))
+
+
 def select_kept(backbone, pool: Bank, P: torch.Tensor, state: MemoryState, q: Queries, phi: Phi,
-                cfg: AdaptConfig, progress: bool = False) -> SelectionResult:
+                cfg: AdaptConfig, progress: bool = False, cover: torch.Tensor | None = None) -> SelectionResult:
     """The bilevel selection over ``pool`` (P: [N, R] its effective keys); the inner level steps
-    ``phi`` after every outer backward (``calibration.enabled``)."""
+    ``phi`` after every outer backward (``calibration.enabled``). ``cover``: [N, R] keys the
+    coverage term measures diversity on (default P)."""
     sel, cal = cfg.selection, cfg.calibration
     ind = Induction(backbone.model, pool, P, cfg.top_k, state.spec.rope, getattr(backbone, "vision", None))
     anc_batches = batches(len(q.anc), sel.batch_size, sel.steps, sel.seed + 1) if q.anc is not None else None
@@ -383,7 +396,8 @@ def select_kept(backbone, pool: Bank, P: torch.Tensor, state: MemoryState, q: Qu
         opt.step()
         opt.zero_grad()
 
-    return select(state.num_slots, P, loss, sel, after_backward=step_phi if cal.enabled else None, progress=progress)
+    return select(state.num_slots, P if cover is None else cover, loss, sel,
+                  after_backward=step_phi if cal.enabled else None, progress=progress)
 
 
 def kept_by_selector(selector: Selector, num_slots: int, pool: Bank, num_old: int) -> list[int]:
@@ -499,6 +513,7 @@ def adapt(backbone, examples: Sequence[Example], memory_path: str, budget_bytes:
     pool = concat_banks(state.bank, cands.bank)  # old entries first, then the candidates: [N rows]
     old_sketch, sketch, phrase_dirs = phrasing(state, cands, cfg)
     proj = memory_projection(pool.raw_keys, sketch, phrase_dirs, cfg.proj_dirs)
+    phrased = sketch is not None and len(sketch) > 0 and phrase_dirs > 0  # the projection is the phrasing one
     P = effective(pool.raw_keys, proj)  # [N, R]
     q = build_queries(backbone, examples, key_model, cands, proj, state, cfg, task)
     cfg = task_balanced(cfg, len({t for t, _ in q.earlier}))
@@ -506,7 +521,7 @@ def adapt(backbone, examples: Sequence[Example], memory_path: str, budget_bytes:
 
     phi = Phi.from_calibration(state.calibration, cfg.calibration)
     if selector is None:
-        result = select_kept(backbone, pool, P, state, q, phi, cfg, progress)
+        result = select_kept(backbone, pool, P, state, q, phi, cfg, progress, coverage_keys(pool, P, phrased, cfg))
         keep, steps = result.keep.tolist(), len(result.history)
     else:
         keep, steps = kept_by_selector(selector, state.num_slots, pool, len(state.bank)), 0
