@@ -697,3 +697,16 @@ def test_phrasing_sketch_accumulates_over_tasks_and_enters_the_projection(backbo
     adapt(bb, _examples("x", n=4), mem0, memory_spec(bb, SMALL).file_bytes_for(6), "x", SMALL)
     with Memory(mem0) as m:
         assert len(m.projection.dirs) == SMALL.proj_dirs
+
+
+def test_coverage_sees_all_but_the_top_keys_under_a_phrasing_projection():
+    from edgekv.induce.adapt import coverage_keys, effective
+    from edgekv.retrieval import fit_projection
+
+    rng = np.random.default_rng(0)
+    pool = SimpleNamespace(raw_keys=rng.normal(size=(12, 16)).astype(np.float32))
+    P = torch.randn(12, 16)
+    cfg = dataclasses.replace(SMALL, phrase_dirs=4)
+    assert coverage_keys(pool, P, False, cfg) is P  # no phrasing: the retrieval keys themselves
+    want = effective(pool.raw_keys, fit_projection(pool.raw_keys, cfg.proj_dirs))
+    torch.testing.assert_close(coverage_keys(pool, P, True, cfg), want)

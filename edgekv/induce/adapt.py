@@ -6,14 +6,18 @@
    to this backbone (:func:`open_memory`);
 2. turn (a seeded sample of) the task's examples into candidate entries
    (:func:`encode_candidates`, :mod:`edgekv.induce.entries`);
-3. refit the key projection (all-but-the-top) on the current memory's keys plus the
-   candidates' keys; every key is compared through it from now on;
+3. add this task's phrasing (same-answer candidates' residuals) to the sketch kept with the
+   anchors and refit the key projection on the current memory's keys plus the candidates'
+   keys: the sketch's top ``phrase_dirs`` directions, or all-but-the-top while there is no
+   sketch (:func:`phrasing`, :func:`edgekv.retrieval.memory_projection`); every key is
+   compared through it from now on;
 4. the query sets: current-task queries and the anchors of earlier tasks (:func:`build_queries`);
 5. J of the memory as it was (:func:`j_before`);
 6. bilevel selection over current memory + candidates (:func:`select_kept`,
    :mod:`edgekv.induce.select`), the calibration phi (tau, value gates) updated by the inner
    level at every outer step (:mod:`edgekv.induce.calibrate`; its objective holds the anchors
-   too, see there), L_anc from the anchors of earlier tasks. A ``selector`` (a baseline's
+   too, see there), L_anc from the anchors of earlier tasks; its coverage term sees
+   all-but-the-top keys when the projection is the phrasing one (:func:`coverage_keys`). A ``selector`` (a baseline's
    policy: reservoir, FIFO) replaces this step and names the kept entries itself
    (:func:`kept_by_selector`); every other step is the same;
 7. calibrate phi once more on exactly the kept memory (:func:`final_calibration`);
