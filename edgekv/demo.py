@@ -257,7 +257,12 @@ def prompt_text_alternative(cfg: DemoConfig, bb, tasks: Sequence, tests: Sequenc
     import numpy as np
 
     from edgekv.bench.device import MethodState, close_methods, open_methods, time_first_token
-    from edgekv.bench.methods import PromptText, prompt_keys, prompt_projection
+    from edgekv.bench.methods import (
+        PromptText,
+        prompt_keys,
+        prompt_projection,
+        prompt_projection_rows,
+    )
     from edgekv.format import Memory
     from edgekv.induce.adapt import AdaptConfig
     from edgekv.retrieval import add_task_phrasing
@@ -265,7 +270,7 @@ def prompt_text_alternative(cfg: DemoConfig, bb, tasks: Sequence, tests: Sequenc
     store = [ex for t in tasks for ex in t.train]
     images = getattr(bb, "vision", None) is not None
     R = bb.shape.hidden_size
-    proj_dirs = max(AdaptConfig().proj_dirs, AdaptConfig().phrase_dirs)  # the projection's rows (as PromptText counts)
+    proj_dirs = prompt_projection_rows()  # the projection's rows (as PromptText counts them)
     store_bytes, seen = [], []
     for t in tasks:  # what the store would hold after every task
         seen += t.train

@@ -261,6 +261,7 @@ def test_end_to_end_outputs(bench_run):
 
 def test_memory_footprint_fixed_and_matched(bench_run):
     from edgekv.bench.lora import choose_rank, target_linears
+    from edgekv.bench.methods import prompt_projection_rows
     from edgekv.induce.adapt import AdaptConfig, memory_spec
     from edgekv.induce.entries import EntryConfig
 
@@ -282,7 +283,8 @@ def test_memory_footprint_fixed_and_matched(bench_run):
     pt = _run(res, "prompt-text")
     R = bb.shape.hidden_size
     texts = sum(len(ex.prompt) + len(ex.answer) for t in tiny_stream() for ex in t.train[:12])
-    assert pt["deployed_bytes"][-1] == texts + 16 * 4 * R + 4 * R * 4  # 16 examples' keys, projection (3 dirs + mean)
+    # 16 examples' keys, the projection (its directions' room + mean)
+    assert pt["deployed_bytes"][-1] == texts + 16 * 4 * R + 4 * R * (prompt_projection_rows() + 1)
 
 
 def test_rerun_recomputes_nothing_and_resumes(bench_run):
@@ -627,7 +629,7 @@ def test_chat_ids_place_several_images_like_query_ids(vlm):
 
 
 def test_prompt_text_on_image_examples(vlm, tmp_path):
-    from edgekv.bench.methods import PromptText
+    from edgekv.bench.methods import PromptText, prompt_projection_rows
     from edgekv.induce.evaluate import answer_examples
 
     bb, train, queries = vlm
@@ -638,7 +640,8 @@ def test_prompt_text_on_image_examples(vlm, tmp_path):
     assert m.learn(0, "shapes", train) == {"dropped": 0}
     R = bb.shape.hidden_size
     pngs = sum(os.path.getsize(ex.image) for ex in train)
-    assert m.deployed_bytes() == 4 * R * 4 + sum(len(ex.prompt) + len(ex.answer) + 4 * R for ex in train) + pngs
+    rows = prompt_projection_rows()  # the projection's room: phrasing or principal directions
+    assert m.deployed_bytes() == 4 * R * (rows + 1) + sum(len(ex.prompt) + len(ex.answer) + 4 * R for ex in train) + pngs
     # a query equal to a stored example retrieves it best (last), with its image
     q = Example("q", train[3].prompt, "?", train[3].image)
     got = m.retrieved([q])[0]

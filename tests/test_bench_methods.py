@@ -131,7 +131,7 @@ def test_prompt_text_matched_is_a_prefix_within_k_times_m(backbone, tmp_path):
     for m_len in (1, one // 3 + 1, (2 * one) // 3 + 1, one + 1, 10 * one):
         mt.ctx.cfg = dataclasses.replace(cfg, pooled_len=max(1, m_len))
         limit = 3 * mt.ctx.cfg.pooled_len
-        assert mt.params() == {"shot_tokens": limit}
+        assert mt.params() == {**pt.params(), "shot_tokens": limit}
         for q, got, ref in zip(queries, mt.retrieved(queries), full, strict=True):
             assert got == ref[len(ref) - len(got):]  # best last: a best-first prefix of prompt-text's shots
             shots = [next(e for _, e in mt.items if e.id == i) for i in got]

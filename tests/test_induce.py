@@ -416,7 +416,7 @@ def test_config_errors_name_the_field():
     with pytest.raises(InputError, match="SelectionConfig.eps"):
         SelectionConfig(eps=0)
     with pytest.raises(InputError, match="AdaptConfig.proj_dirs"):
-        AdaptConfig(proj_dirs=9)
+        AdaptConfig(proj_dirs=AdaptConfig().proj_max_dirs + 1)
 
 
 # --- adapt: the task step and the 5-task run -------------------------------------------

@@ -398,6 +398,15 @@ def prompt_keys(backbone, examples: Sequence[Example], key_model=None) -> np.nda
     return example_keys(backbone, key_model if key_model is not None else prompt_key_model(backbone), list(examples))
 
 
+def prompt_projection_rows() -> int:
+    """Directions prompt text's stored projection is counted for (bytes): room for the phrasing
+    ones or the principal ones, whichever is more (as InduceKV's header reserves room)."""
+    from edgekv.induce.adapt import AdaptConfig
+
+    cfg = AdaptConfig()
+    return max(cfg.proj_dirs, cfg.phrase_dirs)
+
+
 def prompt_projection(keys: np.ndarray, sketch: np.ndarray | None):
     """Prompt text's key projection over its stored items, as InduceKV fits its own (the default
     ``AdaptConfig``, :func:`edgekv.retrieval.memory_projection`).
@@ -435,11 +444,7 @@ class PromptText(Method):
 
     @property
     def proj_dirs(self) -> int:
-        """Directions the stored projection holds (bytes are counted for): the phrasing ones, else
-        the principal ones (as InduceKV's header holds its projection)."""
-        from edgekv.induce.adapt import AdaptConfig
-
-        return max(AdaptConfig().proj_dirs, self.phrase_dirs)
+        return prompt_projection_rows()
 
     def params(self) -> dict:
         return {"phrase_dirs": self.phrase_dirs} if self.phrase_dirs else {}  # absent at 0: earlier stages stay valid
@@ -458,12 +463,10 @@ class PromptText(Method):
     def store_bytes(examples: Sequence[Example], key_dim: int, with_images: bool = True,
                     proj_dirs: int | None = None) -> int:
         """Bytes a device holds for ``examples`` stored as prompt text: the key projection
-        (``proj_dirs`` directions + mean, fp32; default ``AdaptConfig().proj_dirs``) and every
+        (``proj_dirs`` directions + mean, fp32; default :func:`prompt_projection_rows`) and every
         example's :meth:`item_bytes`."""
         if proj_dirs is None:
-            from edgekv.induce.adapt import AdaptConfig
-
-            proj_dirs = AdaptConfig().proj_dirs
+            proj_dirs = prompt_projection_rows()
         return 4 * key_dim * (proj_dirs + 1) + sum(PromptText.item_bytes(ex, key_dim, with_images)
                                                    for ex in examples)
 
