@@ -74,7 +74,7 @@ def read_anchor_sets(memory_path: str | os.PathLike) -> list[AnchorSet]:
     sets: list[AnchorSet] = []
     head: dict | None = None
     recs: list[tuple[str, Example]] = []
-    sketch: list = [None]
+    sketch: np.ndarray | None = None
 
     def close(n: int) -> None:
         if head is None and not recs:
@@ -84,7 +84,7 @@ def read_anchor_sets(memory_path: str | os.PathLike) -> list[AnchorSet]:
                              f"header says {head['count']} (line {n}); delete the file to drop the anchors "
                              f"(retention then goes unmeasured)")
         sets.append(AnchorSet(None if head is None else head["generation"],
-                              None if head is None else head["memory_crc32"], tuple(recs), sketch[0]))
+                              None if head is None else head["memory_crc32"], tuple(recs), sketch))
 
     with open(path, encoding="utf-8") as f:
         n = 0
@@ -99,11 +99,11 @@ def read_anchor_sets(memory_path: str | os.PathLike) -> list[AnchorSet]:
                     close(n)
                     head = {"generation": int(r["generation"]), "memory_crc32": int(r["memory_crc32"]),
                             "count": int(r["count"]), "phrasing": r.get("phrasing")}
-                    recs, sketch[0] = [], None
+                    recs, sketch = [], None
                     continue
                 if isinstance(r, dict) and "phrasing" in r and head is not None and head["phrasing"] is not None \
-                        and sketch[0] is None and not recs:
-                    sketch[0] = _decode_sketch(r["phrasing"], head["phrasing"])
+                        and sketch is None and not recs:
+                    sketch = _decode_sketch(r["phrasing"], head["phrasing"])
                     continue
                 recs.append((r["task"], Example(r["id"], r["prompt"], r["answer"], r.get("image"))))
             except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
