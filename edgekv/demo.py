@@ -260,12 +260,11 @@ def prompt_text_alternative(cfg: DemoConfig, bb, tasks: Sequence, tests: Sequenc
     from edgekv.bench.methods import (
         PromptText,
         prompt_keys,
+        prompt_phrasing,
         prompt_projection,
         prompt_projection_rows,
     )
     from edgekv.format import Memory
-    from edgekv.induce.adapt import AdaptConfig
-    from edgekv.retrieval import add_task_phrasing
 
     store = [ex for t in tasks for ex in t.train]
     images = getattr(bb, "vision", None) is not None
@@ -293,9 +292,7 @@ def prompt_text_alternative(cfg: DemoConfig, bb, tasks: Sequence, tests: Sequenc
     lap("keys")
     sketch, row = None, 0
     for t in tasks:  # the phrasing sketch task by task, as prompt text in the benchmark builds it
-        if AdaptConfig().phrase_dirs:
-            sketch = add_task_phrasing(sketch, keys[row:row + len(t.train)], [ex.answer for ex in t.train],
-                                       AdaptConfig().phrase_rank)
+        sketch = prompt_phrasing(sketch, keys[row:row + len(t.train)], t.train)
         row += len(t.train)
     proj = prompt_projection(keys, sketch)
     state = MethodState("prompt", items=tuple(store), keys=keys, projection=proj, proj_dirs=len(proj.dirs))

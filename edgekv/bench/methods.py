@@ -407,6 +407,18 @@ def prompt_projection_rows() -> int:
     return max(cfg.proj_dirs, cfg.phrase_dirs)
 
 
+def prompt_phrasing(sketch: np.ndarray | None, keys: np.ndarray, examples: Sequence[Example]) -> np.ndarray | None:
+    """Prompt text's phrasing sketch after one more task (as adapt adds a task's; unchanged when
+    the default ``AdaptConfig`` has no phrasing directions). keys: [N, R] raw keys of ``examples``"""
+    from edgekv.induce.adapt import AdaptConfig
+    from edgekv.retrieval import add_task_phrasing
+
+    cfg = AdaptConfig()
+    if not cfg.phrase_dirs:
+        return sketch
+    return add_task_phrasing(sketch, keys, [ex.answer for ex in examples], cfg.phrase_rank)
+
+
 def prompt_projection(keys: np.ndarray, sketch: np.ndarray | None):
     """Prompt text's key projection over its stored items, as InduceKV fits its own (the default
     ``AdaptConfig``, :func:`edgekv.retrieval.memory_projection`).
@@ -490,12 +502,8 @@ class PromptText(Method):
         return prompt_keys(self.ctx.backbone, examples, self._key_setup())
 
     def learn(self, task_index, task_name, train) -> dict:
-        from edgekv.induce.adapt import AdaptConfig
-        from edgekv.retrieval import add_task_phrasing
-
         keys = self._keys(train)
-        if self.phrase_dirs:  # the task's phrasing scatter, as InduceKV adds it from its candidates
-            self.sketch = add_task_phrasing(self.sketch, keys, [ex.answer for ex in train], AdaptConfig().phrase_rank)
+        self.sketch = prompt_phrasing(self.sketch, keys, train)  # as InduceKV adds it from its candidates
         self.items += [(task_name, ex) for ex in train]
         self.keys = keys if len(self.keys) == 0 else np.concatenate([self.keys, keys])
         rng = np.random.default_rng(self.ctx.cfg.seed * 1000 + task_index)

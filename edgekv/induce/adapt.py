@@ -50,7 +50,8 @@ from edgekv.compat import ModelSide, check_memory_matches
 from edgekv.data import Example, resolve_images
 from edgekv.errors import InputError, MismatchError
 from edgekv.format import Calibration, Entry, Memory, MemorySpec, commit_update, create_memory
-from edgekv.induce.anchors import anchors_path, commit_with_anchors, read_anchor_set, read_anchors
+from edgekv.induce.anchors import AnchorSet, anchors_path, commit_with_anchors, read_anchor_set
+from edgekv.induce.anchors import read_anchors as read_anchors  # re-export
 from edgekv.induce.anchors import write_anchors as write_anchors  # re-export
 from edgekv.induce.calibrate import Phi, batches, calibrate, kept_memory_objective
 from edgekv.induce.config import AdaptConfig, resolve_entry_config
@@ -318,24 +319,26 @@ def encode_candidates(backbone, examples: Sequence[Example], key_model, state: M
     return Candidates(cand, entries, bank_from_entries(entries, s.num_layers, s.key_dim, s.payload_shape))
 
 
-def phrasing(state: MemoryState, cands: Candidates, cfg: AdaptConfig) -> tuple[np.ndarray | None, np.ndarray | None,
-                                                                             int]:
+def phrasing(held: AnchorSet | None, state: MemoryState, cands: Candidates, cfg: AdaptConfig
+             ) -> tuple[np.ndarray | None, np.ndarray | None, int]:
     """The phrasing sketch before and after this task, and the phrasing directions the projection removes.
 
     Candidates with the same answer are one class; their residuals from the class mean are this
-    task's phrasing scatter, added to the sketch kept with the memory state read (the anchors
-    file). -> (sketch read [S, R] or None, new sketch [S', R] or None, phrasing directions to remove)"""
+    task's phrasing scatter, added to the sketch kept with the memory state read (``held``: its
+    set in the anchors file). -> (sketch read [S, R] or None, new sketch [S', R] or None, phrasing
+    directions to remove)"""
     R = state.spec.key_dim
-    held = read_anchor_set(state.path, state.generation, state.header_crc32)
     old = held.phrasing if held is not None and held.phrasing is not None and held.phrasing.shape[1] == R else None
     new = add_task_phrasing(old, cands.bank.raw_keys, [ex.answer for ex in cands.examples], cfg.phrase_rank)
     return old, new, min(cfg.phrase_dirs, state.spec.proj_max_dirs)  # the header's room bounds the directions
 
 
 def build_queries(backbone, examples: Sequence[Example], key_model, cands: Candidates, proj: KeyProjection,
-                  state: MemoryState, cfg: AdaptConfig, task: str) -> Queries:
+                  state: MemoryState, cfg: AdaptConfig, task: str, anchors_all: Sequence[tuple[str, Example]]
+                  ) -> Queries:
     """Current-task queries (a seeded sample of at most ``max_queries``; candidates' keys reused)
-    and the anchors of earlier tasks stored with the memory state read, keys through ``proj``."""
+    and the anchors of earlier tasks (``anchors_all``: those stored with the memory state read),
+    keys through ``proj``."""
     q_examples = [examples[i] for i in sample(len(examples), cfg.max_queries, cfg.seed + 1)]
     cand_key = {ex.id: cands.bank.raw_keys[i] for i, ex in enumerate(cands.examples)}  # id -> [R]
     missing = [ex for ex in q_examples if ex.id not in cand_key]
@@ -344,7 +347,7 @@ def build_queries(backbone, examples: Sequence[Example], key_model, cands: Candi
             cand_key[ex.id] = k
     cur_raw = np.stack([cand_key[ex.id] for ex in q_examples])  # [Q, R]
     cur = query_set(backbone, q_examples, cur_raw, proj, [task] * len(q_examples))
-    anchors_all = read_anchors(state.path, state.generation, state.header_crc32)  # those of the state read
+    anchors_all = list(anchors_all)
     earlier = [(t, ex) for t, ex in anchors_all if t != task]
     anc, anc_raw = None, np.zeros((0, state.spec.key_dim), np.float32)  # [A, R]
     if earlier:
@@ -515,11 +518,13 @@ def adapt(backbone, examples: Sequence[Example], memory_path: str, budget_bytes:
     key_model = KeyModel(backbone.decoder, state.spec.key_layer, state.spec.key_pooling)
     cands = encode_candidates(backbone, examples, key_model, state, cfg, task, progress, encoder)
     pool = concat_banks(state.bank, cands.bank)  # old entries first, then the candidates: [N rows]
-    old_sketch, sketch, phrase_dirs = phrasing(state, cands, cfg)
+    held = read_anchor_set(state.path, state.generation, state.header_crc32)  # anchors + sketch of the state read
+    old_sketch, sketch, phrase_dirs = phrasing(held, state, cands, cfg)
     proj = memory_projection(pool.raw_keys, sketch, phrase_dirs, cfg.proj_dirs)
     phrased = sketch is not None and len(sketch) > 0 and phrase_dirs > 0  # the projection is the phrasing one
     P = effective(pool.raw_keys, proj)  # [N, R]
-    q = build_queries(backbone, examples, key_model, cands, proj, state, cfg, task)
+    q = build_queries(backbone, examples, key_model, cands, proj, state, cfg, task,
+                      [] if held is None else held.anchors)
     cfg = task_balanced(cfg, len({t for t, _ in q.earlier}))
     before = j_before(backbone, state, q, cfg)
 
